@@ -1,0 +1,157 @@
+"""The ``scls`` command line: run one service (for containers) or a whole local deployment."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from shared.logging import configure_logging
+from shared.settings import Settings
+
+app = typer.Typer(
+    help="scls: LLM serving with slice-level scheduling on Redis + RQ.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ModelOpt = Annotated[
+    str | None, typer.Option(help="smollm2-135m, tiny-random or a local HF model directory")
+]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help="number of workers")]
+PortOpt = Annotated[int | None, typer.Option(min=0, max=65535, help="ingest port (0 = free)")]
+SliceOpt = Annotated[int | None, typer.Option(min=1, help="slice length S (decode steps)")]
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (``SCLS_*``), with CLI options that were given on top."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                 for e in exc.errors()]
+        typer.echo("invalid settings (check SCLS_* variables and options):\n" + "\n".join(lines),
+                   err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_model(settings: Settings) -> None:
+    from shared.models import resolve_model_name
+
+    try:
+        resolve_model_name(settings.model)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def ingest(model: ModelOpt = None, port: PortOpt = None,
+           host: Annotated[str | None, typer.Option(help="bind address")] = None) -> None:
+    """Run the ingest service (OpenAI-compatible REST) in the foreground."""
+    import uvicorn
+
+    from services.ingest.app import create_app
+
+    settings = build_settings(model=model, port=port, host=host)
+    _check_model(settings)
+    configure_logging(settings.log_format, settings.log_level, service="ingest")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="warning", access_log=False)
+
+
+@app.command()
+def scheduler(slice_length: SliceOpt = None) -> None:
+    """Run the scheduler service (leader or standby) in the foreground."""
+    from services.scheduler.service import create_scheduler
+
+    settings = build_settings(slice_length=slice_length)
+    configure_logging(settings.log_format, settings.log_level, service="scheduler")
+    try:
+        sched = create_scheduler(settings)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    signal.signal(signal.SIGTERM, lambda *_: sched.stop())
+    signal.signal(signal.SIGINT, lambda *_: sched.stop())
+    sched.run()
+
+
+@app.command()
+def worker(
+    model: ModelOpt = None,
+    instance_id: Annotated[str | None, typer.Option(help="instance id (default hostname-pid)")]
+    = None,
+) -> None:
+    """Run one worker (one model instance) in the foreground."""
+    from services.worker.service import create_worker
+
+    settings = build_settings(model=model, instance_id=instance_id)
+    _check_model(settings)
+    configure_logging(settings.log_format, settings.log_level, service="worker")
+    try:
+        service = create_worker(settings)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    service.run()
+
+
+@app.command()
+def up(model: ModelOpt = None, workers: WorkersOpt = None, port: PortOpt = None,
+       slice_length: SliceOpt = None) -> None:
+    """Start Redis (embedded unless SCLS_REDIS_URL), ingest, scheduler and workers; Ctrl-C
+    stops them all."""
+    from services.launcher import LocalDeployment
+
+    settings = build_settings(model=model, workers=workers, port=port, slice_length=slice_length)
+    _check_model(settings)
+    configure_logging(settings.log_format, settings.log_level, service="up")
+    deployment = LocalDeployment(settings)
+    stop = {"requested": False}
+
+    def request_stop(*_: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    with deployment:
+        typer.echo(
+            f"scls is up: {deployment.url}  (redis {deployment.settings.redis_url}, "
+            f"{deployment.settings.workers} workers, model {deployment.settings.model}); "
+            "Ctrl-C to stop"
+        )
+        while not stop["requested"]:
+            time.sleep(0.5)
+            deployment.check_children()
+        typer.echo("stopping ...")
+
+
+@app.command()
+def demo(model: ModelOpt = None, workers: WorkersOpt = None, slice_length: SliceOpt = None,
+         max_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer")] = 48) -> None:
+    """Start everything, answer a few built-in prompts over REST, print a summary, stop."""
+    from services.demo import run_demo
+
+    settings = build_settings(model=model, workers=workers, slice_length=slice_length, port=0)
+    _check_model(settings)
+    configure_logging(settings.log_format, "WARNING", service="demo")
+    log_dir = Path(tempfile.mkdtemp(prefix="scls-demo-logs-"))
+    ok = run_demo(settings, max_tokens=max_tokens, log_dir=log_dir)
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    """Entry point of the ``scls`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Run a whole deployment on this machine: Redis (embedded unless a URL is set), ingest,
+scheduler and N workers as child processes. Used by ``scls up``, ``scls demo`` and tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from shared.embedded_redis import EmbeddedRedis, free_port
+from shared.keys import Keys
+from shared.logging import get_logger
+from shared.models import ensure_cached
+from shared.settings import Settings
+from shared.store import Store, connect
+
+log = get_logger(__name__)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as ``SCLS_*`` environment variables, for child processes."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        env[f"SCLS_{name.upper()}"] = str(value)
+    return env
+
+
+def default_threads(workers: int) -> int:
+    """CPU threads per worker so that the workers together use every core once."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+class LocalDeployment:
+    """Start and stop every service locally; use as a context manager."""
+
+    def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
+        self._base = settings
+        self.log_dir = log_dir
+        self.redis: EmbeddedRedis | None = None
+        self.settings: Settings = settings
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """Base URL of the ingest service."""
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    def start(self, ready_timeout_s: float = 600.0) -> LocalDeployment:
+        """Start everything and wait until ingest answers and every worker registered."""
+        updates: dict[str, object] = {}
+        if not self._base.redis_url:
+            self.redis = EmbeddedRedis().start()
+            updates["redis_url"] = self.redis.url
+        if self._base.port == 0:
+            updates["port"] = free_port()
+        if self._base.torch_threads is None:
+            updates["torch_threads"] = default_threads(self._base.workers)
+        self.settings = self._base.model_copy(update=updates)
+        # Convert the model once here, not in N children at once.
+        ensure_cached(self.settings.model, self.settings.cache_dir)
+        try:
+            self._spawn("ingest", ["ingest"])
+            self._spawn("scheduler", ["scheduler"])
+            for i in range(self.settings.workers):
+                self._spawn(f"worker-{i}", ["worker", "--instance-id", f"w{i}"])
+            self._wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        env = {**os.environ, **settings_env(self.settings)}
+        out: IO[bytes] | int | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 closed in stop()
+            self._logs.append(handle)
+            out = handle
+        self.children[name] = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+        )
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        store = Store(connect(self.settings.redis_url or ""), Keys(self.settings.key_prefix))
+        deadline = time.monotonic() + timeout_s
+        ingest_ok = False
+        while time.monotonic() < deadline:
+            self.check_children()
+            if not ingest_ok:
+                try:
+                    ingest_ok = httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    ingest_ok = False
+            if ingest_ok and len(store.live_instances()) >= self.settings.workers:
+                store.r.close()
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"deployment not ready after {timeout_s:.0f}s (see logs)")
+
+    def check_children(self) -> None:
+        """Raise if a child process has exited."""
+        for name, proc in self.children.items():
+            if proc.poll() is not None:
+                where = f" (log: {self.log_dir / (name + '.log')})" if self.log_dir else ""
+                raise RuntimeError(f"{name} exited with code {proc.returncode}{where}")
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM every child (workers finish their slice), wait, then stop Redis."""
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.children.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.children.clear()
+        for handle in self._logs:
+            handle.close()
+        self._logs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

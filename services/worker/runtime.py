@@ -1,0 +1,173 @@
+"""What a worker process holds once: the model, the slice engine and its instance record.
+
+:meth:`WorkerRuntime.run_batch` is the body of one RQ job: read the batch, run one slice,
+and commit the results fenced. It is a plain method so tests can call it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceOutput, SliceStats
+from shared.logging import bound, get_logger
+from shared.memory import activation_bytes_per_token
+from shared.models import LoadedModel, TextCodec
+from shared.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
+from shared.settings import Settings
+from shared.states import RequestStatus
+from shared.store import CommitRejected, Store
+
+log = get_logger(__name__)
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
+    """OpenAI semantics: the returned text ends before the first stop string."""
+    cut = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def text_delta(codec: TextCodec, before: Sequence[int], after: Sequence[int]) -> str:
+    """Text that ``after`` adds to ``before`` (both full generated-token lists)."""
+    old, new = codec.decode(before), codec.decode(after)
+    return new[len(old):] if new.startswith(old) else new
+
+
+class WorkerRuntime:
+    """One instance: a loaded model serving slice batches from its own queue."""
+
+    def __init__(
+        self, settings: Settings, store: Store, loaded: LoadedModel, instance_id: str
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.loaded = loaded
+        self.instance_id = instance_id
+        self.engine = SliceEngine(loaded)
+        self.started_at = now()
+
+    @property
+    def queue_name(self) -> str:
+        """This instance's RQ queue."""
+        return self.store.keys.queue_name(self.instance_id)
+
+    def instance_info(self, state: str = "ready") -> InstanceInfo:
+        """The record published at ``<prefix>instance:<id>``."""
+        config = self.loaded.model.config
+        dtype_bytes = next(self.loaded.model.parameters()).element_size()
+        return InstanceInfo(
+            id=self.instance_id,
+            queue=self.queue_name,
+            device=str(self.loaded.device),
+            model=self.loaded.info.name,
+            memory_budget_bytes=self.settings.memory_budget_bytes,
+            kv_bytes_per_token=self.loaded.info.kv_bytes_per_token,
+            activation_bytes_per_token=activation_bytes_per_token(
+                config.hidden_size, config.intermediate_size, dtype_bytes
+            ),
+            context_limit=self.loaded.info.context_limit,
+            started_at=self.started_at,
+            heartbeat_at=now(),
+            state=state,
+        )
+
+    # --- one job ----------------------------------------------------------------------
+    def run_batch(self, batch_id: str) -> dict[str, float | int | str]:
+        """Run one slice of a batch and commit it. Returns a summary (the job's result)."""
+        with bound(batch_id=batch_id, instance=self.instance_id):
+            batch = self.store.get_batch(batch_id)
+            deadline = now() + self.settings.slice_timeout_s
+            if batch is None or not self.store.start_batch(batch_id, deadline):
+                log.warning("batch_gone", reason="swept or expired before it started")
+                return {"status": "skipped"}
+            try:
+                return self._serve(batch)
+            except Exception as exc:
+                reason = f"{type(exc).__name__} on {self.instance_id}: {exc}"
+                log.exception("slice_failed", reason=reason)
+                self.store.requeue_batch(
+                    batch, reason, self.settings.max_retries, self.settings.result_ttl_s
+                )
+                raise
+
+    def _serve(self, batch: BatchRecord) -> dict[str, float | int | str]:
+        records = self._held_records(batch)
+        if not records:
+            return {"status": "empty"}
+        rows = [to_slice_input(rec) for rec in records]
+        started = time.perf_counter()
+        outputs, stats = self.engine.run_slice(rows, batch.slice_length)
+        busy = time.perf_counter() - started
+        items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,
+                                                                         strict=True)]
+        try:
+            finished = self.store.commit_slice(
+                batch, items, slice_counters(stats, busy, batch.slice_length),
+                self.settings.result_ttl_s,
+            )
+        except CommitRejected as exc:
+            log.warning("commit_rejected", reason=str(exc))
+            return {"status": "rejected", "reason": str(exc)}
+        log.info("slice_committed", size=len(items), finished=finished, steps=stats.steps,
+                 busy_s=round(busy, 4))
+        return {"status": "committed", "finished": finished, "busy_s": busy}
+
+    def _held_records(self, batch: BatchRecord) -> list[RequestRecord]:
+        """The batch's requests that this batch still holds (same batch id and fence)."""
+        records = self.store.get_requests(batch.request_ids)
+        return [
+            rec for rec in records
+            if rec is not None and rec.status is RequestStatus.RUNNING
+            and rec.batch == batch.id and rec.fence == batch.fences[rec.id]
+        ]
+
+    def _commit_item(
+        self, rec: RequestRecord, out: SliceOutput, batch: BatchRecord
+    ) -> CommitItem:
+        codec = self.loaded.codec
+        generated = rec.generated_ids + out.new_ids
+        final_text = ""
+        if out.finish_reason is not None:
+            final_text = truncate_at_stop(codec.decode(generated), rec.params.stop)
+        return CommitItem(
+            request_id=rec.id,
+            fence=batch.fences[rec.id],
+            new_ids=out.new_ids,
+            finish_reason=out.finish_reason,
+            delta_text=text_delta(codec, rec.generated_ids, generated),
+            final_text=final_text,
+        )
+
+
+def to_slice_input(rec: RequestRecord) -> SliceInput:
+    """The engine's view of a stored request."""
+    p = rec.params
+    return SliceInput(
+        request_id=rec.id,
+        prompt_ids=rec.prompt_ids,
+        generated_ids=rec.generated_ids,
+        params=SamplingParams(
+            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+            stop=p.stop, ignore_eos=p.ignore_eos,
+        ),
+    )
+
+
+def slice_counters(stats: SliceStats, busy_s: float, slice_length: int) -> dict[str, float]:
+    """Counters a commit adds to the global and per-instance stats hashes (DESIGN.md s.7)."""
+    return {
+        "slices": 1,
+        "batch_size_sum": stats.batch_size,
+        "generated_tokens": stats.generated_tokens,
+        "pad_tokens": stats.pad_tokens,
+        "invalid_tokens": stats.invalid_tokens,
+        "recomputed_tokens": stats.recomputed_tokens,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "busy_s": busy_s,
+        "early_returns": int(stats.steps < slice_length),
+    }

@@ -1,0 +1,5 @@
+-- Release the leader lock only if we hold it.  KEYS: leader  ARGV: holder
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0

@@ -1,0 +1,221 @@
+"""The request and batch records as stored in Redis hashes, and their (de)serialisation.
+
+Token id lists are stored as JSON arrays so that ``redis-cli HGET scls:req:<id> prompt_ids``
+is readable; the commit script appends to ``generated_ids`` without decoding it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from shared.states import FinishReason, RequestStatus
+
+
+def new_request_id() -> str:
+    """A short, unique, URL-safe request id."""
+    return uuid.uuid4().hex[:24]
+
+
+def new_batch_id() -> str:
+    """A unique batch id (also the RQ job id)."""
+    return "b" + uuid.uuid4().hex[:20]
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """Generation parameters of one request (OpenAI fields plus ``ignore_eos``)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def to_json(self) -> str:
+        """Compact JSON for the request hash."""
+        data = asdict(self)
+        data["stop"] = list(self.stop)
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> RequestParams:
+        """Inverse of :meth:`to_json`."""
+        data = json.loads(raw)
+        data["stop"] = tuple(data.get("stop") or ())
+        return cls(**data)
+
+
+@dataclass
+class RequestRecord:
+    """One request as stored at ``<prefix>req:<id>``."""
+
+    id: str
+    prompt_ids: list[int]
+    params: RequestParams
+    arrival: float
+    status: RequestStatus = RequestStatus.PENDING
+    generated_ids: list[int] = field(default_factory=list)
+    model: str = ""
+    fence: int = 0
+    batch: str = ""
+    slices: int = 0
+    retries: int = 0
+    finish_reason: FinishReason | None = None
+    error: str = ""
+    text: str = ""
+    first_claimed_at: float | None = None
+    first_slice_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def context_len(self) -> int:
+        """Tokens a slice must (re-)prefill: prompt plus tokens generated so far."""
+        return len(self.prompt_ids) + len(self.generated_ids)
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Tokens the request may still generate."""
+        return self.params.max_tokens - len(self.generated_ids)
+
+    def to_hash(self) -> dict[str, str | int | float]:
+        """Fields for HSET at submission."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "prompt_ids": json.dumps(self.prompt_ids, separators=(",", ":")),
+            "generated_ids": json.dumps(self.generated_ids, separators=(",", ":")),
+            "params": self.params.to_json(),
+            "arrival": repr(self.arrival),
+            "status": self.status.value,
+            "fence": self.fence,
+            "batch": self.batch,
+            "slices": self.slices,
+            "retries": self.retries,
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": len(self.generated_ids),
+        }
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> RequestRecord:
+        """Parse a request hash read with ``decode_responses=True``."""
+
+        def opt_float(name: str) -> float | None:
+            value = raw.get(name)
+            return float(value) if value else None
+
+        reason = raw.get("finish_reason")
+        return cls(
+            id=raw["id"],
+            model=raw.get("model", ""),
+            prompt_ids=json.loads(raw["prompt_ids"]),
+            generated_ids=json.loads(raw.get("generated_ids") or "[]"),
+            params=RequestParams.from_json(raw["params"]),
+            arrival=float(raw["arrival"]),
+            status=RequestStatus(raw["status"]),
+            fence=int(raw.get("fence", 0)),
+            batch=raw.get("batch", ""),
+            slices=int(raw.get("slices", 0)),
+            retries=int(raw.get("retries", 0)),
+            finish_reason=FinishReason(reason) if reason else None,
+            error=raw.get("error", ""),
+            text=raw.get("text", ""),
+            first_claimed_at=opt_float("first_claimed_at"),
+            first_slice_at=opt_float("first_slice_at"),
+            finished_at=opt_float("finished_at"),
+        )
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One slice batch as stored at ``<prefix>batch:<id>``."""
+
+    id: str
+    instance: str
+    status: str
+    fences: dict[str, int]  # request id -> fence, in batch order
+    slice_length: int
+    created_at: float
+    deadline: float
+    estimated_s: float = 0.0
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Request ids in batch order."""
+        return list(self.fences)
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> BatchRecord:
+        """Parse a batch hash read with ``decode_responses=True``."""
+        fences: dict[str, int] = {}
+        for member in filter(None, raw.get("members", "").split(",")):
+            rid, fence = member.split("=")
+            fences[rid] = int(fence)
+        return cls(
+            id=raw["id"],
+            instance=raw["instance"],
+            status=raw["status"],
+            fences=fences,
+            slice_length=int(raw["slice_length"]),
+            created_at=float(raw["created_at"]),
+            deadline=float(raw["deadline"]),
+            estimated_s=float(raw.get("estimated_s", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class CommitItem:
+    """One request's outcome of a slice, as the worker commits it."""
+
+    request_id: str
+    fence: int
+    new_ids: list[int]
+    finish_reason: FinishReason | None
+    delta_text: str
+    final_text: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """A live worker instance, as registered at ``<prefix>instance:<id>``."""
+
+    id: str
+    queue: str
+    device: str
+    model: str
+    memory_budget_bytes: int
+    kv_bytes_per_token: int
+    activation_bytes_per_token: int
+    context_limit: int
+    started_at: float
+    heartbeat_at: float
+    state: str = "ready"  # ready | draining
+
+    def to_hash(self) -> dict[str, str | int | float]:
+        """Fields for HSET."""
+        return {k: (v if not isinstance(v, float) else repr(v)) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> InstanceInfo:
+        """Parse an instance hash read with ``decode_responses=True``."""
+        return cls(
+            id=raw["id"],
+            queue=raw["queue"],
+            device=raw["device"],
+            model=raw["model"],
+            memory_budget_bytes=int(raw["memory_budget_bytes"]),
+            kv_bytes_per_token=int(raw["kv_bytes_per_token"]),
+            activation_bytes_per_token=int(raw["activation_bytes_per_token"]),
+            context_limit=int(raw["context_limit"]),
+            started_at=float(raw["started_at"]),
+            heartbeat_at=float(raw["heartbeat_at"]),
+            state=raw.get("state", "ready"),
+        )
+
+
+def now() -> float:
+    """Wall-clock seconds; every timestamp stored in Redis uses this clock."""
+    return time.time()

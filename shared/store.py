@@ -1,0 +1,301 @@
+"""Atomic operations on the Redis state (one class, sync; the ingest's async side is in
+:mod:`shared.async_store`). Every multi-key change is one Lua script or one MULTI, so the
+invariants of DESIGN.md section 6 hold whatever crashes in between."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import redis
+
+from shared.keys import Keys
+from shared.records import (
+    BatchRecord,
+    CommitItem,
+    InstanceInfo,
+    RequestRecord,
+    now,
+)
+from shared.states import FinishReason
+
+
+@cache
+def lua_source(name: str) -> str:
+    """Text of ``shared/lua/<name>.lua``."""
+    return resources.files("shared").joinpath("lua", f"{name}.lua").read_text()
+
+
+def queue_submit(pipe: Any, keys: Keys, record: RequestRecord) -> None:
+    """Queue the commands that submit a request on a MULTI pipeline (sync or asyncio).
+
+    The request hash and its pending entry are written together, and the scheduler is
+    nudged; the caller executes the pipeline.
+    """
+    pipe.hset(keys.request(record.id), mapping=record.to_hash())
+    pipe.zadd(keys.pending, {record.id: record.arrival})
+    pipe.lpush(keys.wakeup, "submit")
+    pipe.ltrim(keys.wakeup, 0, 63)
+
+
+class CommitRejected(Exception):
+    """A slice commit whose batch or fence no longer matches (a late or duplicate commit)."""
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that decodes responses to str (every field scls stores is text)."""
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+class Store:
+    """The scheduler's and workers' view of Redis."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.r = client
+        self.keys = keys
+        self._claim = client.register_script(lua_source("claim"))
+        self._start = client.register_script(lua_source("start"))
+        self._commit = client.register_script(lua_source("commit"))
+        self._requeue = client.register_script(lua_source("requeue"))
+        self._fail_pending = client.register_script(lua_source("fail_pending"))
+        self._renew_leader = client.register_script(lua_source("renew_leader"))
+        self._release_leader = client.register_script(lua_source("release_leader"))
+
+    # --- requests ---------------------------------------------------------------
+    def submit(self, record: RequestRecord) -> None:
+        """Write a new request and make it pending, in one MULTI."""
+        pipe = self.r.pipeline(transaction=True)
+        queue_submit(pipe, self.keys, record)
+        pipe.execute()
+
+    def get_request(self, request_id: str) -> RequestRecord | None:
+        """The request's record, or None if unknown or expired."""
+        raw = self.r.hgetall(self.keys.request(request_id))
+        return RequestRecord.from_hash(raw) if raw else None
+
+    def get_requests(self, request_ids: Sequence[str]) -> list[RequestRecord | None]:
+        """Several records in one round trip, in the given order."""
+        pipe = self.r.pipeline(transaction=False)
+        for rid in request_ids:
+            pipe.hgetall(self.keys.request(rid))
+        return [RequestRecord.from_hash(raw) if raw else None for raw in pipe.execute()]
+
+    def pending_count(self) -> int:
+        """Number of pending requests."""
+        return int(self.r.zcard(self.keys.pending))
+
+    def pending_ids(self, limit: int) -> list[str]:
+        """The ``limit`` oldest pending request ids (arrival order; re-queued keep theirs)."""
+        return list(self.r.zrange(self.keys.pending, 0, limit - 1))
+
+    def candidates(self, limit: int) -> list[RequestRecord]:
+        """The oldest pending requests with their current lengths, oldest first."""
+        ids = self.pending_ids(limit)
+        return [rec for rec in self.get_requests(ids) if rec is not None]
+
+    def fail_pending(self, request_id: str, reason: FinishReason, error: str, ttl_s: int) -> bool:
+        """Fail a still-pending request with a stated reason. False if it was not pending."""
+        keys = [self.keys.pending, self.keys.request(request_id), self.keys.events(request_id)]
+        args = [request_id, repr(now()), reason.value, error, ttl_s]
+        return bool(self._fail_pending(keys=keys, args=args))
+
+    # --- batches ----------------------------------------------------------------
+    def claim_batch(
+        self,
+        batch_id: str,
+        instance_id: str,
+        request_ids: Sequence[str],
+        slice_length: int,
+        deadline: float,
+        extra: dict[str, str | int | float] | None = None,
+    ) -> dict[str, int]:
+        """Move pending requests into a new in-flight batch; returns request id -> fence.
+
+        Requests that are no longer pending are left out; an empty result means no batch.
+        """
+        fields = {"slice_length": slice_length, **(extra or {})}
+        keys = [
+            self.keys.pending,
+            self.keys.inflight,
+            self.keys.batch(batch_id),
+            self.keys.instance_batches(instance_id),
+            *(self.keys.request(rid) for rid in request_ids),
+        ]
+        args = [batch_id, instance_id, repr(deadline), repr(now()), json.dumps(fields)]
+        flat = self._claim(keys=keys, args=[*args, *request_ids])
+        return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    def get_batch(self, batch_id: str) -> BatchRecord | None:
+        """The batch record, or None if unknown or expired."""
+        raw = self.r.hgetall(self.keys.batch(batch_id))
+        return BatchRecord.from_hash(raw) if raw else None
+
+    def start_batch(self, batch_id: str, deadline: float) -> bool:
+        """Mark a batch running with a new deadline; False if it was swept meanwhile."""
+        keys = [self.keys.inflight, self.keys.batch(batch_id)]
+        return bool(self._start(keys=keys, args=[batch_id, repr(deadline), repr(now())]))
+
+    def commit_slice(
+        self,
+        batch: BatchRecord,
+        items: Sequence[CommitItem],
+        stats: dict[str, float],
+        result_ttl_s: int,
+    ) -> int:
+        """Commit a slice's results, fenced. Returns how many requests finished.
+
+        Raises :class:`CommitRejected` (and changes nothing) when the batch is no longer in
+        flight or a request's batch/fence does not match.
+        """
+        keys = [
+            self.keys.pending,
+            self.keys.inflight,
+            self.keys.batch(batch.id),
+            self.keys.instance_batches(batch.instance),
+            self.keys.stats,
+            self.keys.instance_stats(batch.instance),
+            self.keys.wakeup,
+        ]
+        args: list[str | int] = [batch.id, repr(now()), result_ttl_s, json.dumps(stats), len(items)]
+        for item in items:
+            keys += [self.keys.request(item.request_id), self.keys.events(item.request_id)]
+            args += [
+                item.request_id,
+                item.fence,
+                ",".join(map(str, item.new_ids)),
+                item.finish_reason.value if item.finish_reason else "",
+                item.delta_text,
+                item.final_text,
+            ]
+        ok, detail = self._commit(keys=keys, args=args)
+        if int(ok) != 1:
+            raise CommitRejected(str(detail))
+        return int(detail)
+
+    def requeue_batch(
+        self,
+        batch: BatchRecord,
+        reason: str,
+        max_retries: int,
+        result_ttl_s: int,
+        count_retry: bool = True,
+    ) -> tuple[int, int] | None:
+        """Give a batch's requests back to pending (or fail those out of retries).
+
+        Returns (requeued, failed), or None when the batch was no longer in flight.
+        """
+        keys = [
+            self.keys.pending,
+            self.keys.inflight,
+            self.keys.batch(batch.id),
+            self.keys.instance_batches(batch.instance),
+            self.keys.wakeup,
+        ]
+        for rid in batch.request_ids:
+            keys += [self.keys.request(rid), self.keys.events(rid)]
+        args = [
+            batch.id, repr(now()), reason, max_retries, result_ttl_s, int(count_retry),
+            *batch.request_ids,
+        ]
+        requeued, failed = self._requeue(keys=keys, args=args)
+        return None if int(requeued) < 0 else (int(requeued), int(failed))
+
+    def inflight_batches(self) -> list[tuple[str, float]]:
+        """All in-flight batch ids with their deadlines."""
+        return [(bid, float(score)) for bid, score in self.r.zrange(self.keys.inflight, 0, -1,
+                                                                     withscores=True)]
+
+    def instance_batch_count(self, instance_id: str) -> int:
+        """Batches queued on or running at an instance."""
+        return int(self.r.zcard(self.keys.instance_batches(instance_id)))
+
+    # --- instances ----------------------------------------------------------------
+    def register_instance(self, info: InstanceInfo, ttl_s: float) -> None:
+        """Publish (or refresh) an instance; its hash expires unless heartbeats renew it."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(self.keys.instances, info.id)
+        pipe.hset(self.keys.instance(info.id), mapping=info.to_hash())
+        pipe.pexpire(self.keys.instance(info.id), int(ttl_s * 1000))
+        pipe.execute()
+
+    def heartbeat(self, instance_id: str, ttl_s: float, state: str = "ready") -> bool:
+        """Renew an instance's TTL; False if it had expired (the caller re-registers)."""
+        key = self.keys.instance(instance_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.exists(key)
+        pipe.hset(key, mapping={"heartbeat_at": repr(now()), "state": state})
+        pipe.pexpire(key, int(ttl_s * 1000))
+        exists, _, _ = pipe.execute()
+        if not exists:
+            self.r.delete(key)  # HSET above re-created a partial hash: drop it
+        return bool(exists)
+
+    def deregister_instance(self, instance_id: str) -> None:
+        """Remove an instance at shutdown."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.keys.instances, instance_id)
+        pipe.delete(self.keys.instance(instance_id))
+        pipe.execute()
+
+    def live_instances(self) -> list[InstanceInfo]:
+        """Instances whose heartbeat is current; forgets those whose hash expired."""
+        ids = sorted(self.r.smembers(self.keys.instances))
+        pipe = self.r.pipeline(transaction=False)
+        for iid in ids:
+            pipe.hgetall(self.keys.instance(iid))
+        live, dead = [], []
+        for iid, raw in zip(ids, pipe.execute(), strict=True):
+            if raw and "queue" in raw:
+                live.append(InstanceInfo.from_hash(raw))
+            else:
+                dead.append(iid)
+        if dead:
+            self.r.srem(self.keys.instances, *dead)
+        return live
+
+    def is_instance_alive(self, instance_id: str) -> bool:
+        """True while the instance's heartbeat hash exists."""
+        return bool(self.r.exists(self.keys.instance(instance_id)))
+
+    # --- scheduler coordination -------------------------------------------------------
+    def acquire_or_renew_leader(self, holder: str, ttl_s: float) -> bool:
+        """Become (or stay) the active scheduler. True while we hold the lock."""
+        ttl_ms = int(ttl_s * 1000)
+        if self._renew_leader(keys=[self.keys.leader], args=[holder, ttl_ms]):
+            return True
+        return bool(self.r.set(self.keys.leader, holder, nx=True, px=ttl_ms))
+
+    def release_leader(self, holder: str) -> None:
+        """Give the lock up if we hold it, so a standby takes over at once."""
+        self._release_leader(keys=[self.keys.leader], args=[holder])
+
+    def leader(self) -> str | None:
+        """Who holds the leader lock now."""
+        return self.r.get(self.keys.leader)
+
+    def wake_scheduler(self, reason: str = "nudge") -> None:
+        """Wake the scheduler before its cycle interval ends."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lpush(self.keys.wakeup, reason)
+        pipe.ltrim(self.keys.wakeup, 0, 63)
+        pipe.execute()
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` for a wake-up; drains the backlog of nudges."""
+        got = self.r.blpop([self.keys.wakeup], timeout=timeout_s)
+        if got:
+            self.r.delete(self.keys.wakeup)
+        return got is not None
+
+    # --- counters -----------------------------------------------------------------
+    def stats(self, instance_id: str | None = None) -> dict[str, float]:
+        """Cumulative counters, global or for one instance."""
+        key = self.keys.instance_stats(instance_id) if instance_id else self.keys.stats
+        return {k: float(v) for k, v in self.r.hgetall(key).items()}
+
+    def events(self, request_id: str) -> list[dict[str, str]]:
+        """All events of a request so far (oldest first)."""
+        return [fields for _id, fields in self.r.xrange(self.keys.events(request_id))]

@@ -1,0 +1,59 @@
+"""Shared fixtures: one real Redis per test session (embedded unless SCLS_TEST_REDIS_URL),
+flushed before every test, and one tiny model per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from shared.embedded_redis import EmbeddedRedis
+from shared.keys import Keys
+from shared.settings import Settings
+from shared.store import Store, connect
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis server for the whole session."""
+    url = os.environ.get("SCLS_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture()
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on a freshly flushed database."""
+    client = connect(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for tests: tiny model, the test Redis, short timers."""
+    return Settings(
+        redis_url=redis_url,
+        model="tiny-random",
+        cache_dir=tmp_path_factory.getbasetemp() / "scls-cache",
+        slice_length=4,
+        max_gen_length=64,
+        max_batch_size=8,
+        cycle_interval_s=0.02,
+        heartbeat_interval_s=0.5,
+        instance_ttl_s=3.0,
+        torch_threads=1,
+        log_format="console",
+    )
+
+
+@pytest.fixture()
+def store(rclient: redis.Redis, settings: Settings) -> Store:
+    """A Store over the flushed test database."""
+    return Store(rclient, Keys(settings.key_prefix))

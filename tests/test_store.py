@@ -1,0 +1,159 @@
+"""The Redis layer's atomic operations against a real Redis (DESIGN.md invariants 1-3)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.records import CommitItem, RequestParams, RequestRecord, new_batch_id, now
+from shared.states import FinishReason, RequestStatus
+from shared.store import CommitRejected, Store
+
+
+def submit(store: Store, n: int = 3, arrival0: float = 1000.0) -> list[str]:
+    ids = []
+    for i in range(n):
+        rec = RequestRecord(
+            id=f"r{i}", prompt_ids=[5, 6, 7 + i], params=RequestParams(max_tokens=8),
+            arrival=arrival0 + i,
+        )
+        store.submit(rec)
+        ids.append(rec.id)
+    return ids
+
+
+def places(store: Store, rid: str) -> list[str]:
+    """Every place a request is found: pending, some in-flight batch, or terminal."""
+    found = []
+    if store.r.zscore(store.keys.pending, rid) is not None:
+        found.append("pending")
+    for bid, _ in store.inflight_batches():
+        batch = store.get_batch(bid)
+        if batch and rid in batch.fences:
+            found.append(f"batch:{bid}")
+    rec = store.get_request(rid)
+    if rec and rec.status.is_terminal:
+        found.append("terminal")
+    return found
+
+
+def test_submit_writes_hash_and_pending_in_order(store: Store) -> None:
+    ids = submit(store)
+    assert store.pending_ids(10) == ids
+    rec = store.get_request("r1")
+    assert rec is not None and rec.status is RequestStatus.PENDING
+    assert rec.prompt_ids == [5, 6, 8] and rec.params.max_tokens == 8
+
+
+def test_claim_moves_requests_into_one_batch_with_new_fences(store: Store) -> None:
+    ids = submit(store)
+    fences = store.claim_batch("b1", "w0", ids[:2], 4, now() + 60)
+    assert fences == {"r0": 1, "r1": 1}
+    assert store.pending_ids(10) == ["r2"]
+    for rid in ids:
+        assert len(places(store, rid)) == 1, rid  # invariant 1
+    batch = store.get_batch("b1")
+    assert batch is not None and batch.request_ids == ["r0", "r1"] and batch.slice_length == 4
+    # a request already claimed cannot be claimed again
+    assert store.claim_batch("b2", "w0", ["r0"], 4, now() + 60) == {}
+    assert store.get_batch("b2") is None
+
+
+def test_commit_appends_requeues_and_finishes(store: Store) -> None:
+    ids = submit(store)
+    fences = store.claim_batch("b1", "w0", ids, 4, now() + 60)
+    batch = store.get_batch("b1")
+    items = [
+        CommitItem("r0", fences["r0"], [11, 12], FinishReason.STOP, "ab", "ab"),
+        CommitItem("r1", fences["r1"], [13, 14, 15, 16], None, "cdef"),
+        CommitItem("r2", fences["r2"], [], FinishReason.LENGTH, "", ""),
+    ]
+    finished = store.commit_slice(batch, items, {"slices": 1, "generated_tokens": 6}, 60)
+    assert finished == 2
+    r0, r1 = store.get_request("r0"), store.get_request("r1")
+    assert r0.status is RequestStatus.FINISHED and r0.generated_ids == [11, 12]
+    assert r0.finish_reason is FinishReason.STOP and r0.text == "ab"
+    assert r1.status is RequestStatus.PENDING and r1.generated_ids == [13, 14, 15, 16]
+    assert store.pending_ids(10) == ["r1"]
+    assert store.r.zscore(store.keys.pending, "r1") == 1001.0  # keeps its arrival time
+    assert store.inflight_batches() == []
+    assert [e["kind"] for e in store.events("r0")] == ["final"]
+    assert store.events("r1")[0]["delta"] == "cdef"
+    assert store.stats()["slices"] == 1 and store.stats("w0")["generated_tokens"] == 6
+    # second slice appends to the tokens already there
+    fences = store.claim_batch("b2", "w0", ["r1"], 4, now() + 60)
+    store.commit_slice(store.get_batch("b2"), [CommitItem("r1", fences["r1"], [17], None, "g")],
+                       {}, 60)
+    assert store.get_request("r1").generated_ids == [13, 14, 15, 16, 17]
+    assert store.get_request("r1").slices == 2
+
+
+def test_stale_commit_is_rejected_and_changes_nothing(store: Store, rclient) -> None:
+    """Invariant 2: a worker presumed dead commits late; nothing moves."""
+    submit(store, 2)
+    fences = store.claim_batch("b1", "w0", ["r0", "r1"], 4, now() + 60)
+    stale = store.get_batch("b1")
+    assert store.requeue_batch(stale, "worker w0 died", 3, 60) == (2, 0)
+    # the scheduler hands them to another worker, which has not committed yet
+    fences2 = store.claim_batch("b2", "w1", ["r0", "r1"], 4, now() + 60)
+    assert fences2 == {"r0": fences["r0"] + 2, "r1": fences["r1"] + 2}
+    before = {k: rclient.dump(k) for k in sorted(rclient.keys("*"))}
+    late = [CommitItem(rid, fences[rid], [9, 9], FinishReason.LENGTH, "xx", "xx")
+            for rid in ("r0", "r1")]
+    with pytest.raises(CommitRejected, match="not in flight"):
+        store.commit_slice(stale, late, {"slices": 1}, 60)
+    after = {k: rclient.dump(k) for k in sorted(rclient.keys("*"))}
+    assert before == after
+    # a forged commit naming the live batch but carrying the old fence is rejected too
+    with pytest.raises(CommitRejected, match="fence mismatch"):
+        store.commit_slice(store.get_batch("b2"), late, {"slices": 1}, 60)
+    assert {k: rclient.dump(k) for k in sorted(rclient.keys("*"))} == before
+    # the rightful commit goes through exactly once
+    good = [CommitItem(rid, fences2[rid], [1], FinishReason.LENGTH, "a", "a")
+            for rid in ("r0", "r1")]
+    assert store.commit_slice(store.get_batch("b2"), good, {}, 60) == 2
+    with pytest.raises(CommitRejected):
+        store.commit_slice(store.get_batch("b2"), good, {}, 60)
+    assert store.get_request("r0").generated_ids == [1]
+
+
+def test_requeue_fails_request_after_max_retries_with_reason(store: Store) -> None:
+    """Invariant 3: a request that keeps failing ends failed, with the reason."""
+    submit(store, 1)
+    for attempt in range(3):
+        bid = new_batch_id()
+        store.claim_batch(bid, "w0", ["r0"], 4, now() + 60)
+        result = store.requeue_batch(store.get_batch(bid), f"boom {attempt}", 2, 60)
+        assert result == ((1, 0) if attempt < 2 else (0, 1))
+    rec = store.get_request("r0")
+    assert rec.status is RequestStatus.FAILED and rec.finish_reason is FinishReason.ERROR
+    assert "boom 2" in rec.error
+    assert store.events("r0")[-1]["status"] == "failed"
+    assert places(store, "r0") == ["terminal"]
+
+
+def test_start_batch_refuses_a_swept_batch(store: Store) -> None:
+    submit(store, 1)
+    store.claim_batch("b1", "w0", ["r0"], 4, now() + 60)
+    batch = store.get_batch("b1")
+    assert store.start_batch("b1", now() + 30)
+    store.requeue_batch(batch, "deadline passed", 3, 60)
+    assert not store.start_batch("b1", now() + 30)
+    assert store.requeue_batch(batch, "again", 3, 60) is None
+
+
+def test_fail_pending_states_the_reason(store: Store) -> None:
+    submit(store, 1)
+    assert store.fail_pending("r0", FinishReason.NEVER_FITS, "needs 9 GiB, budget 2 GiB", 60)
+    rec = store.get_request("r0")
+    assert rec.status is RequestStatus.FAILED and "9 GiB" in rec.error
+    assert not store.fail_pending("r0", FinishReason.NEVER_FITS, "again", 60)
+
+
+def test_leader_lock_has_one_holder(store: Store) -> None:
+    assert store.acquire_or_renew_leader("a", 5)
+    assert not store.acquire_or_renew_leader("b", 5)
+    assert store.acquire_or_renew_leader("a", 5)
+    store.release_leader("b")  # not the holder: no effect
+    assert store.leader() == "a"
+    store.release_leader("a")
+    assert store.acquire_or_renew_leader("b", 5)
