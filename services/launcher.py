@@ -65,7 +65,10 @@ class LocalDeployment:
         if self._base.torch_threads is None:
             updates["torch_threads"] = default_threads(self._base.workers)
         self.settings = self._base.model_copy(update=updates)
-        # Convert the model once here, not in N children at once.
+        # Convert the model once here, not in N children at once (quietly: no tqdm bars).
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         ensure_cached(self.settings.model, self.settings.cache_dir)
         try:
             self._spawn("ingest", ["ingest"])

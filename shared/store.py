@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -39,6 +40,15 @@ def queue_submit(pipe: Any, keys: Keys, record: RequestRecord) -> None:
     pipe.zadd(keys.pending, {record.id: record.arrival})
     pipe.lpush(keys.wakeup, "submit")
     pipe.ltrim(keys.wakeup, 0, 63)
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """What an instance has queued or running now."""
+
+    batches: int
+    requests: int
+    estimated_s: float  # sum of the batches' estimated slice times
 
 
 class CommitRejected(Exception):
@@ -111,12 +121,13 @@ class Store:
         slice_length: int,
         deadline: float,
         extra: dict[str, str | int | float] | None = None,
+        estimated_s: float = 0.0,
     ) -> dict[str, int]:
         """Move pending requests into a new in-flight batch; returns request id -> fence.
 
         Requests that are no longer pending are left out; an empty result means no batch.
         """
-        fields = {"slice_length": slice_length, **(extra or {})}
+        fields = {"slice_length": slice_length, "estimated_s": estimated_s, **(extra or {})}
         keys = [
             self.keys.pending,
             self.keys.inflight,
@@ -124,7 +135,10 @@ class Store:
             self.keys.instance_batches(instance_id),
             *(self.keys.request(rid) for rid in request_ids),
         ]
-        args = [batch_id, instance_id, repr(deadline), repr(now()), json.dumps(fields)]
+        args = [
+            batch_id, instance_id, repr(deadline), repr(now()), json.dumps(fields),
+            repr(estimated_s),
+        ]
         flat = self._claim(keys=keys, args=[*args, *request_ids])
         return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
@@ -211,6 +225,27 @@ class Store:
     def instance_batch_count(self, instance_id: str) -> int:
         """Batches queued on or running at an instance."""
         return int(self.r.zcard(self.keys.instance_batches(instance_id)))
+
+    def instance_loads(self, instance_ids: Sequence[str]) -> dict[str, InstanceLoad]:
+        """Work queued on or running at each instance (two pipelined round trips)."""
+        pipe = self.r.pipeline(transaction=False)
+        for iid in instance_ids:
+            pipe.zrange(self.keys.instance_batches(iid), 0, -1, withscores=True)
+        entries = dict(zip(instance_ids, pipe.execute(), strict=True))
+        pipe = self.r.pipeline(transaction=False)
+        for iid in instance_ids:
+            for bid, _score in entries[iid]:
+                pipe.hget(self.keys.batch(bid), "members")
+        members = iter(pipe.execute())
+        loads = {}
+        for iid in instance_ids:
+            requests = sum(len((next(members) or "").split(",")) for _ in entries[iid])
+            loads[iid] = InstanceLoad(
+                batches=len(entries[iid]),
+                requests=requests,
+                estimated_s=float(sum(score for _bid, score in entries[iid])),
+            )
+        return loads
 
     # --- instances ----------------------------------------------------------------
     def register_instance(self, info: InstanceInfo, ttl_s: float) -> None:

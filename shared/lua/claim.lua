@@ -1,6 +1,8 @@
 -- Claim pending requests into one slice batch, atomically.
 -- KEYS: pending, inflight, batch, instance_batches, req_1..req_n
--- ARGV: batch_id, instance_id, deadline, now, batch_fields_json, rid_1..rid_n
+-- ARGV: batch_id, instance_id, deadline, now, batch_fields_json, estimated_s, rid_1..rid_n
+-- The instance's batches zset is scored by estimated seconds: its sum is the instance's
+-- expected outstanding work (max-min offloading and the horizon read it).
 -- Each request still pending moves to "running" in this batch and gets a new fence;
 -- requests no longer pending (cancelled, claimed elsewhere) are left out.
 -- Returns a flat list {rid, fence, rid, fence, ...}; empty means no batch was created.
@@ -9,7 +11,7 @@ local deadline, now = ARGV[3], ARGV[4]
 local claimed = {}
 local members = {}
 for i = 5, #KEYS do
-  local rid = ARGV[i + 1]
+  local rid = ARGV[i + 2]
   local req = KEYS[i]
   if redis.call('ZSCORE', KEYS[1], rid) then
     redis.call('ZREM', KEYS[1], rid)
@@ -27,7 +29,7 @@ if #claimed == 0 then
   return claimed
 end
 redis.call('ZADD', KEYS[2], deadline, batch_id)
-redis.call('ZADD', KEYS[4], now, batch_id)
+redis.call('ZADD', KEYS[4], ARGV[6], batch_id)
 local fields = cjson.decode(ARGV[5])
 redis.call('HSET', KEYS[3], 'id', batch_id, 'instance', instance_id, 'status', 'queued',
   'created_at', now, 'deadline', deadline, 'members', table.concat(members, ','))
