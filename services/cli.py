@@ -27,6 +27,9 @@ ModelOpt = Annotated[
 WorkersOpt = Annotated[int | None, typer.Option(min=1, help="number of workers")]
 PortOpt = Annotated[int | None, typer.Option(min=0, max=65535, help="ingest port (0 = free)")]
 SliceOpt = Annotated[int | None, typer.Option(min=1, help="slice length S (decode steps)")]
+PolicyOpt = Annotated[
+    str | None, typer.Option(help="scheduling preset: scls, sls, ils, scls-rr, fcfs-maxmin")
+]
 
 
 def build_settings(**overrides: Any) -> Settings:
@@ -43,13 +46,19 @@ def build_settings(**overrides: Any) -> Settings:
 
 
 def _check_model(settings: Settings) -> None:
+    """Exit with a clear message on an unknown model or policy name."""
     from shared.models import resolve_model_name
+    from shared.policy import POLICIES
 
     try:
         resolve_model_name(settings.model)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if settings.policy not in POLICIES:
+        typer.echo(f"error: unknown policy {settings.policy!r}; choose from "
+                   f"{', '.join(POLICIES)}", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -68,11 +77,11 @@ def ingest(model: ModelOpt = None, port: PortOpt = None,
 
 
 @app.command()
-def scheduler(slice_length: SliceOpt = None) -> None:
+def scheduler(slice_length: SliceOpt = None, policy: PolicyOpt = None) -> None:
     """Run the scheduler service (leader or standby) in the foreground."""
     from services.scheduler.service import create_scheduler
 
-    settings = build_settings(slice_length=slice_length)
+    settings = build_settings(slice_length=slice_length, policy=policy)
     configure_logging(settings.log_format, settings.log_level, service="scheduler")
     try:
         sched = create_scheduler(settings)
@@ -89,15 +98,18 @@ def worker(
     model: ModelOpt = None,
     instance_id: Annotated[str | None, typer.Option(help="instance id (default hostname-pid)")]
     = None,
+    policy: PolicyOpt = None,
+    reprofile: Annotated[bool, typer.Option(help="profile again even if cached")] = False,
 ) -> None:
-    """Run one worker (one model instance) in the foreground."""
+    """Run one worker (one model instance) in the foreground; it profiles the model on
+    this hardware at start (or loads its cached profile)."""
     from services.worker.service import create_worker
 
-    settings = build_settings(model=model, instance_id=instance_id)
+    settings = build_settings(model=model, instance_id=instance_id, policy=policy)
     _check_model(settings)
     configure_logging(settings.log_format, settings.log_level, service="worker")
     try:
-        service = create_worker(settings)
+        service = create_worker(settings, reprofile=reprofile)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -106,12 +118,13 @@ def worker(
 
 @app.command()
 def up(model: ModelOpt = None, workers: WorkersOpt = None, port: PortOpt = None,
-       slice_length: SliceOpt = None) -> None:
+       slice_length: SliceOpt = None, policy: PolicyOpt = None) -> None:
     """Start Redis (embedded unless SCLS_REDIS_URL), ingest, scheduler and workers; Ctrl-C
     stops them all."""
     from services.launcher import LocalDeployment
 
-    settings = build_settings(model=model, workers=workers, port=port, slice_length=slice_length)
+    settings = build_settings(model=model, workers=workers, port=port, slice_length=slice_length,
+                              policy=policy)
     _check_model(settings)
     configure_logging(settings.log_format, settings.log_level, service="up")
     deployment = LocalDeployment(settings)
@@ -136,16 +149,30 @@ def up(model: ModelOpt = None, workers: WorkersOpt = None, port: PortOpt = None,
 
 @app.command()
 def demo(model: ModelOpt = None, workers: WorkersOpt = None, slice_length: SliceOpt = None,
+         policy: PolicyOpt = None,
          max_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer")] = 48) -> None:
     """Start everything, answer a few built-in prompts over REST, print a summary, stop."""
     from services.demo import run_demo
 
-    settings = build_settings(model=model, workers=workers, slice_length=slice_length, port=0)
+    settings = build_settings(model=model, workers=workers, slice_length=slice_length, port=0,
+                              policy=policy)
     _check_model(settings)
     configure_logging(settings.log_format, "WARNING", service="demo")
     log_dir = Path(tempfile.mkdtemp(prefix="scls-demo-logs-"))
     ok = run_demo(settings, max_tokens=max_tokens, log_dir=log_dir)
     raise typer.Exit(0 if ok else 1)
+
+
+def _register_tools() -> None:
+    """Commands whose code lives beside the service it measures."""
+    from services.scheduler.bench import scheduler_bench_command
+    from services.worker.profile_cmd import profile_command
+
+    app.command("profile")(profile_command)
+    app.command("scheduler-bench")(scheduler_bench_command)
+
+
+_register_tools()
 
 
 def main() -> None:

@@ -1,16 +1,60 @@
-"""Scheduling policies as pure functions: candidates and instances in, batch plans out.
+"""Scheduling policies as pure functions: candidates and instances in, a cycle plan out.
 
-The scheduler service, the tests (and later the simulator) call these same functions. This
-module holds the arrival-order, memory-capped batcher of the foundation; the SCLS dynamic
-programme and max-min offloading plug in behind the same :data:`BatchPolicy` signature.
+The scheduler service, the simulator and the tests call the same :func:`plan_cycle`. One
+cycle (DESIGN.md section 3):
+
+1. **Select** the ``candidate_limit`` oldest pending requests (a re-queued request keeps
+   its arrival time, so it keeps its place; the oldest is always selected).
+2. **Never fit**: requests that fit no instance even alone are returned for the caller
+   to fail, instead of waiting forever.
+3. **Batch** (:data:`BATCHING`) once, for the *tightest* instance (smallest memory
+   budget) with its cost model as the reference. Instances serve the same model, so their
+   memory models share the KV term and a batch that fits the tightest budget fits the
+   others: batches do not depend on where they will run, and the dynamic programme runs
+   once, not once per instance. Should a roomier instance have a heavier memory model,
+   step 4's per-instance check keeps the batch off it (it always fits the reference).
+   Requests too long for the tightest instance but fitting another run alone (rare:
+   heterogeneous clusters only).
+4. **Offload** (:data:`OFFLOADING`): each batch's time and memory are estimated on every
+   open instance's own cost model (instances may differ); a batch goes only where it
+   fits and only to instances below the horizon. Batches holding a request older than
+   ``max_wait_s`` are placed first, so no request starves behind longer batches.
+
+Estimates use the policy's fixed slice length (``S``; ``G`` for whole-generation
+batching) even for requests with fewer tokens left: an upper bound, as in the paper.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
-from shared.memory import estimate_slice_bytes
+import numpy as np
+from numpy.typing import ArrayLike
+
+from shared.batching import greedy_partition, optimal_partition, slice_cost_matrix
+from shared.offloading import Placement, least_requests, max_min, round_robin
+
+
+class SliceCost(Protocol):
+    """Per-instance serving-time and memory model of one slice (DESIGN.md section 2).
+
+    Both broadcast like numpy over array-like batch sizes ``b`` and padded lengths ``l``;
+    ``s`` is the slice length (decode steps), ``None`` for the model's own default.
+    """
+
+    def slice_time(
+        self, b: ArrayLike, l: ArrayLike, s: int | None = None, /  # noqa: E741
+    ) -> np.ndarray:
+        """Estimated seconds to serve the batch for one slice."""
+        ...
+
+    def slice_memory(
+        self, b: ArrayLike, l: ArrayLike, s: int | None = None, /  # noqa: E741
+    ) -> np.ndarray:
+        """Estimated peak bytes beyond the weights (KV cache + activations)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -20,7 +64,7 @@ class Candidate:
     id: str
     context_len: int  # prompt + tokens generated so far
     remaining_tokens: int  # max_tokens - generated: an upper bound, not a prediction
-    arrival: float
+    arrival: float  # first arrival; kept when the request is re-queued after a slice
 
 
 @dataclass(frozen=True)
@@ -28,109 +72,330 @@ class InstanceView:
     """A live instance as the policy sees it."""
 
     id: str
-    memory_budget_bytes: int
-    kv_bytes_per_token: int
-    act_bytes_per_token: int
-    context_limit: int
-    queued_batches: int  # queued or running now
-    free_slots: int  # batches it may still take this cycle (the horizon)
+    cost: SliceCost
+    memory_budget_bytes: int  # for KV cache + activations, beyond the weights
+    context_limit: int  # max positions
+    expected_busy_s: float = 0.0  # estimated work queued or running on it now
+    queued_requests: int = 0  # requests queued or running on it now
+    queued_batches: int = 0  # batches queued or running on it now (informational)
 
-    def slice_bytes(self, batch_size: int, padded_len: int, slice_length: int) -> int:
-        """Memory estimate of a batch on this instance."""
-        return estimate_slice_bytes(
-            batch_size, padded_len, slice_length, self.kv_bytes_per_token,
-            self.act_bytes_per_token,
-        )
 
-    def fits_alone(self, context_len: int, slice_length: int) -> bool:
-        """Whether one request of this length could ever run here."""
-        return (
-            context_len <= self.context_limit
-            and self.slice_bytes(1, context_len, slice_length) <= self.memory_budget_bytes
-        )
+@dataclass(frozen=True)
+class FormedBatch:
+    """A batch formed but not (yet) given an instance."""
+
+    request_ids: tuple[str, ...]
+    padded_len: int
+    slice_length: int
+    oldest_arrival: float
 
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """One slice batch to claim and enqueue."""
+    """One slice batch to claim and enqueue on ``instance_id``; estimates on that instance."""
 
     instance_id: str
     request_ids: tuple[str, ...]
     padded_len: int
     slice_length: int
+    estimated_s: float
     estimated_bytes: int
 
 
-BatchPolicy = Callable[[Sequence[Candidate], Sequence[InstanceView], int, int], list[BatchPlan]]
+@dataclass(frozen=True)
+class CyclePlan:
+    """What one cycle decided: batches to dispatch, requests to fail, the next cursor."""
+
+    batches: list[BatchPlan]
+    never_fit: list[Candidate]
+    rr_cursor: int
+    unplaced: list[FormedBatch] = field(default_factory=list)  # their requests stay pending
 
 
-def never_fitting(
-    candidates: Sequence[Candidate], instances: Sequence[InstanceView], slice_length: int
-) -> list[Candidate]:
-    """Candidates that fit no instance even alone: they must fail now, not wait forever."""
-    if not instances:
+@dataclass(frozen=True)
+class CandidatePool:
+    """Candidates with their context lengths and arrivals as arrays, built once a cycle."""
+
+    candidates: list[Candidate]
+    lens: np.ndarray  # int64 context lengths
+    arrivals: np.ndarray  # float64 first arrivals
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> CandidatePool:
+        """A pool of ``candidates`` in the given order."""
+        return cls(
+            list(candidates),
+            np.array([c.context_len for c in candidates], dtype=np.int64),
+            np.array([c.arrival for c in candidates], dtype=np.float64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def take(self, index: np.ndarray) -> CandidatePool:
+        """The candidates at integer positions ``index``, in that order."""
+        return CandidatePool(
+            [self.candidates[i] for i in index.tolist()], self.lens[index], self.arrivals[index]
+        )
+
+    def split(self, mask: np.ndarray) -> tuple[CandidatePool, CandidatePool]:
+        """``(where mask, where not mask)``, each keeping the pool's order."""
+        return self.take(np.flatnonzero(mask)), self.take(np.flatnonzero(~mask))
+
+
+#: Batching policies: ``(pool in arrival order, reference cost, capacity bytes, slice
+#: length, max batch) -> batches``. Every candidate fits the reference alone.
+BatchingFn = Callable[[CandidatePool, SliceCost, int, int, int], list[FormedBatch]]
+#: Offloading policies: ``(placement problem, round-robin cursor) -> (instance index per
+#: batch or -1, next cursor)``; see :mod:`shared.offloading`.
+OffloadingFn = Callable[[Placement, int], tuple[np.ndarray, int]]
+
+
+def _batches(pool: CandidatePool, sizes: list[int], slice_length: int) -> list[FormedBatch]:
+    """Cut ``pool`` (in batching order) into consecutive batches of ``sizes``."""
+    if not sizes:
         return []
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    padded = np.maximum.reduceat(pool.lens, starts).tolist()
+    oldest = np.minimum.reduceat(pool.arrivals, starts).tolist()
+    ids = [c.id for c in pool.candidates]
     return [
-        c for c in candidates
-        if not any(inst.fits_alone(c.context_len, slice_length) for inst in instances)
+        FormedBatch(tuple(ids[start:start + size]), pad, slice_length, old)
+        for start, size, pad, old in zip(starts.tolist(), sizes, padded, oldest, strict=True)
     ]
 
 
-def fcfs_memory_capped(
+def scls_batching(
+    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
+) -> list[FormedBatch]:
+    """Optimal batches of the length-sorted candidates: minimum summed ``T(b, l)``.
+
+    Subject to ``M(b, l) <= capacity`` and ``b <= max_batch`` per batch; solved exactly by
+    :func:`shared.batching.optimal_partition`. Equal lengths keep arrival order.
+    """
+    ordered = pool.take(np.argsort(pool.lens, kind="stable"))
+    costs = slice_cost_matrix(ordered.lens, cost, capacity, slice_length, max_batch)
+    return _batches(ordered, optimal_partition(costs), slice_length)
+
+
+def fcfs_batching(
+    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
+) -> list[FormedBatch]:
+    """Arrival-order batches, each as large as ``max_batch`` and the memory estimate allow.
+
+    With the whole generation as slice length this is SLS (``fcfs-fixed``): fixed-size
+    batches, shrunk only when the whole generation would not fit.
+    """
+    sizes = greedy_partition(pool.lens, cost, capacity, slice_length, max_batch)
+    return _batches(pool, sizes, slice_length)
+
+
+def single_batching(
+    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
+) -> list[FormedBatch]:
+    """One request per batch, for ILS: the instance batches continuously on its own."""
+    return _batches(pool, [1] * len(pool), slice_length)
+
+
+BATCHING: dict[str, BatchingFn] = {
+    "scls": scls_batching,
+    "fcfs": fcfs_batching,
+    "fcfs-fixed": fcfs_batching,
+    "single": single_batching,
+}
+#: Batching policies that run the whole generation in one go (``S = G``).
+WHOLE_GENERATION = frozenset({"fcfs-fixed", "single"})
+
+OFFLOADING: dict[str, OffloadingFn] = {
+    "max-min": max_min,
+    "round-robin": round_robin,
+    "least-requests": least_requests,
+}
+
+#: Named presets: ``(batching, offloading)``.
+POLICIES: dict[str, tuple[str, str]] = {
+    "scls": ("scls", "max-min"),
+    "sls": ("fcfs-fixed", "round-robin"),
+    "scls-rr": ("scls", "round-robin"),
+    "fcfs-maxmin": ("fcfs", "max-min"),
+    "ils": ("single", "least-requests"),
+}
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The knobs of one cycle; validated on construction."""
+
+    batching: str = "scls"
+    offloading: str = "max-min"
+    slice_length: int = 32  # S, decode steps per slice
+    max_gen_length: int = 1024  # G, the largest max_tokens accepted
+    max_batch: int = 32
+    horizon_s: float = 2.0  # an instance with this much expected work takes no new batch
+    max_wait_s: float = 30.0  # age bound: older requests' batches are placed first
+    # Bounds the DP's n (oldest first): 2048 keeps a cycle with 10,000 pending and 256
+    # instances around 10-15 ms on 2 CPU cores (`scls scheduler-bench`).
+    candidate_limit: int = 2048
+    rr_cursor: int = 0  # round-robin position, carried from the previous CyclePlan
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING:
+            raise ValueError(f"unknown batching {self.batching!r}; choose from "
+                             f"{', '.join(BATCHING)}")
+        if self.offloading not in OFFLOADING:
+            raise ValueError(f"unknown offloading {self.offloading!r}; choose from "
+                             f"{', '.join(OFFLOADING)}")
+        for name in ("slice_length", "max_gen_length", "max_batch", "candidate_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rr_cursor < 0:
+            raise ValueError(f"rr_cursor must be >= 0, got {self.rr_cursor}")
+        if not self.horizon_s > 0 or not self.max_wait_s >= 0:
+            raise ValueError("horizon_s must be > 0 and max_wait_s >= 0")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> PolicyConfig:
+        """The config of a named preset of :data:`POLICIES`, with ``overrides`` on top."""
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+        batching, offloading = POLICIES[name]
+        return cls(batching=batching, offloading=offloading, **overrides)
+
+    @property
+    def batch_slice_length(self) -> int:
+        """Decode steps per batch: ``S``, or ``G`` for whole-generation batching."""
+        return self.max_gen_length if self.batching in WHOLE_GENERATION else self.slice_length
+
+
+def select_candidates(candidates: Sequence[Candidate], limit: int) -> list[Candidate]:
+    """The ``limit`` oldest candidates in arrival order (ties keep the given order).
+
+    Ordering by first arrival is the fairness rule: a request re-queued after a slice
+    keeps its place, and the oldest request is always selected.
+    """
+    return _select(candidates, limit).candidates
+
+
+def _select(candidates: Sequence[Candidate], limit: int) -> CandidatePool:
+    arrivals = np.array([c.arrival for c in candidates], dtype=np.float64)
+    order = np.argsort(arrivals, kind="stable")[:limit].tolist()
+    chosen = [candidates[i] for i in order]
+    lens = np.array([c.context_len for c in chosen], dtype=np.int64)
+    return CandidatePool(chosen, lens, arrivals[order])
+
+
+def fits_alone(pool: CandidatePool, inst: InstanceView, slice_length: int) -> np.ndarray:
+    """Per candidate: whether a batch of it alone fits ``inst`` (context and memory)."""
+    if not len(pool):
+        return np.zeros(0, dtype=bool)
+    memory = np.asarray(inst.cost.slice_memory(1, pool.lens, slice_length)).reshape(-1)
+    return (pool.lens <= inst.context_limit) & (memory <= inst.memory_budget_bytes)
+
+
+def split_never_fit(
+    pool: CandidatePool, instances: Sequence[InstanceView], slice_length: int
+) -> tuple[CandidatePool, CandidatePool]:
+    """``(runnable, never_fit)``: the latter fit no instance even alone. Order is kept.
+
+    Instances are tried roomiest first and only for the requests still unplaced, so a
+    usual cycle costs one vectorised check. With no instance nothing is never-fitting.
+    """
+    unfit = np.full(len(pool), bool(instances))
+    for inst in sorted(instances, key=lambda i: -i.memory_budget_bytes):
+        idx = np.flatnonzero(unfit)
+        if not len(idx):
+            break
+        unfit[idx[fits_alone(pool.take(idx), inst, slice_length)]] = False
+    return pool.split(~unfit)
+
+
+def tightest_instance(instances: Sequence[InstanceView]) -> InstanceView:
+    """The reference instance for batching: smallest memory budget, then context limit."""
+    return min(instances, key=lambda i: (i.memory_budget_bytes, i.context_limit, i.id))
+
+
+def _estimates(
+    batches: Sequence[FormedBatch], instances: Sequence[InstanceView], open_: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(times, memory)``, each (batches x instances); time ``inf`` where it cannot run.
+
+    Only open instances (below the horizon) are estimated: the others take nothing this
+    cycle anyway. Instances sharing a cost-model object are estimated once.
+    """
+    sizes = np.array([len(b.request_ids) for b in batches], dtype=np.int64)
+    padded = np.array([b.padded_len for b in batches], dtype=np.int64)
+    slice_length = batches[0].slice_length
+    times = np.full((len(batches), len(instances)), np.inf)
+    memory = np.zeros_like(times)
+    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for k in np.flatnonzero(open_).tolist():
+        inst = instances[k]
+        if id(inst.cost) not in seen:
+            seen[id(inst.cost)] = (
+                inst.cost.slice_time(sizes, padded, slice_length),
+                inst.cost.slice_memory(sizes, padded, slice_length),
+            )
+        t, m = seen[id(inst.cost)]
+        fits = (m <= inst.memory_budget_bytes) & (padded <= inst.context_limit)
+        times[:, k] = np.where(fits, t, np.inf)
+        memory[:, k] = m
+    return times, memory
+
+
+def plan_cycle(
     candidates: Sequence[Candidate],
     instances: Sequence[InstanceView],
-    slice_length: int,
-    max_batch: int,
-) -> list[BatchPlan]:
-    """Arrival-order batches, each as large as ``max_batch`` and the memory budget allow.
+    config: PolicyConfig,
+    now: float | None = None,
+) -> CyclePlan:
+    """Batch and offload one cycle's candidates (see the module docstring for the steps).
 
-    Batches go to the instance with the fewest queued batches that still has a free slot
-    (ties: first in the given order), so two idle instances both get work.
+    ``now`` is the current time on the clock of the arrivals; ``None`` turns the age bound
+    off. Instances are taken in order of id, the stable order of round-robin. Requests
+    of unplaced batches are simply not dispatched: they stay pending for the next cycle.
+    With every instance past the horizon, no batch is even formed.
     """
-    load = {inst.id: inst.queued_batches for inst in instances}
-    slots = {inst.id: inst.free_slots for inst in instances}
-    ordered = sorted(candidates, key=lambda c: (c.arrival, c.id))
-    plans: list[BatchPlan] = []
-    cursor = 0
-    while cursor < len(ordered):
-        open_instances = [inst for inst in instances if slots[inst.id] > 0]
-        if not open_instances:
-            break
-        target = min(open_instances, key=lambda inst: load[inst.id])
-        plan, cursor = _fill_batch(ordered, cursor, target, slice_length, max_batch)
-        if plan is None:  # the next request does not fit here: try it next cycle
-            break
-        plans.append(plan)
-        load[target.id] += 1
-        slots[target.id] -= 1
-    return plans
+    insts = sorted(instances, key=lambda i: i.id)
+    slice_length = config.batch_slice_length
+    runnable, never = split_never_fit(
+        _select(candidates, config.candidate_limit), insts, slice_length
+    )
+    busy = np.array([i.expected_busy_s for i in insts], dtype=np.float64)
+    open_ = busy < config.horizon_s
+    if not len(runnable) or not open_.any():
+        return CyclePlan([], never.candidates, config.rr_cursor)
+    ref = tightest_instance(insts)
+    regular, oversize = runnable.split(fits_alone(runnable, ref, slice_length))
+    batches = BATCHING[config.batching](
+        regular, ref.cost, ref.memory_budget_bytes, slice_length, config.max_batch
+    )
+    batches += single_batching(oversize, ref.cost, 0, slice_length, 1)
+    times, memory = _estimates(batches, insts, open_)
+    arrival = np.array([b.oldest_arrival for b in batches])
+    age_limit = -np.inf if now is None else now - config.max_wait_s
+    problem = Placement(
+        times=times,
+        sizes=np.array([len(b.request_ids) for b in batches]),
+        arrival=arrival,
+        urgent=arrival <= age_limit,
+        busy_s=busy,
+        requests=np.array([i.queued_requests for i in insts], dtype=np.float64),
+        horizon_s=config.horizon_s,
+    )
+    assign, cursor = OFFLOADING[config.offloading](problem, config.rr_cursor)
+    # Dispatch (and so queue on each instance) urgent batches first, then oldest first.
+    order = np.lexsort((arrival, ~problem.urgent)).tolist()
+    plans, unplaced = [], []
+    for j in order:
+        b, k = batches[j], int(assign[j])
+        if k < 0:
+            unplaced.append(b)
+            continue
+        plans.append(BatchPlan(insts[k].id, b.request_ids, b.padded_len, b.slice_length,
+                               float(times[j, k]), int(memory[j, k])))
+    return CyclePlan(plans, never.candidates, cursor, unplaced)
 
 
-def _fill_batch(
-    ordered: Sequence[Candidate],
-    start: int,
-    inst: InstanceView,
-    slice_length: int,
-    max_batch: int,
-) -> tuple[BatchPlan | None, int]:
-    """Greedily extend a batch from ``ordered[start]`` while it fits ``inst``."""
-    ids: list[str] = []
-    padded = 0
-    est = 0
-    cursor = start
-    while cursor < len(ordered) and len(ids) < max_batch:
-        cand = ordered[cursor]
-        new_padded = max(padded, cand.context_len)
-        new_est = inst.slice_bytes(len(ids) + 1, new_padded, slice_length)
-        if new_est > inst.memory_budget_bytes:
-            break
-        ids.append(cand.id)
-        padded, est = new_padded, new_est
-        cursor += 1
-    if not ids:
-        return None, start
-    return BatchPlan(inst.id, tuple(ids), padded, slice_length, est), cursor
-
-
-#: Batching policies selectable by name (``SCLS_BATCH_POLICY``).
-BATCH_POLICIES: dict[str, BatchPolicy] = {"fcfs": fcfs_memory_capped}
+def with_cursor(config: PolicyConfig, plan: CyclePlan) -> PolicyConfig:
+    """``config`` for the next cycle: the round-robin cursor carried over from ``plan``."""
+    return replace(config, rr_cursor=plan.rr_cursor)

@@ -141,6 +141,7 @@ class BatchRecord:
     created_at: float
     deadline: float
     estimated_s: float = 0.0
+    drop_finished: bool = True  # False for SLS: finished rows keep computing (invalid tokens)
 
     @property
     def request_ids(self) -> list[str]:
@@ -163,6 +164,7 @@ class BatchRecord:
             created_at=float(raw["created_at"]),
             deadline=float(raw["deadline"]),
             estimated_s=float(raw.get("estimated_s", 0.0)),
+            drop_finished=raw.get("drop_finished", "1") != "0",
         )
 
 
@@ -188,10 +190,11 @@ class InstanceInfo:
     model: str
     memory_budget_bytes: int
     kv_bytes_per_token: int
-    activation_bytes_per_token: int
     context_limit: int
     started_at: float
     heartbeat_at: float
+    profile: str  # the instance's CostModel as JSON (shared.costmodel)
+    mode: str = "slice"  # slice | ils (continuous batching)
     state: str = "ready"  # ready | draining
 
     def to_hash(self) -> dict[str, str | int | float]:
@@ -208,10 +211,11 @@ class InstanceInfo:
             model=raw["model"],
             memory_budget_bytes=int(raw["memory_budget_bytes"]),
             kv_bytes_per_token=int(raw["kv_bytes_per_token"]),
-            activation_bytes_per_token=int(raw["activation_bytes_per_token"]),
             context_limit=int(raw["context_limit"]),
             started_at=float(raw["started_at"]),
             heartbeat_at=float(raw["heartbeat_at"]),
+            profile=raw.get("profile", ""),
+            mode=raw.get("mode", "slice"),
             state=raw.get("state", "ready"),
         )
 

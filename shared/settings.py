@@ -49,9 +49,28 @@ class Settings(BaseSettings):
         0.05, gt=0, description="scheduler cycle period (woken early by new work)"
     )
     candidate_limit: int = Field(
-        1024, ge=1, description="oldest pending requests considered per cycle"
+        2048, ge=1, description="oldest pending requests considered per cycle"
     )
-    batch_policy: str = Field("fcfs", description="batching policy (see shared.policy)")
+    policy: str = Field(
+        "scls", description="preset: scls, sls, ils, scls-rr, fcfs-maxmin (shared.policy)"
+    )
+    batching: str | None = Field(None, description="override the preset's batching policy")
+    offloading: str | None = Field(None, description="override the preset's offloading policy")
+    horizon_s: float = Field(
+        2.0, ge=0, description="estimated work an instance may have queued before it gets more"
+    )
+    max_wait_s: float = Field(
+        30.0, gt=0, description="age bound: older pending requests are always candidates"
+    )
+    profile_mode: Literal["auto", "full", "quick", "analytic"] = Field(
+        "auto", description="worker profiling grid: auto = quick for tiny-random, else full"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="CUDA: share of free device memory an instance may use"
+    )
+    ils_max_concurrency: int = Field(
+        32, ge=1, description="ILS mode: requests decoding at once per instance"
+    )
     max_queued_batches: int = Field(
         2, ge=1, description="batches queued or running per instance before dispatch pauses"
     )

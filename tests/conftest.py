@@ -49,6 +49,7 @@ def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settin
         heartbeat_interval_s=0.5,
         instance_ttl_s=3.0,
         torch_threads=1,
+        profile_mode="analytic",  # measured profiles: tests/test_profiler.py
         log_format="console",
     )
 

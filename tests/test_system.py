@@ -182,7 +182,10 @@ def test_failing_request_ends_failed_with_its_reason(
 def test_request_that_never_fits_fails_at_once(
     settings: Settings, tiny: LoadedModel, store: Store
 ) -> None:
-    s = settings.model_copy(update={"memory_budget_bytes": 200_000})
+    """Invariant 3/4: a request too big for every instance fails with the numbers."""
+    _, (probe,) = make_cluster(settings, tiny)
+    budget = int(probe.runtime.cost.slice_memory(1, 100, settings.slice_length))
+    s = settings.model_copy(update={"memory_budget_bytes": budget})
     sched, _ = make_cluster(s, tiny)
     small = submit(store, [5] * 4, max_tokens=4)
     huge = submit(store, [5] * 2000, max_tokens=4)
@@ -197,18 +200,20 @@ def test_batches_respect_the_memory_budget(
     settings: Settings, tiny: LoadedModel, store: Store
 ) -> None:
     """Invariant 4 (basic form): no batch's estimate exceeds the instance budget."""
-    sched, workers = make_cluster(settings, tiny)
-    info = workers[0].runtime.instance_info()
-    from shared.memory import estimate_slice_bytes
-
-    one = estimate_slice_bytes(1, 40, settings.slice_length, info.kv_bytes_per_token,
-                               info.activation_bytes_per_token)
-    s = settings.model_copy(update={"memory_budget_bytes": 3 * one + 1, "max_batch_size": 8})
+    _, (probe,) = make_cluster(settings, tiny)
+    cost = probe.runtime.cost
+    budget = int(cost.slice_memory(3, 40, settings.slice_length)) + 1
+    assert cost.slice_memory(4, 40, settings.slice_length) > budget
+    s = settings.model_copy(update={"memory_budget_bytes": budget, "max_batch_size": 8,
+                                    "max_queued_batches": 8, "horizon_s": 1e9})
     sched, workers = make_cluster(s, tiny)
     rids = [submit(store, [7] * 40, max_tokens=2) for _ in range(7)]
     sched.cycle()
-    sizes = [len(store.get_batch(bid).fences) for bid, _ in store.inflight_batches()]
-    assert sizes and max(sizes) == 3
+    batches = [store.get_batch(bid) for bid, _ in store.inflight_batches()]
+    sizes = sorted(len(b.fences) for b in batches)
+    assert sum(sizes) == 7 and max(sizes) == 3
+    assert all(float(store.r.hget(store.keys.batch(b.id), "estimated_bytes")) <= budget
+               for b in batches)
     drive(store, sched, workers, rids)
 
 

@@ -1,9 +1,10 @@
 """The scheduler: one active leader forms slice batches and dispatches them to workers.
 
 Each cycle: hold the leader lock, sweep dead/late batches back to pending, read the live
-instances and how much work each already has, take the oldest pending requests, fail the
-ones no instance can ever hold, form batches with the configured policy, then claim each
-batch atomically and enqueue its RQ job on the chosen instance's queue.
+instances (their cost models and outstanding work), take the oldest pending requests, and
+let the configured policy (:func:`shared.policy.plan_cycle`) batch and offload them; fail
+the requests no instance can ever hold; claim each planned batch atomically and enqueue
+its RQ job on the chosen instance's queue.
 """
 
 from __future__ import annotations
@@ -12,25 +13,20 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis
 from rq import Queue
 
+from shared.costmodel import CostModel
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.policy import (
-    BATCH_POLICIES,
-    BatchPlan,
-    BatchPolicy,
-    Candidate,
-    InstanceView,
-    never_fitting,
-)
+from shared.policy import POLICIES, BatchPlan, Candidate, InstanceView, PolicyConfig, plan_cycle
 from shared.records import InstanceInfo, new_batch_id, now
 from shared.settings import Settings
 from shared.states import FinishReason
-from shared.store import Store, connect
+from shared.store import InstanceLoad, Store, connect
 
 log = get_logger(__name__)
 
@@ -40,7 +36,7 @@ SLICE_JOB = "services.worker.jobs.run_slice"
 
 @dataclass
 class CycleReport:
-    """What one cycle did (returned for tests and logged at debug level)."""
+    """What one cycle did (returned for tests and logged)."""
 
     leader: bool = False
     instances: int = 0
@@ -51,6 +47,22 @@ class CycleReport:
     swept: int = 0
 
 
+def policy_config(settings: Settings) -> PolicyConfig:
+    """The cycle policy the settings select: a preset, optionally overridden."""
+    config = PolicyConfig.preset(
+        settings.policy,
+        slice_length=settings.slice_length,
+        max_gen_length=settings.max_gen_length,
+        max_batch=settings.max_batch_size,
+        horizon_s=settings.horizon_s,
+        max_wait_s=settings.max_wait_s,
+        candidate_limit=settings.candidate_limit,
+    )
+    overrides = {k: v for k, v in (("batching", settings.batching),
+                                   ("offloading", settings.offloading)) if v}
+    return PolicyConfig(**{**config.__dict__, **overrides}) if overrides else config
+
+
 class Scheduler:
     """The scheduler service; build it with :func:`create_scheduler`."""
 
@@ -59,14 +71,14 @@ class Scheduler:
         settings: Settings,
         store: Store,
         rq_connection: redis.Redis,
-        policy: BatchPolicy,
         holder_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.rq_connection = rq_connection
-        self.policy = policy
+        self.config = policy_config(settings)
         self.holder_id = holder_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._costs: dict[str, tuple[str, CostModel]] = {}  # parsed profiles, by instance
         self._last_sweep = 0.0
         self._stop = threading.Event()
 
@@ -83,42 +95,68 @@ class Scheduler:
         report.instances = len(instances)
         report.swept = self._sweep_if_due(instances)
         views = self._instance_views(instances)
-        if not any(v.free_slots > 0 for v in views):
+        if not views:
             return report
         candidates = self._candidates()
         report.candidates = len(candidates)
-        doomed = never_fitting(candidates, views, self.settings.slice_length)
-        report.failed_never_fit = self._fail_never_fitting(doomed, views)
-        doomed_ids = {c.id for c in doomed}
-        runnable = [c for c in candidates if c.id not in doomed_ids]
-        plans = self.policy(
-            runnable, views, self.settings.slice_length, self.settings.max_batch_size
-        )
-        for plan in plans:
-            batch_id = self._dispatch(plan)
+        if not candidates:
+            return report
+        plan = plan_cycle(candidates, views, self.config, now=now())
+        self.config = PolicyConfig(**{**self.config.__dict__, "rr_cursor": plan.rr_cursor})
+        report.failed_never_fit = self._fail_never_fitting(plan.never_fit, views)
+        for batch in self._within_caps(plan.batches, views):
+            batch_id = self._dispatch(batch)
             if batch_id:
                 report.batches.append(batch_id)
-                report.dispatched_requests += len(plan.request_ids)
+                report.dispatched_requests += len(batch.request_ids)
         return report
 
+    def _cost_of(self, inst: InstanceInfo) -> CostModel:
+        """The instance's published cost model, parsed once per profile."""
+        cached = self._costs.get(inst.id)
+        if cached is None or cached[0] != inst.profile:
+            cached = (inst.profile, CostModel.from_json(inst.profile))
+            self._costs[inst.id] = cached
+        return cached[1]
+
     def _instance_views(self, instances: list[InstanceInfo]) -> list[InstanceView]:
-        views = []
-        for inst in instances:
-            if inst.state != "ready":
-                continue
-            queued = self.store.instance_batch_count(inst.id)
-            views.append(
-                InstanceView(
-                    id=inst.id,
-                    memory_budget_bytes=inst.memory_budget_bytes,
-                    kv_bytes_per_token=inst.kv_bytes_per_token,
-                    act_bytes_per_token=inst.activation_bytes_per_token,
-                    context_limit=inst.context_limit,
-                    queued_batches=queued,
-                    free_slots=max(0, self.settings.max_queued_batches - queued),
-                )
+        ready = [inst for inst in instances if inst.state == "ready" and inst.profile]
+        loads = self.store.instance_loads([inst.id for inst in ready])
+        return [
+            InstanceView(
+                id=inst.id,
+                cost=self._cost_of(inst),
+                memory_budget_bytes=inst.memory_budget_bytes,
+                context_limit=inst.context_limit,
+                expected_busy_s=self._busy_estimate(loads[inst.id]),
+                queued_requests=loads[inst.id].requests,
+                queued_batches=loads[inst.id].batches,
             )
-        return views
+            for inst in ready
+        ]
+
+    def _busy_estimate(self, load: InstanceLoad) -> float:
+        """Expected outstanding work; ILS instances are paced by their request cap only."""
+        return 0.0 if self.settings.policy == "ils" else load.estimated_s
+
+    def _within_caps(
+        self, batches: Sequence[BatchPlan], views: Sequence[InstanceView]
+    ) -> list[BatchPlan]:
+        """Drop placements beyond each instance's hard cap (they stay pending).
+
+        Slice instances take at most ``max_queued_batches`` queued or running batches; ILS
+        instances at most ``ils_max_concurrency`` requests (their engine's concurrency cap).
+        """
+        ils = self.settings.policy == "ils"
+        cap = self.settings.ils_max_concurrency if ils else self.settings.max_queued_batches
+        used = {v.id: (v.queued_requests if ils else v.queued_batches) for v in views}
+        kept = []
+        for batch in batches:
+            need = len(batch.request_ids) if ils else 1
+            if used[batch.instance_id] + need <= cap:
+                used[batch.instance_id] += need
+                kept.append(batch)
+        return kept
 
     def _candidates(self) -> list[Candidate]:
         return [
@@ -126,15 +164,19 @@ class Scheduler:
             for rec in self.store.candidates(self.settings.candidate_limit)
         ]
 
-    def _fail_never_fitting(self, doomed: list[Candidate], views: list[InstanceView]) -> int:
+    def _fail_never_fitting(
+        self, doomed: Sequence[Candidate], views: Sequence[InstanceView]
+    ) -> int:
         failed = 0
+        s = self.config.batch_slice_length
         for cand in doomed:
+            need = min(float(v.cost.slice_memory(1, cand.context_len, s)) for v in views)
             best = max(v.memory_budget_bytes for v in views)
-            need = views[0].slice_bytes(1, cand.context_len, self.settings.slice_length)
+            limit = max(v.context_limit for v in views)
             reason = (
-                f"request needs about {need / 2**20:.1f} MiB for one slice of "
-                f"{cand.context_len} context tokens, more than any instance's budget "
-                f"({best / 2**20:.1f} MiB) or context limit"
+                f"request cannot fit any instance even alone: one slice of "
+                f"{cand.context_len} context tokens needs about {need / 2**20:.1f} MiB, the "
+                f"largest budget is {best / 2**20:.1f} MiB (context limit {limit})"
             )
             if self.store.fail_pending(
                 cand.id, FinishReason.NEVER_FITS, reason, self.settings.result_ttl_s
@@ -153,7 +195,13 @@ class Scheduler:
             plan.request_ids,
             plan.slice_length,
             deadline,
-            extra={"padded_len": plan.padded_len, "estimated_bytes": plan.estimated_bytes},
+            extra={
+                "padded_len": plan.padded_len,
+                "estimated_bytes": plan.estimated_bytes,
+                "policy": self.settings.policy,
+                "drop_finished": int(self.config.batching != "fcfs-fixed"),
+            },
+            estimated_s=plan.estimated_s,
         )
         if not fences:
             return None
@@ -171,7 +219,8 @@ class Scheduler:
             description=f"slice of {len(fences)} requests",
         )
         log.debug("batch_dispatched", batch_id=batch_id, instance=plan.instance_id,
-                  size=len(fences), padded_len=plan.padded_len)
+                  size=len(fences), padded_len=plan.padded_len,
+                  estimated_s=round(plan.estimated_s, 4))
         return batch_id
 
     # --- recovery ---------------------------------------------------------------------
@@ -207,7 +256,8 @@ class Scheduler:
     # --- loop -------------------------------------------------------------------------
     def run(self) -> None:
         """Cycle until :meth:`stop`; a standby keeps trying for the lock."""
-        log.info("scheduler_started", holder=self.holder_id, policy=self.settings.batch_policy)
+        log.info("scheduler_started", holder=self.holder_id, policy=self.settings.policy,
+                 batching=self.config.batching, offloading=self.config.offloading)
         was_leader = False
         try:
             while not self._stop.is_set():
@@ -237,16 +287,15 @@ class Scheduler:
 
 
 def create_scheduler(settings: Settings, redis_url: str | None = None) -> Scheduler:
-    """Build a scheduler from settings (``redis_url`` overrides ``settings.redis_url``)."""
+    """Build a scheduler from settings (``redis_url`` overrides ``settings.redis_url``).
+
+    Raises:
+        ValueError: no Redis URL, or an unknown policy name (the message lists choices).
+    """
     url = redis_url or settings.redis_url
     if not url:
         raise ValueError("the scheduler needs a Redis URL (SCLS_REDIS_URL)")
-    if settings.batch_policy not in BATCH_POLICIES:
-        raise ValueError(
-            f"unknown batch policy {settings.batch_policy!r}; choose from "
-            f"{', '.join(BATCH_POLICIES)}"
-        )
+    if settings.policy not in POLICIES:
+        raise ValueError(f"unknown policy {settings.policy!r}; choose from {', '.join(POLICIES)}")
     store = Store(connect(url), Keys(settings.key_prefix))
-    return Scheduler(
-        settings, store, redis.Redis.from_url(url), BATCH_POLICIES[settings.batch_policy]
-    )
+    return Scheduler(settings, store, redis.Redis.from_url(url))

@@ -10,8 +10,8 @@ import time
 from collections.abc import Sequence
 
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceOutput, SliceStats
+from shared.costmodel import CostModel
 from shared.logging import bound, get_logger
-from shared.memory import activation_bytes_per_token
 from shared.models import LoadedModel, TextCodec
 from shared.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
 from shared.settings import Settings
@@ -40,15 +40,33 @@ def text_delta(codec: TextCodec, before: Sequence[int], after: Sequence[int]) ->
 class WorkerRuntime:
     """One instance: a loaded model serving slice batches from its own queue."""
 
+    mode = "slice"
+
     def __init__(
-        self, settings: Settings, store: Store, loaded: LoadedModel, instance_id: str
+        self,
+        settings: Settings,
+        store: Store,
+        loaded: LoadedModel,
+        instance_id: str,
+        cost: CostModel,
+        memory_budget_bytes: int,
     ) -> None:
         self.settings = settings
         self.store = store
         self.loaded = loaded
         self.instance_id = instance_id
-        self.engine = SliceEngine(loaded)
+        self.cost = cost
+        self.memory_budget_bytes = memory_budget_bytes
+        # SCLS drops finished rows at once; SLS batches (drop_finished=0) keep computing
+        # them, as static batching does, and count those tokens as invalid.
+        self.engines = {True: SliceEngine(loaded), False: SliceEngine(loaded, False)}
         self.started_at = now()
+
+    def start(self) -> None:
+        """Start background parts (none for slices; the ILS engine overrides this)."""
+
+    def stop(self) -> None:
+        """Stop background parts."""
 
     @property
     def queue_name(self) -> str:
@@ -57,21 +75,18 @@ class WorkerRuntime:
 
     def instance_info(self, state: str = "ready") -> InstanceInfo:
         """The record published at ``<prefix>instance:<id>``."""
-        config = self.loaded.model.config
-        dtype_bytes = next(self.loaded.model.parameters()).element_size()
         return InstanceInfo(
             id=self.instance_id,
             queue=self.queue_name,
             device=str(self.loaded.device),
             model=self.loaded.info.name,
-            memory_budget_bytes=self.settings.memory_budget_bytes,
+            memory_budget_bytes=self.memory_budget_bytes,
             kv_bytes_per_token=self.loaded.info.kv_bytes_per_token,
-            activation_bytes_per_token=activation_bytes_per_token(
-                config.hidden_size, config.intermediate_size, dtype_bytes
-            ),
             context_limit=self.loaded.info.context_limit,
             started_at=self.started_at,
             heartbeat_at=now(),
+            profile=self.cost.to_json(),
+            mode=self.mode,
             state=state,
         )
 
@@ -100,7 +115,7 @@ class WorkerRuntime:
             return {"status": "empty"}
         rows = [to_slice_input(rec) for rec in records]
         started = time.perf_counter()
-        outputs, stats = self.engine.run_slice(rows, batch.slice_length)
+        outputs, stats = self.engines[batch.drop_finished].run_slice(rows, batch.slice_length)
         busy = time.perf_counter() - started
         items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,
                                                                          strict=True)]

@@ -10,17 +10,19 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Any
 
 import redis
 import torch
 from rq import Queue, SimpleWorker
 
 from services.worker import jobs
+from services.worker.ils_runtime import IlsRuntime
+from services.worker.profiler import instance_memory_budget, load_or_profile
 from services.worker.runtime import WorkerRuntime
+from shared.costmodel import CostModel
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.models import load_model
+from shared.models import LoadedModel, load_model
 from shared.settings import Settings
 from shared.store import Store, connect
 
@@ -113,11 +115,13 @@ class WorkerService:
 
     def run(self) -> None:
         """Register, serve until SIGTERM/SIGINT, then drain."""
+        self.runtime.start()
         self.register()
         try:
             self.serve()
         finally:
             self.drain()
+            self.runtime.stop()
 
 
 def default_instance_id() -> str:
@@ -125,9 +129,16 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def create_worker(settings: Settings, instance_id: str | None = None,
-                  loaded: Any | None = None) -> WorkerService:
-    """Load the model (unless given) and build the worker service for one instance."""
+def create_worker(
+    settings: Settings,
+    instance_id: str | None = None,
+    loaded: LoadedModel | None = None,
+    cost: CostModel | None = None,
+    reprofile: bool = False,
+) -> WorkerService:
+    """Load the model (unless given), profile it (or load its cached profile, unless a cost
+    model is given) and build the worker service for one instance. The ``ils`` policy
+    preset makes it a continuous-batching instance."""
     url = settings.redis_url
     if not url:
         raise ValueError("the worker needs a Redis URL (SCLS_REDIS_URL)")
@@ -135,7 +146,11 @@ def create_worker(settings: Settings, instance_id: str | None = None,
         torch.set_num_threads(settings.torch_threads)
     if loaded is None:
         loaded = load_model(settings.model, settings.cache_dir, settings.device)
+    if cost is None:
+        cost = load_or_profile(loaded, settings, reprofile=reprofile)
+    budget = instance_memory_budget(loaded, settings)
     store = Store(connect(url), Keys(settings.key_prefix))
     iid = instance_id or settings.instance_id or default_instance_id()
-    runtime = WorkerRuntime(settings, store, loaded, iid)
+    runtime_class = IlsRuntime if settings.policy == "ils" else WorkerRuntime
+    runtime = runtime_class(settings, store, loaded, iid, cost, budget)
     return WorkerService(settings, runtime, redis.Redis.from_url(url))

@@ -1,0 +1,181 @@
+"""``scls scheduler-bench``: time one scheduling cycle (batching + offloading) alone.
+
+No Redis, no model: synthetic pending requests whose context lengths follow the Azure LLM
+conversation trace (or are sampled from it with ``--trace``), instances with a GPU-like
+cost model (a 7B model on A100- and H100-class GPUs, each instance with its own slightly
+different fitted profile, as workers profile themselves), and :func:`plan_cycle` timed
+over repeats.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from shared.policy import POLICIES, Candidate, InstanceView, PolicyConfig, plan_cycle
+
+# Inverse CDFs (quantile, tokens) of the Azure LLM 2023 conversation trace, interpolated
+# in log space: context mean 1,155, median 1,020, p99 4,142; generated median 129.
+_CONTEXT_QUANTILES = (
+    (0.0, 2), (0.01, 29), (0.05, 181), (0.1, 207), (0.25, 396), (0.5, 1020), (0.75, 1189),
+    (0.9, 2734), (0.95, 4083), (0.99, 4142), (0.999, 6179), (1.0, 14050),
+)
+_GENERATED_QUANTILES = (
+    (0.0, 7), (0.01, 16), (0.05, 41), (0.1, 54), (0.25, 85), (0.5, 129), (0.75, 395),
+    (0.9, 424), (0.95, 451), (0.99, 601), (0.999, 954), (1.0, 1000),
+)
+
+KV_BYTES_PER_TOKEN = 2 * 32 * 32 * 128 * 2  # Llama-2-7B, fp16
+ACT_BYTES_PER_TOKEN = 2 * (6 * 4096 + 3 * 11008) * 2  # activation bound from the model shape
+MEMORY_BUDGET = 60 * 10**9  # 80 GB card minus weights and a margin
+CONTEXT_LIMIT = 16_384
+
+
+@dataclass(frozen=True)
+class GpuLikeCost:
+    """Closed-form slice model (DESIGN.md section 2) with A100/H100-like coefficients."""
+
+    prefill: tuple[float, float, float, float]  # p0, p1 * b, p2 * l, p3 * b * l
+    decode: tuple[float, float, float, float]  # d0, d1 * b, d2 * c, d3 * b * c
+    slice_length: int = 32
+
+    def slice_time(self, b, l, s=None) -> np.ndarray:  # noqa: E741
+        """Prefill plus ``s`` decode steps at contexts ``l+1..l+s`` (summed in closed form).
+
+        Written as ``fixed(l) + b * per_row(l)`` so that only the last two operations run
+        on the full broadcast shape (the scheduler evaluates it on ``n x max_batch``).
+        """
+        s = self.slice_length if s is None else s
+        b, l = np.asarray(b, dtype=np.float64), np.asarray(l, dtype=np.float64)  # noqa: E741
+        p0, p1, p2, p3 = self.prefill
+        d0, d1, d2, d3 = self.decode
+        mean_ctx = l + (s + 1) / 2
+        fixed = p0 + p2 * l + s * (d0 + d2 * mean_ctx)
+        per_row = p1 + p3 * l + s * (d1 + d3 * mean_ctx)
+        return fixed + b * per_row
+
+    def slice_memory(self, b, l, s=None) -> np.ndarray:  # noqa: E741
+        """Static KV cache at padded length plus slice, and the prefill activation peak."""
+        s = self.slice_length if s is None else s
+        b, l = np.asarray(b, dtype=np.float64), np.asarray(l, dtype=np.float64)  # noqa: E741
+        per_row = (l + s + 1) * KV_BYTES_PER_TOKEN + l * ACT_BYTES_PER_TOKEN
+        return b * per_row
+
+
+# ~10k prefill tokens/s and ~12 ms per decode step (A100); about twice as fast (H100).
+A100 = GpuLikeCost((0.015, 1e-4, 1e-6, 9e-5), (0.012, 1e-4, 1e-8, 3.3e-7))
+H100 = GpuLikeCost((0.010, 5e-5, 5e-7, 4.5e-5), (0.007, 5e-5, 5e-9, 1.6e-7))
+
+
+def _from_quantiles(table: tuple[tuple[float, int], ...], rng: np.random.Generator,
+                    n: int) -> np.ndarray:
+    q, tokens = (np.array(col, dtype=np.float64) for col in zip(*table, strict=True))
+    return np.exp(np.interp(rng.random(n), q, np.log(tokens))).round().astype(np.int64)
+
+
+def _from_trace(path: Path, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    with path.open(newline="") as fh:
+        rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(fh)]
+    if not rows:
+        raise typer.BadParameter(f"{path}: no rows", param_hint="--trace")
+    picked = np.array(rows, dtype=np.int64)[rng.integers(0, len(rows), n)]
+    return picked[:, 0], picked[:, 1]
+
+
+def sample_lengths(
+    n: int, rng: np.random.Generator, trace: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(prompt tokens, generated tokens)`` of ``n`` requests: from ``trace`` when given,
+    else from the built-in distribution fitted to the Azure conversation trace."""
+    if trace is not None:
+        return _from_trace(trace, rng, n)
+    prompt = _from_quantiles(_CONTEXT_QUANTILES, rng, n)
+    return prompt, _from_quantiles(_GENERATED_QUANTILES, rng, n)
+
+
+def synthetic_candidates(
+    n: int, rng: np.random.Generator, slice_length: int, trace: Path | None = None
+) -> list[Candidate]:
+    """``n`` pending requests: prompts like the trace, some already a few slices in."""
+    prompt, generated = sample_lengths(n, rng, trace)
+    # Re-queued requests carry the slices they already ran; new ones have none.
+    slices_done = np.floor(rng.random(n) * np.ceil(generated / slice_length)).astype(np.int64)
+    so_far = np.minimum(slices_done * slice_length, generated)
+    arrival = rng.uniform(0.0, 60.0, n)  # shuffled: the policy must find the oldest
+    return [
+        Candidate(f"r{i}", int(p + g), int(max(1, 1024 - g)), float(a))
+        for i, (p, g, a) in enumerate(zip(prompt, so_far, arrival, strict=True))
+    ]
+
+
+def synthetic_instances(k: int, rng: np.random.Generator, horizon_s: float) -> list[InstanceView]:
+    """``k`` instances, A100- and H100-like alternately, each with its own jittered profile."""
+    views = []
+    for i in range(k):
+        base = A100 if i % 2 == 0 else H100
+        jitter = rng.uniform(0.95, 1.05)
+        cost = GpuLikeCost(
+            tuple(c * jitter for c in base.prefill), tuple(c * jitter for c in base.decode)
+        )
+        views.append(InstanceView(
+            id=f"gpu-{i:04d}", cost=cost, memory_budget_bytes=MEMORY_BUDGET,
+            context_limit=CONTEXT_LIMIT, expected_busy_s=float(rng.uniform(0.0, horizon_s)),
+            queued_requests=int(rng.integers(0, 64)), queued_batches=int(rng.integers(0, 3)),
+        ))
+    return views
+
+
+def scheduler_bench_command(
+    pending: Annotated[int, typer.Option(min=1, help="pending requests per cycle")] = 1000,
+    instances: Annotated[int, typer.Option(min=1, help="live instances")] = 16,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="write the results to this JSON file")
+    ] = None,
+    repeat: Annotated[int, typer.Option(min=1, help="timed cycles")] = 30,
+    trace: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="sample lengths from this trace CSV"),
+    ] = None,
+    policy: Annotated[str, typer.Option(help=f"preset: {', '.join(POLICIES)}")] = "scls",
+    candidate_limit: Annotated[
+        int | None, typer.Option(min=1, help="requests the batcher sees (default: policy's)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Time one scheduling cycle (batching + offloading) on synthetic load; no Redis."""
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"choose from {', '.join(POLICIES)}", param_hint="--policy")
+    limit = candidate_limit or PolicyConfig().candidate_limit
+    config = PolicyConfig.preset(policy, candidate_limit=limit)
+    rng = np.random.default_rng(seed)
+    cands = synthetic_candidates(pending, rng, config.slice_length, trace)
+    views = synthetic_instances(instances, rng, config.horizon_s)
+    plan = plan_cycle(cands, views, config, now=60.0)  # warm-up, and the plan to report
+    times_ms = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        plan_cycle(cands, views, config, now=60.0)
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    median, p90 = statistics.median(times_ms), float(np.percentile(times_ms, 90))
+    seen = min(pending, limit)
+    formed = len(plan.batches) + len(plan.unplaced)
+    typer.echo(
+        f"plan_cycle [{policy}]: {pending} pending ({seen} seen by the batcher), "
+        f"{instances} instances -> {formed} batches, {len(plan.batches)} placed\n"
+        f"  median {median:.2f} ms, p90 {p90:.2f} ms per cycle over {repeat} repeats"
+    )
+    if json_file is not None:
+        result = {
+            "median_ms": median, "p90_ms": p90, "pending": pending, "instances": instances,
+            "candidates_seen": seen, "policy": policy, "repeat": repeat,
+            "batches": formed, "placed": len(plan.batches),
+        }
+        json_file.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,460 @@
+"""Profiler: measure the slice engine over a grid of batch sizes and context lengths.
+
+Each grid point ``(b, l)`` runs real slices through :class:`SliceEngine.run_slice` (the
+code path that serves requests) with EOS ignored, so every slice runs its full ``S``
+steps. A forward pre-hook on the model stamps the start of every forward call, which splits
+the slice into the prefill (from the call of ``run_slice`` to the first decode step) and
+each decode step (from one decode call to the next, the last one to the return of
+``run_slice``): per-step times include sampling and bookkeeping and add up exactly to the
+measured whole slice.
+
+Peak memory beyond what the process held before the slice:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the slice;
+* CPU: the growth of the process's peak resident set (``VmHWM``) over its resident set
+  (``VmRSS``) just before the slice. Linux resets ``VmHWM`` to the current RSS when ``5`` is
+  written to ``/proc/self/clear_refs``; freed heap is first returned to the OS
+  (``malloc_trim``) so that the slice cannot hide its growth in memory already held. Where
+  the reset is not allowed, memory is not measured and the analytic bound is used.
+
+Warm-up slices run first and are not recorded; every point is repeated (the repeats are
+interleaved over the grid, so a burst of outside load hits one repeat of many points rather
+than every repeat of one point) and the median time and the largest peak are kept.
+
+:func:`load_or_profile` is what a worker calls at start: it reuses a cached profile of the
+same model, device, dtype, slice length, thread count and grid, or profiles and caches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import gc
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.worker.engine import SamplingParams, SliceEngine, SliceInput
+from shared.costmodel import (
+    CostModel,
+    FitReport,
+    PointSample,
+    ProfileSamples,
+    analytic_cost_model,
+    fit_cost_model,
+)
+from shared.logging import get_logger
+from shared.models import TINY_RANDOM, LoadedModel
+from shared.settings import Settings
+
+log = get_logger(__name__)
+
+PROFILER_VERSION = 1  # bump when measurement changes: cached profiles then become stale
+_PEAK_RESET = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+# --------------------------------------------------------------------------------------------
+# Grids
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """Points ``(b, l)`` to measure: every pair with ``b * l <= max_batch_tokens``."""
+
+    name: str
+    batch_sizes: tuple[int, ...]
+    lengths: tuple[int, ...]
+    max_batch_tokens: int  # skips the expensive corner (prefill cost grows with b*l)
+    repeats: int = 3  # measured runs per point; the median time is kept
+    warmup: int = 2  # slices run first and discarded
+
+    def points(self, context_limit: int, slice_length: int) -> list[tuple[int, int]]:
+        """The grid points that fit the budget and the model's context window."""
+        return [
+            (b, x)
+            for b in self.batch_sizes
+            for x in self.lengths
+            if b * x <= self.max_batch_tokens and x + slice_length + 1 <= context_limit
+        ]
+
+
+# Seconds for tiny-random; about 2 minutes for smollm2-135m on an idle 2-core CPU.
+QUICK_GRID = ProfileGrid("quick", (1, 2, 4, 8), (8, 16, 32, 64), max_batch_tokens=512)
+# For real use: 36 points, 3 repeats; about 9 minutes for smollm2-135m on an idle 2-core CPU
+# at S = 32 (estimated from ENGINE_NOTES rates). l = 1024 (for b <= 4) covers the long
+# contexts a b*l*l term needs; b*l > 4096 (b=32, l=512: 36 s of prefill) is skipped.
+FULL_GRID = ProfileGrid(
+    "full", (1, 2, 4, 8, 16, 32), (16, 32, 64, 128, 256, 512, 1024), max_batch_tokens=4096
+)
+
+
+def grid_for(mode: str, model: str) -> ProfileGrid | None:
+    """Grid of a ``profile_mode``: ``auto`` is quick for tiny-random and full otherwise;
+    ``analytic`` measures nothing (None).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    # The module globals are read at call time (tests patch them), not copied into a table.
+    if mode == "analytic":
+        return None
+    if mode == "auto":
+        return QUICK_GRID if model == TINY_RANDOM else FULL_GRID
+    if mode == "quick":
+        return QUICK_GRID
+    if mode == "full":
+        return FULL_GRID
+    raise ValueError(f"unknown profile_mode {mode!r}: auto, full, quick or analytic")
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory
+# --------------------------------------------------------------------------------------------
+
+
+def _status_bytes(field_name: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` in bytes."""
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field_name)
+
+
+def _release_free_heap() -> None:
+    """Collect garbage and hand free heap back to the OS, so RSS counts only live memory."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc only; elsewhere RSS stays higher
+
+
+class PeakMeter:
+    """Peak memory of a block of work beyond what was allocated before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.available = self.cuda or self._can_reset_cpu_peak()
+        self._before = 0
+
+    @staticmethod
+    def _can_reset_cpu_peak() -> bool:
+        """Whether this process may reset its own ``VmHWM`` (Linux, not forbidden)."""
+        try:
+            _PEAK_RESET.write_text("5")
+            _status_bytes("VmHWM")
+        except (OSError, KeyError):
+            return False
+        return True
+
+    def start(self) -> None:
+        """Reset the peak and remember the current level."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        elif self.available:
+            _release_free_heap()
+            self._before = _status_bytes("VmRSS")
+            _PEAK_RESET.write_text("5")  # VmHWM := current RSS
+
+    def peak(self) -> int | None:
+        """Peak bytes since :meth:`start` beyond the level at start (None if unavailable)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device)) - self._before
+        if self.available:
+            return max(0, _status_bytes("VmHWM") - self._before)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring one slice
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SliceTiming:
+    """One measured slice."""
+
+    prefill_s: float
+    step_s: list[float]
+    slice_s: float
+    peak_bytes: int | None
+
+
+class _ForwardClock:
+    """Forward pre-hook recording when each forward call of the model starts."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def _rows(b: int, l: int, s: int, vocab: int, rng: np.random.Generator) -> list[SliceInput]:  # noqa: E741
+    """``b`` random prompts padded to ``l``: row 0 is ``l`` long, the others shorter.
+
+    Uneven lengths give a real padding mask (as served batches have), so attention takes
+    the same path as in serving; the padded shape, which sets the cost, is ``b x l``.
+    """
+    params = SamplingParams(max_tokens=s, ignore_eos=True)
+    lengths = [l] + [int(rng.integers(max(1, l // 2), l + 1)) for _ in range(b - 1)]
+    return [
+        SliceInput(f"p{i}", rng.integers(3, vocab, size=n).tolist(), [], params)
+        for i, n in enumerate(lengths)
+    ]
+
+
+def measure_slice(
+    engine: SliceEngine, rows: list[SliceInput], s: int, meter: PeakMeter
+) -> SliceTiming:
+    """Run one slice of ``rows`` and split its time into prefill and decode steps."""
+    clock = _ForwardClock()
+    handle = engine.model.register_forward_pre_hook(clock, with_kwargs=True)
+    try:
+        meter.start()
+        start = time.perf_counter()
+        _, stats = engine.run_slice(rows, s)
+        end = time.perf_counter()
+        peak = meter.peak()
+    finally:
+        handle.remove()
+    if stats.steps != s or len(clock.stamps) != s:
+        raise RuntimeError(f"profiling slice ran {stats.steps} steps/{len(clock.stamps)} calls")
+    bounds = [start, *clock.stamps[1:], end]  # prefill | step 1 | ... | step s-1
+    durations = np.diff(bounds).tolist()
+    return SliceTiming(durations[0], durations[1:], end - start, peak)
+
+
+# --------------------------------------------------------------------------------------------
+# The grid run
+# --------------------------------------------------------------------------------------------
+
+
+def run_profile(
+    loaded: LoadedModel,
+    slice_length: int,
+    grid: ProfileGrid,
+    progress: Callable[[str], None] | None = None,
+    seed: int = 0,
+) -> ProfileSamples:
+    """Measure every point of ``grid`` (repeats interleaved, warm-up discarded).
+
+    Raises:
+        ValueError: the grid has no point that fits the model's context window.
+    """
+    points = grid.points(loaded.info.context_limit, slice_length)
+    if not points:
+        raise ValueError(f"grid {grid.name!r} has no point within the context window")
+    engine = SliceEngine(loaded)
+    meter = PeakMeter(loaded.device)
+    rng = np.random.default_rng(seed)
+    vocab = loaded.info.vocab_size
+    warm = [points[0], points[-1]]
+    for i in range(grid.warmup):  # first calls allocate pools, pick kernels: not data
+        b, x = warm[i % len(warm)]
+        measure_slice(engine, _rows(b, x, slice_length, vocab, rng), slice_length, meter)
+    runs: dict[tuple[int, int], list[SliceTiming]] = {p: [] for p in points}
+    started = time.perf_counter()
+    for rep in range(grid.repeats):
+        for b, x in points:
+            rows = _rows(b, x, slice_length, vocab, rng)
+            runs[(b, x)].append(measure_slice(engine, rows, slice_length, meter))
+        if progress is not None:
+            elapsed = time.perf_counter() - started
+            progress(f"repeat {rep + 1}/{grid.repeats} of {len(points)} points, {elapsed:.0f}s")
+    return ProfileSamples(
+        points=tuple(_summarise(b, x, slice_length, runs[(b, x)]) for b, x in points),
+        slice_length=slice_length,
+        kv_bytes_per_token=loaded.info.kv_bytes_per_token,
+        model=loaded.info.name,
+        device=str(loaded.device),
+        dtype=_dtype_name(loaded),
+        grid=grid.name,
+        meta={
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "grid": json.loads(json.dumps(asdict(grid))),
+            "profile_s": round(time.perf_counter() - started, 2),
+            "memory_measured": meter.available,
+        },
+    )
+
+
+def _summarise(b: int, x: int, s: int, runs: list[SliceTiming]) -> PointSample:
+    """Median times and largest peak of one point's repeats."""
+    peaks = [r.peak_bytes for r in runs]
+    steps = np.median(np.array([r.step_s for r in runs]), axis=0) if s > 1 else []
+    return PointSample(
+        b=b,
+        l=x,
+        s=s,
+        prefill_s=float(np.median([r.prefill_s for r in runs])),
+        step_s=tuple(float(v) for v in steps),
+        slice_s=float(np.median([r.slice_s for r in runs])),
+        peak_bytes=None if None in peaks else int(max(p for p in peaks if p is not None)),
+    )
+
+
+def _dtype_name(loaded: LoadedModel) -> str:
+    """The weights' dtype, e.g. ``float32``."""
+    return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------
+# Models for an instance
+# --------------------------------------------------------------------------------------------
+
+
+def analytic_model_for(loaded: LoadedModel, slice_length: int) -> CostModel:
+    """The shape-only fallback model (see :func:`shared.costmodel.analytic_cost_model`)."""
+    text = loaded.model.config.get_text_config(decoder=True)
+    param = next(loaded.model.parameters())
+    return analytic_cost_model(
+        slice_length=slice_length,
+        kv_bytes_per_token=loaded.info.kv_bytes_per_token,
+        weights_bytes=loaded.info.weights_bytes,
+        hidden_size=int(text.hidden_size),
+        intermediate_size=int(text.intermediate_size),
+        num_attention_heads=int(text.num_attention_heads),
+        vocab_size=loaded.info.vocab_size,
+        dtype_bytes=param.element_size(),
+        device=str(loaded.device),
+        model=loaded.info.name,
+        dtype=_dtype_name(loaded),
+    )
+
+
+def profile_and_fit(
+    loaded: LoadedModel,
+    slice_length: int,
+    grid: ProfileGrid,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[CostModel, FitReport, ProfileSamples]:
+    """Measure ``grid`` and fit; memory falls back to the analytic bound if unmeasured."""
+    samples = run_profile(loaded, slice_length, grid, progress)
+    fallback = analytic_model_for(loaded, slice_length)
+    model, report = fit_cost_model(samples, fallback=fallback)
+    return model, report, samples
+
+
+def cache_key(loaded: LoadedModel, settings: Settings, grid: ProfileGrid) -> dict[str, Any]:
+    """What a cached profile must match to be reused (JSON-normalised: tuples are lists)."""
+    key = {
+        "model": loaded.info.name,
+        "device": str(loaded.device),
+        "dtype": _dtype_name(loaded),
+        "slice_length": settings.slice_length,
+        "torch_threads": torch.get_num_threads(),
+        "grid": asdict(grid),
+        "profiler_version": PROFILER_VERSION,
+    }
+    return json.loads(json.dumps(key))
+
+
+def cache_path(loaded: LoadedModel, settings: Settings, grid: ProfileGrid) -> Path:
+    """``cache_dir/profiles/<model>-<device>-S<S>-<grid>-<hash of the whole key>.json``."""
+    key = cache_key(loaded, settings, grid)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", loaded.info.name).strip("_")[-60:]
+    device = re.sub(r"[^A-Za-z0-9]+", "", str(loaded.device))
+    name = f"{model}-{device}-S{settings.slice_length}-{grid.name}-{digest}.json"
+    return Path(settings.cache_dir) / "profiles" / name
+
+
+@contextlib.contextmanager
+def profile_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock next to ``path``: workers starting together profile one at a time
+    (concurrent runs would slow each other down and skew every timing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def read_cached(path: Path, key: dict[str, Any]) -> CostModel | None:
+    """The cached model at ``path`` if it exists, parses and has the same key."""
+    try:
+        model = CostModel.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        if path.exists():
+            log.warning("profile_cache_unreadable", path=str(path), error=str(exc))
+        return None
+    return model if model.meta.get("cache_key") == key else None
+
+
+def save_profile(model: CostModel, path: Path) -> None:
+    """Write ``model`` to ``path`` atomically (rename of a temporary file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(model.to_dict(), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def with_cache_key(model: CostModel, key: dict[str, Any]) -> CostModel:
+    """``model`` with ``key`` recorded in its metadata (what :func:`load_or_profile` checks)."""
+    return replace(model, meta={**model.meta, "cache_key": key})
+
+
+def load_or_profile(
+    loaded: LoadedModel, settings: Settings, reprofile: bool = False
+) -> CostModel:
+    """The instance's cost model: cached if a matching profile exists, measured otherwise.
+
+    ``settings.profile_mode`` (default ``auto``) picks the grid (:func:`grid_for`);
+    ``analytic`` skips measurement. ``reprofile`` measures even when a cache exists.
+    """
+    mode = getattr(settings, "profile_mode", "auto")
+    grid = grid_for(mode, loaded.info.name)
+    if grid is None:
+        return analytic_model_for(loaded, settings.slice_length)
+    key = cache_key(loaded, settings, grid)
+    path = cache_path(loaded, settings, grid)
+    with profile_lock(path):
+        cached = None if reprofile else read_cached(path, key)
+        if cached is not None:
+            log.info("profile_cached", path=str(path))
+            return cached
+        log.info("profiling", grid=grid.name, model=loaded.info.name, device=str(loaded.device))
+        model, report, _ = profile_and_fit(loaded, settings.slice_length, grid)
+        model = with_cache_key(model, key)
+        save_profile(model, path)
+        model = CostModel.from_json(model.to_json())  # exactly what a later load returns
+    log.info("profiled", path=str(path), **report.errors())
+    return model
+
+
+def instance_memory_budget(loaded: LoadedModel, settings: Settings) -> int:
+    """Bytes this instance may spend on slices (KV cache + activations), beyond the weights.
+
+    CUDA: ``utilisation * (free + reserved) - allocated``, read after the model is loaded.
+    ``free + reserved`` is what the device had free for this process before it allocated
+    anything through torch (the weights now sit in ``reserved``); ``allocated`` is the
+    weights (plus anything else still live). So this is "free memory at start times
+    ``gpu_memory_utilization`` minus the weights"; the remaining fraction covers the CUDA
+    context, allocator fragmentation and other processes' growth. CPU:
+    ``settings.memory_budget_bytes``.
+    """
+    if loaded.device.type != "cuda":
+        return int(settings.memory_budget_bytes)
+    utilisation = float(getattr(settings, "gpu_memory_utilization", 0.9))
+    free, _total = torch.cuda.mem_get_info(loaded.device)
+    reserved = torch.cuda.memory_reserved(loaded.device)
+    allocated = torch.cuda.memory_allocated(loaded.device)
+    return max(0, int(utilisation * (free + reserved)) - int(allocated))

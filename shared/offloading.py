@@ -1,0 +1,126 @@
+"""Batch-to-instance assignment (offloading) on plain arrays (DESIGN.md section 3), pure.
+
+Each offloader takes one :class:`Placement` (batches x instances) and the round-robin
+cursor, and returns, for every batch, the index of its instance (``-1``: not placed this
+cycle, its requests stay pending) and the cursor for the next cycle. Every offloader
+
+* places a batch only where it fits (``times`` is ``inf`` elsewhere),
+* respects the horizon: an instance whose expected outstanding work, including what this
+  cycle already gave it, is ``>= horizon_s`` takes no new batch, so work is not committed
+  far ahead and late arrivals can still join well-formed batches,
+* places urgent batches (holding a request past the age bound) before all others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One cycle's offloading problem: ``B`` batches, ``K >= 1`` instances in a stable order."""
+
+    times: np.ndarray  # (B, K) estimated seconds of batch b on instance k; inf: cannot run there
+    sizes: np.ndarray  # (B,) requests per batch
+    arrival: np.ndarray  # (B,) oldest arrival in each batch
+    urgent: np.ndarray  # (B,) bool: holds a request older than the age bound
+    busy_s: np.ndarray  # (K,) expected outstanding (queued + running) work, seconds
+    requests: np.ndarray  # (K,) queued + running requests
+    horizon_s: float
+
+
+def _fifo_order(problem: Placement) -> list[int]:
+    """Urgent batches first, then oldest request first (the baselines' order)."""
+    return np.lexsort((problem.arrival, ~problem.urgent)).tolist()
+
+
+class _Loads:
+    """Expected outstanding work per instance as batches are placed, and who is open."""
+
+    def __init__(self, problem: Placement) -> None:
+        self.horizon_s = problem.horizon_s
+        self.busy = problem.busy_s.astype(np.float64)
+        # Added to a score: 0 for an instance below the horizon, inf for one past it.
+        self.closed = np.where(self.busy >= self.horizon_s, np.inf, 0.0)
+        self.open_count = int(np.count_nonzero(self.closed == 0.0))
+
+    def add(self, k: int, seconds: float) -> None:
+        self.busy[k] += seconds
+        if self.busy[k] >= self.horizon_s and self.closed[k] == 0.0:
+            self.closed[k] = np.inf
+            self.open_count -= 1
+
+
+def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
+    """SCLS max-min: longest batch first, each to the instance where it completes soonest.
+
+    Batches go in descending estimated time (on the fastest instance that fits them);
+    each goes to the open instance minimising ``busy + T(batch on that instance)``, the
+    batch's expected completion time there, which for identical instances is the instance
+    with the smallest expected completion time. That instance's busy time then grows by
+    the batch's time. Ties go to the first instance in the stable order. The cursor is
+    returned unchanged.
+    """
+    longest = np.min(problem.times, axis=1)
+    loads = _Loads(problem)
+    assign = np.full(len(problem.times), -1)
+    for b in np.lexsort((-longest, ~problem.urgent)).tolist():
+        if not loads.open_count:
+            break  # every instance is past the horizon: nothing else can be placed
+        completion = loads.busy + problem.times[b] + loads.closed
+        k = int(np.argmin(completion))
+        if completion[k] == np.inf:
+            continue  # fits no open instance: stays pending
+        assign[b] = k
+        loads.add(k, problem.times[b, k])
+    return assign, cursor
+
+
+def round_robin(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
+    """Cycle over the instances from ``cursor``, skipping those full or too small.
+
+    The cursor is the index of the next instance to try; it is returned so that the
+    rotation continues across cycles instead of restarting at the first instance.
+    """
+    loads = _Loads(problem)
+    n_inst = len(loads.busy)
+    assign = np.full(len(problem.times), -1)
+    cursor %= n_inst
+    for b in _fifo_order(problem):
+        if not loads.open_count:
+            break
+        rotation = (cursor + np.arange(n_inst)) % n_inst
+        score = problem.times[b, rotation] + loads.closed[rotation]
+        first = int(np.argmax(score < np.inf))
+        if score[first] == np.inf:
+            continue
+        k = int(rotation[first])
+        assign[b] = k
+        loads.add(k, problem.times[b, k])
+        cursor = (k + 1) % n_inst
+    return assign, cursor
+
+
+def least_requests(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
+    """Each batch to the open instance with the fewest queued and running requests.
+
+    Counts include the requests this cycle already gave it; ties go to the first instance
+    in the stable order. The cursor is returned unchanged.
+    """
+    loads = _Loads(problem)
+    requests = problem.requests.astype(np.float64)
+    assign = np.full(len(problem.times), -1)
+    for b in _fifo_order(problem):
+        if not loads.open_count:
+            break
+        # The request count where the batch can run and the instance is open, else inf.
+        score = np.where(problem.times[b] < np.inf, requests, np.inf) + loads.closed
+        k = int(np.argmin(score))
+        if score[k] == np.inf:
+            continue
+        assign[b] = k
+        loads.add(k, problem.times[b, k])
+        requests[k] += problem.sizes[b]
+    return assign, cursor

@@ -1,0 +1,158 @@
+"""The profiler on tiny-random: real slices, real peak memory, the cache, Redis, the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import torch
+import typer
+from typer.testing import CliRunner
+
+from services.worker import profiler
+from services.worker.engine import SliceEngine
+from services.worker.profile_cmd import profile_command
+from shared.costmodel import CostModel, ProfileSamples
+from shared.models import LoadedModel, load_model
+from shared.settings import Settings
+from shared.store import Store
+
+# Small enough for a test, large enough to fit 5 prefill features and hold 2 points out.
+SMALL_GRID = profiler.ProfileGrid("test", (1, 2, 4), (8, 16, 32), max_batch_tokens=128,
+                                  repeats=1, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """One tiny-random model for the module."""
+    torch.set_num_threads(2)
+    return load_model("tiny-random", tmp_path_factory.mktemp("models"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``scls profile --model tiny-random --quick --json out.json``, once for the module."""
+    cache = tmp_path_factory.mktemp("profile-cache")
+    out = cache / "out.json"
+    app = typer.Typer()
+    app.command("profile")(profile_command)
+    app.command("noop")(lambda: None)  # two commands: Typer then expects the command name
+    result = CliRunner().invoke(
+        app, ["profile", "--model", "tiny-random", "--quick", "--json", str(out)],
+        env={"SCLS_CACHE_DIR": str(cache), "SCLS_SLICE_LENGTH": "8", "SCLS_TORCH_THREADS": "2"},
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    data["stdout"] = result.output
+    return data
+
+
+def test_profile_command_writes_the_errors_and_prints_them(quick_run: dict[str, Any]) -> None:
+    for key in ("time_mape", "time_max_err", "mem_ratio_min", "mem_ratio_max"):
+        assert isinstance(quick_run[key], float) and np.isfinite(quick_run[key]), key
+    assert quick_run["model"] == "tiny-random" and quick_run["device"] == "cpu"
+    assert quick_run["grid"]["name"] == "quick" and quick_run["slice_length"] == 8
+    assert quick_run["prefill_features"] in (["1", "b", "l", "bl"], ["1", "b", "l", "bl", "bll"])
+    assert set(quick_run["coefficients"]) >= {"prefill", "decode", "activation", "mem_margin"}
+    assert quick_run["n_heldout"] == len(quick_run["heldout"]) > 0
+    assert "MAPE" in quick_run["stdout"] and "held-out" in quick_run["stdout"]
+    # The command also left the cache a worker with the same settings will reuse.
+    assert Path(quick_run["cache_file"]).is_file()
+
+
+def test_quick_profile_memory_estimate_covers_every_measured_point(
+    quick_run: dict[str, Any], tiny: LoadedModel
+) -> None:
+    samples = ProfileSamples.from_dict(quick_run["samples"])
+    model = CostModel.from_dict(quick_run["cost_model"])
+    analytic = profiler.analytic_model_for(tiny, samples.slice_length)
+    assert len(samples.points) == len(profiler.QUICK_GRID.points(4096, 8))
+    for p in samples.points:
+        assert p.peak_bytes is not None and p.peak_bytes > 0
+        assert float(model.slice_memory(p.b, p.l)) >= p.peak_bytes, (p.b, p.l)
+        assert float(analytic.slice_memory(p.b, p.l)) >= p.peak_bytes, (p.b, p.l)
+        assert len(p.step_s) == 7 and min(p.step_s) > 0 and p.prefill_s > 0
+
+
+def test_slice_is_split_into_prefill_and_steps_that_add_up(tiny: LoadedModel) -> None:
+    engine = SliceEngine(tiny)
+    meter = profiler.PeakMeter(tiny.device)
+    rows = profiler._rows(3, 20, 6, tiny.info.vocab_size, np.random.default_rng(0))
+    timing = profiler.measure_slice(engine, rows, 6, meter)
+    assert len(timing.step_s) == 5
+    assert timing.prefill_s + sum(timing.step_s) == pytest.approx(timing.slice_s, rel=1e-9)
+    assert {len(r.prompt_ids) for r in rows} != {20}  # uneven rows: a real padding mask
+    assert max(len(r.prompt_ids) for r in rows) == 20
+
+
+def test_peak_meter_sees_a_known_allocation(tiny: LoadedModel) -> None:
+    meter = profiler.PeakMeter(tiny.device)
+    assert meter.available
+    size = 64 * 2**20
+    meter.start()
+    block = torch.ones(size // 4, dtype=torch.float32)  # touched, so resident
+    del block
+    peak = meter.peak()
+    # Growth of the resident set: heap pages still resident before may be reused (a little
+    # less), the interpreter and allocator add a little (a little more).
+    assert peak is not None and size - 2**20 <= peak < size + 16 * 2**20
+
+
+def test_cost_model_round_trips_through_redis(
+    rclient: redis.Redis, store: Store, tiny: LoadedModel
+) -> None:
+    model = profiler.analytic_model_for(tiny, 4)
+    key = store.keys.instance("profiled-instance")
+    rclient.hset(key, mapping={"id": "profiled-instance", "profile": model.to_json()})
+    back = CostModel.from_json(rclient.hget(key, "profile"))
+    assert back == model
+    assert float(back.slice_time(3, 40)) == float(model.slice_time(3, 40))
+
+
+def test_load_or_profile_reuses_its_cache_and_reprofile_forces_a_run(
+    tiny: LoadedModel, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    rclient: redis.Redis,
+) -> None:
+    monkeypatch.setattr(profiler, "QUICK_GRID", SMALL_GRID)
+    settings = settings.model_copy(update={"cache_dir": tmp_path, "profile_mode": "quick"})
+    first = profiler.load_or_profile(tiny, settings)
+    path = profiler.cache_path(tiny, settings, SMALL_GRID)
+    assert path.is_file() and first.source == "profiled" and first.grid == "test"
+    assert profiler.load_or_profile(tiny, settings) == first  # from the file, not measured
+    forced = profiler.load_or_profile(tiny, settings, reprofile=True)
+    assert forced.created_at > first.created_at
+    assert CostModel.from_json(path.read_text()) == forced
+    # A different slice length is a different profile: the cached one is not reused.
+    other = settings.model_copy(update={"slice_length": settings.slice_length + 1})
+    assert profiler.cache_path(tiny, other, SMALL_GRID) != path
+    assert profiler.load_or_profile(tiny, other).slice_length == settings.slice_length + 1
+    # A stored file whose key does not match (e.g. other threads) is measured again.
+    stale = forced.to_dict()
+    stale["meta"]["cache_key"]["torch_threads"] = -1
+    path.write_text(json.dumps(stale))
+    assert profiler.load_or_profile(tiny, settings).created_at > forced.created_at
+
+
+def test_analytic_mode_measures_nothing(tiny: LoadedModel, settings: Settings) -> None:
+    analytic = settings.model_copy(
+        update={"cache_dir": Path("/nonexistent"), "profile_mode": "analytic"}
+    )
+    model = profiler.load_or_profile(tiny, analytic)
+    assert model.source == "analytic" and model.slice_length == settings.slice_length
+
+
+def test_grid_choice_and_cpu_budget(tiny: LoadedModel, settings: Settings) -> None:
+    assert profiler.grid_for("auto", "tiny-random") is profiler.QUICK_GRID
+    assert profiler.grid_for("auto", "smollm2-135m") is profiler.FULL_GRID
+    assert profiler.grid_for("quick", "smollm2-135m") is profiler.QUICK_GRID
+    assert profiler.grid_for("full", "tiny-random") is profiler.FULL_GRID
+    assert profiler.grid_for("analytic", "tiny-random") is None
+    with pytest.raises(ValueError, match="profile_mode"):
+        profiler.grid_for("fast", "tiny-random")
+    assert profiler.instance_memory_budget(tiny, settings) == settings.memory_budget_bytes
+    full = profiler.FULL_GRID.points(8192, 32)
+    assert (32, 512) not in full and (1, 512) in full and (32, 128) in full
