@@ -90,8 +90,18 @@ def feature_matrix(names: Sequence[str], b: ArrayLike, x: ArrayLike) -> np.ndarr
 
 
 def _linear(names: Sequence[str], coef: Sequence[float], b: ArrayLike, x: ArrayLike) -> np.ndarray:
-    """``sum_k coef_k * feature_k(b, x)``, broadcast over ``b`` and ``x``."""
-    return feature_matrix(names, b, x) @ np.asarray(coef, dtype=float)
+    """``sum_k coef_k * feature_k(b, x)``, broadcast over ``b`` and ``x``.
+
+    Summed term by term, skipping zero coefficients (NNLS leaves many): the scheduler
+    evaluates this on ``n x max_batch`` matrices every cycle, where stacking a feature
+    tensor first cost several times more.
+    """
+    bb, xx = np.asarray(b, dtype=float), np.asarray(x, dtype=float)
+    total = np.zeros(np.broadcast_shapes(bb.shape, xx.shape))
+    for name, c in zip(names, coef, strict=True):
+        if c:
+            total = total + c * _FEATURES[name](bb, xx)
+    return total
 
 
 # --------------------------------------------------------------------------------------------

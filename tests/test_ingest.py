@@ -376,3 +376,17 @@ async def test_client_disconnect_stops_waiting_but_keeps_the_request(
     assert sent[0]["status"] == 499
     (rid,) = store.pending_ids(10)  # the request is still pending, for a worker to serve
     assert store.get_request(rid).status is RequestStatus.PENDING
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"), [({"temperature": 0.7}, "temperature"), ({"stop": ["x"]}, "stop")]
+)
+async def test_ils_policy_refuses_what_it_cannot_do(
+    settings: Settings, rclient: redis.Redis, extra: dict, param: str
+) -> None:
+    """The ILS baseline decodes greedily without stop strings: say so instead of ignoring."""
+    async with serve(settings.model_copy(update={"policy": "ils"})) as http:
+        body = {"prompt": "hi", "max_tokens": 4, "temperature": 0, **extra}
+        resp = await http.post(COMPLETIONS, json=body)
+    assert_error(resp, 400, "ils", param=param)
+    assert rclient.zcard("scls:pending") == 0

@@ -269,6 +269,7 @@ class Ingest:
                 param=prompt_param,
             )
         temperature = 1.0 if body.temperature is None else body.temperature
+        self._check_policy_supports(temperature, body.stop_strings)
         seed = body.seed
         if temperature > 0 and seed is None:
             # Stored with the request so every slice, on any worker, draws the same stream.
@@ -281,6 +282,18 @@ class Ingest:
             stop=body.stop_strings,
             ignore_eos=bool(body.ignore_eos),
         )
+
+    def _check_policy_supports(self, temperature: float, stop: tuple[str, ...]) -> None:
+        # The ILS baseline runs transformers' continuous batching, which decodes greedily
+        # with no stop strings here: refuse rather than silently ignore what was asked.
+        if self.settings.policy != "ils":
+            return
+        if temperature > 0:
+            raise APIError(400, "temperature: the ils policy (continuous-batching baseline) "
+                           "decodes greedily; send temperature 0", param="temperature")
+        if stop:
+            raise APIError(400, "stop: the ils policy does not support stop strings",
+                           param="stop")
 
     def _default_max_tokens(self, prompt_param: str, prompt_len: int) -> int:
         # Completions default to OpenAI's 16; chat (like OpenAI) to whatever room is left.

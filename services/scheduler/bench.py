@@ -13,13 +13,13 @@ import csv
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
 
+from shared.costmodel import PREFILL_BASE, CostModel
 from shared.policy import POLICIES, Candidate, InstanceView, PolicyConfig, plan_cycle
 
 # Inverse CDFs (quantile, tokens) of the Azure LLM 2023 conversation trace, interpolated
@@ -39,40 +39,27 @@ MEMORY_BUDGET = 60 * 10**9  # 80 GB card minus weights and a margin
 CONTEXT_LIMIT = 16_384
 
 
-@dataclass(frozen=True)
-class GpuLikeCost:
-    """Closed-form slice model (DESIGN.md section 2) with A100/H100-like coefficients."""
-
-    prefill: tuple[float, float, float, float]  # p0, p1 * b, p2 * l, p3 * b * l
-    decode: tuple[float, float, float, float]  # d0, d1 * b, d2 * c, d3 * b * c
-    slice_length: int = 32
-
-    def slice_time(self, b, l, s=None) -> np.ndarray:  # noqa: E741
-        """Prefill plus ``s`` decode steps at contexts ``l+1..l+s`` (summed in closed form).
-
-        Written as ``fixed(l) + b * per_row(l)`` so that only the last two operations run
-        on the full broadcast shape (the scheduler evaluates it on ``n x max_batch``).
-        """
-        s = self.slice_length if s is None else s
-        b, l = np.asarray(b, dtype=np.float64), np.asarray(l, dtype=np.float64)  # noqa: E741
-        p0, p1, p2, p3 = self.prefill
-        d0, d1, d2, d3 = self.decode
-        mean_ctx = l + (s + 1) / 2
-        fixed = p0 + p2 * l + s * (d0 + d2 * mean_ctx)
-        per_row = p1 + p3 * l + s * (d1 + d3 * mean_ctx)
-        return fixed + b * per_row
-
-    def slice_memory(self, b, l, s=None) -> np.ndarray:  # noqa: E741
-        """Static KV cache at padded length plus slice, and the prefill activation peak."""
-        s = self.slice_length if s is None else s
-        b, l = np.asarray(b, dtype=np.float64), np.asarray(l, dtype=np.float64)  # noqa: E741
-        per_row = (l + s + 1) * KV_BYTES_PER_TOKEN + l * ACT_BYTES_PER_TOKEN
-        return b * per_row
+def gpu_like_cost(prefill: tuple[float, float, float, float],
+                  decode: tuple[float, float, float, float], jitter: float = 1.0) -> CostModel:
+    """A :class:`CostModel` (the class the scheduler uses) with GPU-class coefficients:
+    ``Tp = p0 + p1*b + p2*l + p3*b*l``, ``Td = d0 + d1*b + d2*c + d3*b*c``, memory = static
+    KV cache + a per-token activation bound (Llama-2-7B shape, fp16)."""
+    return CostModel(
+        slice_length=32,
+        prefill_features=PREFILL_BASE,
+        prefill_coef=tuple(c * jitter for c in prefill),
+        decode_coef=tuple(c * jitter for c in decode),  # type: ignore[arg-type]
+        kv_bytes_per_token=KV_BYTES_PER_TOKEN,
+        act_features=("1", "b", "bl", "bll"),
+        act_coef=(0.0, 0.0, float(ACT_BYTES_PER_TOKEN), 0.0),
+        mem_margin=1.0,
+        source="synthetic",
+    )
 
 
 # ~10k prefill tokens/s and ~12 ms per decode step (A100); about twice as fast (H100).
-A100 = GpuLikeCost((0.015, 1e-4, 1e-6, 9e-5), (0.012, 1e-4, 1e-8, 3.3e-7))
-H100 = GpuLikeCost((0.010, 5e-5, 5e-7, 4.5e-5), (0.007, 5e-5, 5e-9, 1.6e-7))
+A100 = ((0.015, 1e-4, 1e-6, 9e-5), (0.012, 1e-4, 1e-8, 3.3e-7))
+H100 = ((0.010, 5e-5, 5e-7, 4.5e-5), (0.007, 5e-5, 5e-9, 1.6e-7))
 
 
 def _from_quantiles(table: tuple[tuple[float, int], ...], rng: np.random.Generator,
@@ -120,11 +107,8 @@ def synthetic_instances(k: int, rng: np.random.Generator, horizon_s: float) -> l
     """``k`` instances, A100- and H100-like alternately, each with its own jittered profile."""
     views = []
     for i in range(k):
-        base = A100 if i % 2 == 0 else H100
-        jitter = rng.uniform(0.95, 1.05)
-        cost = GpuLikeCost(
-            tuple(c * jitter for c in base.prefill), tuple(c * jitter for c in base.decode)
-        )
+        prefill, decode = A100 if i % 2 == 0 else H100
+        cost = gpu_like_cost(prefill, decode, jitter=rng.uniform(0.95, 1.05))
         views.append(InstanceView(
             id=f"gpu-{i:04d}", cost=cost, memory_budget_bytes=MEMORY_BUDGET,
             context_limit=CONTEXT_LIMIT, expected_busy_s=float(rng.uniform(0.0, horizon_s)),
