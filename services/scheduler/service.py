@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis
 from rq import Queue
@@ -22,7 +22,15 @@ from rq import Queue
 from shared.costmodel import CostModel
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.policy import POLICIES, BatchPlan, Candidate, InstanceView, PolicyConfig, plan_cycle
+from shared.policy import (
+    POLICIES,
+    BatchPlan,
+    Candidate,
+    InstanceView,
+    PolicyConfig,
+    plan_cycle,
+    with_cursor,
+)
 from shared.records import InstanceInfo, new_batch_id, now
 from shared.settings import Settings
 from shared.states import FinishReason
@@ -60,7 +68,7 @@ def policy_config(settings: Settings) -> PolicyConfig:
     )
     overrides = {k: v for k, v in (("batching", settings.batching),
                                    ("offloading", settings.offloading)) if v}
-    return PolicyConfig(**{**config.__dict__, **overrides}) if overrides else config
+    return replace(config, **overrides)
 
 
 class Scheduler:
@@ -102,7 +110,7 @@ class Scheduler:
         if not candidates:
             return report
         plan = plan_cycle(candidates, views, self.config, now=now())
-        self.config = PolicyConfig(**{**self.config.__dict__, "rr_cursor": plan.rr_cursor})
+        self.config = with_cursor(self.config, plan)
         report.failed_never_fit = self._fail_never_fitting(plan.never_fit, views)
         for batch in self._within_caps(plan.batches, views):
             batch_id = self._dispatch(batch)
