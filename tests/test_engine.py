@@ -13,6 +13,7 @@ from services.worker.engine import SamplingParams, SliceEngine, SliceInput, Slic
 from services.worker.sampling import select_tokens, uniform_for
 from shared.models import ByteCodec, LoadedModel, load_model
 from shared.states import FinishReason
+from tests.helpers import greedy_reference
 
 PROMPTS = ("The quick brown fox jumps", "Hi", "Slices, batches & seeds: 12345")
 SAMPLED = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
@@ -32,20 +33,6 @@ def prompts(tiny: LoadedModel) -> list[list[int]]:
     """Three prompts of different lengths (5 to 30 tokens)."""
     return [tiny.codec.encode(p) for p in PROMPTS]
 
-
-def reference(loaded: LoadedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens from transformers' own ``generate``, the prompt run alone."""
-    ids = torch.tensor([prompt])
-    out = loaded.model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=loaded.codec.pad_id,
-    )
-    tokens = out[0, len(prompt) :].tolist()
-    assert len(tokens) == max_new_tokens, "generate stopped early: pick other prompts"
-    return tokens
 
 
 def run_to_end(
@@ -90,7 +77,7 @@ def test_greedy_slices_match_generate(
     rows = {str(i): (p, SamplingParams(max_tokens=13)) for i, p in enumerate(prompts)}
     results, all_stats = run_to_end(engine, rows, slice_len)
     for i, prompt in enumerate(prompts):
-        assert results[str(i)] == (reference(tiny, prompt, 13), FinishReason.LENGTH)
+        assert results[str(i)] == (greedy_reference(tiny, prompt, 13), FinishReason.LENGTH)
     assert len(all_stats) == (4 if slice_len == 4 else 1)  # 13 tokens = 4 + 4 + 4 + 1
 
 
@@ -116,7 +103,7 @@ def test_seeded_sampling_ignores_slicing_and_batching(
     assert all(run == runs[0] for run in runs)
     tokens = runs[0][0]
     assert len(tokens) == SAMPLED.max_tokens
-    assert tokens != reference(tiny, target, SAMPLED.max_tokens)  # really sampled
+    assert tokens != greedy_reference(tiny, target, SAMPLED.max_tokens)  # really sampled
 
     other_seed = dataclasses.replace(SAMPLED, seed=4321)
     different, _ = run_to_end(engine, {"t": (target, other_seed)}, 64)
@@ -161,7 +148,7 @@ def test_uniform_depends_only_on_seed_and_position() -> None:
 @pytest.fixture(scope="module")
 def eos_case(tiny: LoadedModel, prompts: list[list[int]]) -> tuple[int, list[list[int]]]:
     """A token that greedy decoding emits in every prompt's output, and those outputs."""
-    greedy = [reference(tiny, p, 40) for p in prompts]
+    greedy = [greedy_reference(tiny, p, 40) for p in prompts]
     rows_with = Counter(t for g in greedy for t in set(g))
     eos, count = rows_with.most_common(1)[0]
     assert count == len(prompts), "no token shared by every greedy output"
@@ -222,7 +209,7 @@ def test_length_finish_never_exceeds_max_tokens(
     tiny: LoadedModel, prompts: list[list[int]]
 ) -> None:
     engine = SliceEngine(tiny)
-    greedy = reference(tiny, prompts[0], 10)
+    greedy = greedy_reference(tiny, prompts[0], 10)
     rows = [
         SliceInput("short", prompts[0], [], SamplingParams(max_tokens=3)),
         SliceInput("long", prompts[0], [], SamplingParams(max_tokens=10)),
@@ -272,7 +259,7 @@ def stop_string_case(loaded: LoadedModel, prompts: list[list[int]]) -> tuple[int
     the greedy text when token j (>= 2) is added, its first character coming from token j-1."""
     codec = loaded.codec
     for index, prompt in enumerate(prompts):
-        greedy = reference(loaded, prompt, 40)
+        greedy = greedy_reference(loaded, prompt, 40)
         printable = [33 + 3 <= t <= 126 + 3 for t in greedy]  # printable ASCII byte ids
         for j in range(2, len(greedy)):
             if not (printable[j] and printable[j - 1]):
@@ -285,7 +272,7 @@ def stop_string_case(loaded: LoadedModel, prompts: list[list[int]]) -> tuple[int
 
 def test_stop_string_spanning_slices(tiny: LoadedModel, prompts: list[list[int]]) -> None:
     index, stop, j = stop_string_case(tiny, prompts)
-    greedy = reference(tiny, prompts[index], 40)
+    greedy = greedy_reference(tiny, prompts[index], 40)
     engine = SliceEngine(tiny)
     params = SamplingParams(max_tokens=40, stop=("never-there", stop))
     # slice_len = j puts token j-1 at the end of one slice and token j at the start of the

@@ -16,6 +16,7 @@ from services.worker.engine import SamplingParams, SliceEngine, SliceInput
 from services.worker.ils import IlsConfig, IlsEngine, IlsResult, num_blocks_for
 from shared.models import ByteCodec, LoadedModel, load_model
 from shared.states import FinishReason
+from tests.helpers import greedy_reference
 
 # Six prompts from 2 to 150 tokens; the longest ones exceed max_batch_tokens (64 below), so
 # transformers prefills them in chunks.
@@ -43,20 +44,6 @@ def prompts(tiny: LoadedModel) -> list[list[int]]:
     """The six prompts as token ids."""
     return [tiny.codec.encode(t) for t in TEXTS]
 
-
-def reference(loaded: LoadedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens from transformers' own ``generate``, the prompt run alone."""
-    ids = torch.tensor([prompt])
-    out = loaded.model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=loaded.codec.pad_id,
-    )
-    tokens = out[0, len(prompt) :].tolist()
-    assert len(tokens) == max_new_tokens, "generate stopped early: pick other prompts"
-    return tokens
 
 
 def sliced(
@@ -113,7 +100,7 @@ def test_greedy_matches_slice_engine_and_generate(
     rows = [(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, MAX_NEW, strict=True)]
     batch = sliced(tiny, rows)
     for i, (prompt, n) in enumerate(zip(prompts, MAX_NEW, strict=True)):
-        expected = reference(tiny, prompt, n)
+        expected = greedy_reference(tiny, prompt, n)
         assert as_pair(results[str(i)]) == (expected, FinishReason.LENGTH)
         assert batch[i] == (expected, FinishReason.LENGTH)
 
@@ -163,7 +150,7 @@ def test_concurrency_cap_holds_inside_transformers(
 
 def test_ignore_eos_is_per_request(tiny: LoadedModel, prompts: list[list[int]]) -> None:
     prompt = prompts[3]
-    tokens = reference(tiny, prompt, 24)
+    tokens = greedy_reference(tiny, prompt, 24)
     # EOS := the first token whose first occurrence is at position >= 2 (tiny-random never
     # emits its real EOS, so the test declares one that greedy decoding does produce).
     cut = next(k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k])
@@ -231,7 +218,7 @@ def test_failure_inside_the_loop_comes_back_and_the_engine_recovers(
         # The loop died with every request inside it; the engine restarted it.
         engine.add("again", prompts[4], 12)
         (again,) = collect(engine, ["again"]).values()
-    assert as_pair(again) == (reference(tiny, prompts[4], 12), FinishReason.LENGTH)
+    assert as_pair(again) == (greedy_reference(tiny, prompts[4], 12), FinishReason.LENGTH)
 
 
 def test_requests_that_cannot_run_come_back_at_once(tiny: LoadedModel) -> None:
