@@ -62,8 +62,10 @@ class Settings(BaseSettings):
     max_wait_s: float = Field(
         30.0, gt=0, description="age bound: older pending requests are always candidates"
     )
-    profile_mode: Literal["auto", "full", "quick", "analytic"] = Field(
-        "auto", description="worker profiling grid: auto = quick for tiny-random, else full"
+    profile_mode: Literal["auto", "full", "quick", "cached", "analytic"] = Field(
+        "auto",
+        description="worker profiling: auto = quick grid for tiny-random, else full; "
+        "cached = a cached profile or the analytic model, never measuring",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="CUDA: share of free device memory an instance may use"

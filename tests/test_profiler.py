@@ -156,3 +156,17 @@ def test_grid_choice_and_cpu_budget(tiny: LoadedModel, settings: Settings) -> No
     assert profiler.instance_memory_budget(tiny, settings) == settings.memory_budget_bytes
     full = profiler.FULL_GRID.points(8192, 32)
     assert (32, 512) not in full and (1, 512) in full and (32, 128) in full
+
+
+def test_cached_mode_uses_a_cached_profile_or_the_analytic_model(
+    tiny: LoadedModel, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``profile_mode="cached"`` (the demo's) never measures: cache hit or analytic."""
+    monkeypatch.setattr(profiler, "QUICK_GRID", SMALL_GRID)
+    cached = settings.model_copy(update={"cache_dir": tmp_path, "profile_mode": "cached"})
+    assert profiler.load_or_profile(tiny, cached).source == "analytic"
+    assert not list(tmp_path.rglob("*.json"))  # nothing was measured or written
+    measured = profiler.load_or_profile(
+        tiny, cached.model_copy(update={"profile_mode": "auto"})  # auto = quick for tiny
+    )
+    assert profiler.load_or_profile(tiny, cached) == measured

@@ -421,6 +421,8 @@ def load_or_profile(
     ``analytic`` skips measurement. ``reprofile`` measures even when a cache exists.
     """
     mode = getattr(settings, "profile_mode", "auto")
+    if mode == "cached":
+        return _cached_or_analytic(loaded, settings)
     grid = grid_for(mode, loaded.info.name)
     if grid is None:
         return analytic_model_for(loaded, settings.slice_length)
@@ -438,6 +440,18 @@ def load_or_profile(
         model = CostModel.from_json(model.to_json())  # exactly what a later load returns
     log.info("profiled", path=str(path), **report.errors())
     return model
+
+
+def _cached_or_analytic(loaded: LoadedModel, settings: Settings) -> CostModel:
+    """``profile_mode="cached"``: the ``auto`` grid's cached profile if this machine has
+    one, else the analytic model; never measures (a full grid takes minutes on a CPU)."""
+    grid = grid_for("auto", loaded.info.name)
+    assert grid is not None
+    cached = read_cached(cache_path(loaded, settings, grid), cache_key(loaded, settings, grid))
+    if cached is not None:
+        return cached
+    log.info("profile_not_cached", fallback="analytic", hint="run `scls profile` once")
+    return analytic_model_for(loaded, settings.slice_length)
 
 
 def instance_memory_budget(loaded: LoadedModel, settings: Settings) -> int:
