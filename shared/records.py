@@ -97,6 +97,8 @@ class RequestRecord:
             "retries": self.retries,
             "prompt_tokens": len(self.prompt_ids),
             "completion_tokens": len(self.generated_ids),
+            # Duplicated out of ``params`` so the scheduler's per-cycle read is a small HMGET.
+            "max_tokens": self.params.max_tokens,
         }
 
     @classmethod

@@ -42,6 +42,19 @@ def queue_submit(pipe: Any, keys: Keys, record: RequestRecord) -> None:
     pipe.ltrim(keys.wakeup, 0, 63)
 
 
+_LENGTH_FIELDS = ("prompt_tokens", "completion_tokens", "max_tokens", "arrival")
+
+
+@dataclass(frozen=True)
+class CandidateLengths:
+    """What the scheduler needs of a pending request: never its token ids."""
+
+    id: str
+    context_len: int  # prompt + generated so far
+    remaining_tokens: int  # max_tokens - generated
+    arrival: float
+
+
 @dataclass(frozen=True)
 class InstanceLoad:
     """What an instance has queued or running now."""
@@ -101,10 +114,24 @@ class Store:
         """The ``limit`` oldest pending request ids (arrival order; re-queued keep theirs)."""
         return list(self.r.zrange(self.keys.pending, 0, limit - 1))
 
-    def candidates(self, limit: int) -> list[RequestRecord]:
-        """The oldest pending requests with their current lengths, oldest first."""
+    def candidate_lengths(self, limit: int) -> list[CandidateLengths]:
+        """The ``limit`` oldest pending requests with their current lengths, oldest first.
+
+        This runs every scheduler cycle on up to ``candidate_limit`` requests, so it reads
+        four small fields (HMGET), never the token lists, and decodes no JSON.
+        """
         ids = self.pending_ids(limit)
-        return [rec for rec in self.get_requests(ids) if rec is not None]
+        pipe = self.r.pipeline(transaction=False)
+        for rid in ids:
+            pipe.hmget(self.keys.request(rid), _LENGTH_FIELDS)
+        out = []
+        for rid, (prompt, done, max_tokens, arrival) in zip(ids, pipe.execute(), strict=True):
+            if arrival is None:  # expired between ZRANGE and HMGET
+                continue
+            out.append(CandidateLengths(
+                rid, int(prompt) + int(done), int(max_tokens) - int(done), float(arrival)
+            ))
+        return out
 
     def fail_pending(self, request_id: str, reason: FinishReason, error: str, ttl_s: int) -> bool:
         """Fail a still-pending request with a stated reason. False if it was not pending."""

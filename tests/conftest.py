@@ -8,9 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import torch
 
 from shared.embedded_redis import EmbeddedRedis
 from shared.keys import Keys
+from shared.models import LoadedModel, load_model
 from shared.settings import Settings
 from shared.store import Store, connect
 
@@ -52,6 +54,13 @@ def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settin
         profile_mode="analytic",  # measured profiles: tests/test_profiler.py
         log_format="console",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """One tiny-random model for the whole session (imports dominate test time)."""
+    torch.set_num_threads(1)
+    return load_model("tiny-random", tmp_path_factory.mktemp("models"), device="cpu")
 
 
 @pytest.fixture()

@@ -22,13 +22,6 @@ Result = tuple[list[int], FinishReason]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """One tiny-random model for the whole module (imports dominate test time)."""
-    torch.set_num_threads(2)
-    return load_model("tiny-random", tmp_path_factory.mktemp("models"), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def prompts(tiny: LoadedModel) -> list[list[int]]:
     """Three prompts of different lengths (5 to 30 tokens)."""
     return [tiny.codec.encode(p) for p in PROMPTS]

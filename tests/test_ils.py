@@ -10,11 +10,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import torch
 
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput
 from services.worker.ils import IlsConfig, IlsEngine, IlsResult, num_blocks_for
-from shared.models import ByteCodec, LoadedModel, load_model
+from shared.models import ByteCodec, LoadedModel
 from shared.states import FinishReason
 from tests.helpers import greedy_reference
 
@@ -30,13 +29,6 @@ TEXTS = (
 )
 MAX_NEW = (5, 9, 13, 17, 21, 40)
 SMALL = IlsConfig(max_concurrency=3, page_size=16, num_blocks=256, max_batch_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """One tiny-random model for the whole module (imports dominate test time)."""
-    torch.set_num_threads(1)
-    return load_model("tiny-random", tmp_path_factory.mktemp("models"), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -157,3 +157,16 @@ def test_leader_lock_has_one_holder(store: Store) -> None:
     assert store.leader() == "a"
     store.release_leader("a")
     assert store.acquire_or_renew_leader("b", 5)
+
+
+def test_candidate_lengths_follow_commits_without_reading_token_lists(store: Store) -> None:
+    submit(store, 2)
+    fences = store.claim_batch("b1", "w0", ["r0"], 4, now() + 60)
+    store.commit_slice(store.get_batch("b1"), [CommitItem("r0", fences["r0"], [1, 2, 3], None,
+                                                          "abc")], {}, 60)
+    got = store.candidate_lengths(10)
+    assert [(c.id, c.context_len, c.remaining_tokens, c.arrival) for c in got] == [
+        ("r0", 3 + 3, 8 - 3, 1000.0), ("r1", 3, 8, 1001.0)
+    ]
+    store.r.delete(store.keys.request("r1"))  # expired hash, stale pending entry
+    assert [c.id for c in store.candidate_lengths(10)] == ["r0"]

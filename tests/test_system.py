@@ -6,24 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import pytest
 import redis
-import torch
 
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
-from shared.models import LoadedModel, load_codec, load_model
+from shared.models import LoadedModel, load_codec
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus
 from shared.store import Store
 from tests.helpers import greedy_reference
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    torch.set_num_threads(1)
-    return load_model("tiny-random", tmp_path_factory.mktemp("models"), "cpu")
 
 
 def make_cluster(

@@ -168,8 +168,8 @@ class Scheduler:
 
     def _candidates(self) -> list[Candidate]:
         return [
-            Candidate(rec.id, rec.context_len, rec.remaining_tokens, rec.arrival)
-            for rec in self.store.candidates(self.settings.candidate_limit)
+            Candidate(c.id, c.context_len, c.remaining_tokens, c.arrival)
+            for c in self.store.candidate_lengths(self.settings.candidate_limit)
         ]
 
     def _fail_never_fitting(
