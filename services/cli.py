@@ -81,11 +81,13 @@ def ingest(model: ModelOpt = None, port: PortOpt = None,
 def scheduler(slice_length: SliceOpt = None, policy: PolicyOpt = None) -> None:
     """Run the scheduler service (leader or standby) in the foreground."""
     from services.scheduler.service import create_scheduler
+    from shared.prometheus import start_exporter
 
     settings = build_settings(slice_length=slice_length, policy=policy)
     configure_logging(settings.log_format, settings.log_level, service="scheduler")
     try:
         sched = create_scheduler(settings)
+        start_exporter(sched.metrics.registry, settings)  # SCLS_METRICS_PORT, 0 = off
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -105,12 +107,14 @@ def worker(
     """Run one worker (one model instance) in the foreground; it profiles the model on
     this hardware at start (or loads its cached profile)."""
     from services.worker.service import create_worker
+    from shared.prometheus import start_exporter
 
     settings = build_settings(model=model, instance_id=instance_id, policy=policy)
     _check_model(settings)
     configure_logging(settings.log_format, settings.log_level, service="worker")
     try:
         service = create_worker(settings, reprofile=reprofile)
+        start_exporter(service.metrics.registry, settings)  # SCLS_METRICS_PORT, 0 = off
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -174,11 +178,19 @@ def demo(model: ModelOpt = None, workers: WorkersOpt = None, slice_length: Slice
 
 def _register_tools() -> None:
     """Commands whose code lives beside the service it measures."""
+    from services.bench.command import bench_command
     from services.scheduler.bench import scheduler_bench_command
+    from services.simulator.command import simulate_command
+    from services.simulator.fidelity import fidelity_command
+    from services.status import status_command
     from services.worker.profile_cmd import profile_command
 
     app.command("profile")(profile_command)
+    app.command("bench")(bench_command)
     app.command("scheduler-bench")(scheduler_bench_command)
+    app.command("simulate")(simulate_command)
+    app.command("fidelity")(fidelity_command)
+    app.command("status")(status_command)
 
 
 _register_tools()

@@ -47,12 +47,21 @@ class LocalDeployment:
         self.redis: EmbeddedRedis | None = None
         self.settings: Settings = settings
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        #: Prometheus port of each child that has one ("scheduler", "worker-0", ...); the
+        #: ingest serves its metrics at ``{url}/metrics``. Empty when metrics_port is 0.
+        self.metrics_ports: dict[str, int] = {}
         self._logs: list[IO[bytes]] = []
 
     @property
     def url(self) -> str:
         """Base URL of the ingest service."""
         return f"http://{self.settings.host}:{self.settings.port}"
+
+    def metrics_url(self, name: str) -> str:
+        """Prometheus URL of a child: ``ingest``, ``scheduler`` or ``worker-<i>``."""
+        if name == "ingest":
+            return f"{self.url}/metrics"
+        return f"http://{self.settings.host}:{self.metrics_ports[name]}/metrics"
 
     def start(self, ready_timeout_s: float = 600.0) -> LocalDeployment:
         """Start everything and wait until ingest answers and every worker registered."""
@@ -72,17 +81,27 @@ class LocalDeployment:
         ensure_cached(self.settings.model, self.settings.cache_dir)
         try:
             self._spawn("ingest", ["ingest"])
-            self._spawn("scheduler", ["scheduler"])
+            self._spawn("scheduler", ["scheduler"], self._metrics_env("scheduler"))
             for i in range(self.settings.workers):
-                self._spawn(f"worker-{i}", ["worker", "--instance-id", f"w{i}"])
+                name = f"worker-{i}"
+                self._spawn(name, ["worker", "--instance-id", f"w{i}"], self._metrics_env(name))
             self._wait_ready(ready_timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        env = {**os.environ, **settings_env(self.settings)}
+    def _metrics_env(self, name: str) -> dict[str, str]:
+        """A metrics port of its own for one child (all of them share this machine), bound
+        to the ingest's address (loopback by default) rather than every interface."""
+        if not self._base.metrics_port:
+            return {"SCLS_METRICS_PORT": "0"}
+        self.metrics_ports[name] = free_port()
+        return {"SCLS_METRICS_PORT": str(self.metrics_ports[name]),
+                "SCLS_METRICS_HOST": self.settings.host}
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, **settings_env(self.settings), **(extra_env or {})}
         out: IO[bytes] | int | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +150,7 @@ class LocalDeployment:
                 proc.kill()
                 proc.wait()
         self.children.clear()
+        self.metrics_ports.clear()
         for handle in self._logs:
             handle.close()
         self._logs.clear()

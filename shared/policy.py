@@ -399,3 +399,61 @@ def plan_cycle(
 def with_cursor(config: PolicyConfig, plan: CyclePlan) -> PolicyConfig:
     """``config`` for the next cycle: the round-robin cursor carried over from ``plan``."""
     return replace(config, rr_cursor=plan.rr_cursor)
+
+
+#: The preset whose instances run continuous batching (iteration-level scheduling).
+ILS_PRESET = "ils"
+
+
+def expected_busy(policy: str, estimated_s: float) -> float:
+    """An instance's expected outstanding work as the policy should see it.
+
+    ``estimated_s`` sums the estimates of the batches queued or running on the instance.
+    ILS instances batch continuously, so a request's whole-generation estimate says
+    nothing about when the next one can join: they are paced by their request cap alone
+    (:class:`DispatchCaps`) and look idle to the horizon rule.
+    """
+    return 0.0 if policy == ILS_PRESET else estimated_s
+
+
+@dataclass(frozen=True)
+class DispatchCaps:
+    """Hard per-instance caps applied to a cycle's plan before dispatch.
+
+    Slice instances take at most ``limit`` queued or running batches; ILS instances
+    (``count_requests``) at most ``limit`` requests, their engine's concurrency cap. The
+    scheduler service and the simulator both apply it after :func:`plan_cycle`.
+    """
+
+    limit: int
+    count_requests: bool = False
+
+    @classmethod
+    def for_policy(
+        cls, policy: str, max_queued_batches: int, ils_max_concurrency: int
+    ) -> DispatchCaps:
+        """The caps of preset ``policy``: requests for ILS, batches otherwise."""
+        if policy == ILS_PRESET:
+            return cls(ils_max_concurrency, count_requests=True)
+        return cls(max_queued_batches)
+
+    def used(self, view: InstanceView) -> int:
+        """What ``view`` already holds, in the capped unit."""
+        return view.queued_requests if self.count_requests else view.queued_batches
+
+    def has_room(self, view: InstanceView) -> bool:
+        """Whether ``view`` can take one more batch of one request."""
+        return self.used(view) < self.limit
+
+    def apply(
+        self, batches: Sequence[BatchPlan], views: Sequence[InstanceView]
+    ) -> list[BatchPlan]:
+        """``batches`` in order, without the placements beyond a cap (they stay pending)."""
+        used = {v.id: self.used(v) for v in views}
+        kept = []
+        for batch in batches:
+            need = len(batch.request_ids) if self.count_requests else 1
+            if used[batch.instance_id] + need <= self.limit:
+                used[batch.instance_id] += need
+                kept.append(batch)
+        return kept

@@ -98,6 +98,19 @@ class Settings(BaseSettings):
         600.0, gt=0, description="how long POST waits for the completion"
     )
 
+    api_key: str | None = Field(
+        None, description="when set, /v1/* requires `Authorization: Bearer <key>`"
+    )
+
+    # --- observability ---------------------------------------------------------
+    metrics_port: int = Field(
+        9100, ge=0, le=65535,
+        description="Prometheus port of `scls scheduler` / `scls worker` (0 = disabled)",
+    )
+    metrics_host: str = Field(
+        "0.0.0.0", description="bind address of that metrics port (scrapers are remote)"
+    )
+
     # --- worker / launcher ------------------------------------------------------
     instance_id: str | None = Field(None, description="worker id; unset = hostname-pid")
     workers: int = Field(2, ge=1, description="workers started by `scls up` / `scls demo`")

@@ -16,18 +16,19 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.ingest.schemas import (
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -46,9 +47,11 @@ from services.ingest.schemas import (
     SclsInfo,
     Usage,
 )
+from services.ingest.waiter import EventWaiter
 from shared.keys import Keys
 from shared.logging import bound, get_logger
 from shared.models import ModelInfo, TextCodec, load_codec, model_info
+from shared.prometheus import CONTENT_TYPE_LATEST, IngestMetrics, exposition
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus
@@ -65,6 +68,7 @@ def _log() -> structlog.stdlib.BoundLogger:
 RETRY_AFTER_S = 1
 #: XREAD blocks at most this long per call, so a vanished client is noticed in time.
 _WAIT_CHUNK_S = 1.0
+_REDIS_POOL_SIZE = 64  # connections for request writes and reads (not for waiting)
 #: Bound on a health-check PING.
 _PING_TIMEOUT_S = 2.0
 #: Request ids as ``new_request_id`` makes them (and test ids); anything else is unknown. This
@@ -89,12 +93,14 @@ class APIError(Exception):
         *,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.headers = headers or {}
+        self.code = code
 
 
 class ClientDisconnected(Exception):
@@ -108,11 +114,15 @@ def _error_type(status: int) -> str:
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     """A JSON response in OpenAI's error shape."""
     body = {"error": {"message": message, "type": _error_type(status), "param": param,
-                      "code": None}}
+                      "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -151,7 +161,7 @@ def _register_error_handlers(app: FastAPI) -> None:
         log = _log()
         level = log.warning if exc.status >= 500 else log.info
         level("error response", status=exc.status, error=exc.message, path=request.url.path)
-        return error_response(exc.status, exc.message, exc.param, exc.headers)
+        return error_response(exc.status, exc.message, exc.param, exc.headers, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -206,6 +216,8 @@ class Ingest:
     keys: Keys
     started_at: int
     client: aioredis.Redis | None = None
+    waiter: EventWaiter | None = None  # one connection waits for every request's final event
+    metrics: IngestMetrics = field(default_factory=IngestMetrics)  # this app's own registry
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -327,21 +339,19 @@ class Ingest:
     async def wait_final(self, request_id: str, request: Request) -> dict[str, str] | None:
         """Block until the request's final event; None when ``request_timeout_s`` passes.
 
-        Reads the event stream from its start, so a final entry written before we started
-        waiting is seen too. Raises :class:`ClientDisconnected` if the client goes away.
+        The shared :class:`EventWaiter` watches the stream (from its start, so a final entry
+        written before we started waiting is seen too); this checks every second whether
+        the client went away, raising :class:`ClientDisconnected` if so.
         """
+        if self.waiter is None:
+            raise RuntimeError("the ingest app is not started: run it with its lifespan")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
-        key, last = self.keys.events(request_id), "0"
+        key = self.keys.events(request_id)
         while (remaining := deadline - loop.time()) > 0:
-            # BLOCK 0 would mean "forever": always block at least 1 ms.
-            block_ms = max(1, int(min(remaining, _WAIT_CHUNK_S) * 1000))
-            reply = await self.redis.xread({key: last}, count=64, block=block_ms)
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    if fields.get("kind") == "final":
-                        return dict(fields)
+            final = await self.waiter.wait(key, min(remaining, _WAIT_CHUNK_S))
+            if final is not None:
+                return final
             if await request.is_disconnected():
                 raise ClientDisconnected(request_id)
         return None
@@ -444,6 +454,7 @@ async def _serve(
         log.info("request finished", finish_reason=_finish_reason(done),
                  completion_tokens=len(done.generated_ids), slices=done.slices,
                  **_timings(done))
+    ingest.metrics.observe_finished(_timings(done), len(prompt_ids), len(done.generated_ids))
     return done
 
 
@@ -564,6 +575,80 @@ async def healthz(request: Request) -> Any:
     return {"status": "ok"}
 
 
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this ingest process (open even when an API key is set)."""
+    ingest = _ingest(request)
+    try:
+        pending = await asyncio.wait_for(ingest.redis.zcard(ingest.keys.pending),
+                                         timeout=_PING_TIMEOUT_S)
+    except (RedisError, OSError, asyncio.TimeoutError):
+        pending = float("nan")  # unknown, and the scrape still answers
+    ingest.metrics.pending.set(pending)
+    return Response(exposition(ingest.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- middleware -----------------------------------------------------------------------------
+
+def _endpoint(scope: Scope) -> str:
+    """The matched route's template (a bounded label value), or ``unmatched``."""
+    route = scope.get("route")  # set by routing, once the request has been served
+    return str(getattr(route, "path", None) or "unmatched")
+
+
+def _has_api_key(request: Request, api_key: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(
+        given.strip().encode(), api_key.encode()
+    )
+
+
+async def require_api_key(request: Request) -> None:
+    """401 on /v1/* unless ``Authorization: Bearer <settings.api_key>`` (when one is set).
+
+    A dependency of every route, so it runs after routing (the request is counted under
+    its route) and before the endpoint reads the body; /healthz and /metrics stay open.
+    """
+    api_key = _ingest(request).settings.api_key
+    v1 = request.scope["path"].startswith("/v1/")
+    if api_key and v1 and not _has_api_key(request, api_key):
+        raise APIError(
+            401, "missing or invalid API key: send the header 'Authorization: Bearer <key>' "
+            "with the key the server was given (SCLS_API_KEY)",
+            headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key",
+        )
+
+
+class RequestCounter:
+    """ASGI middleware counting every answered HTTP request by route and status code.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs
+    the app in a task group of its own, which here kept the lifespan from shutting down.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: IngestMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, noting the status of the response it gets."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client gets if the app raises
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            self.metrics.observe_request(_endpoint(scope), status)
+
+
 # --- factory --------------------------------------------------------------------------------
 
 
@@ -589,11 +674,21 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Created here, not in the factory, so the client belongs to the serving event loop.
-        ingest.client = aioredis.Redis.from_url(redis_url, decode_responses=True,
-                                                health_check_interval=30)
+        # A blocking pool: a burst of requests queues for a connection for up to 10 s
+        # instead of failing with "Too many connections" (redis-py's plain pool raises at
+        # its default cap of 100). Requests hold a connection only briefly: waiting for
+        # results goes through the one EventWaiter connection.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=_REDIS_POOL_SIZE, timeout=10, decode_responses=True,
+            health_check_interval=30)
+        ingest.client = aioredis.Redis.from_pool(pool)
+        ingest.waiter = EventWaiter(redis_url)
+        await ingest.waiter.start()
         try:
             yield
         finally:
+            await ingest.waiter.stop()
+            ingest.waiter = None
             await ingest.client.aclose()
             ingest.client = None
 
@@ -601,5 +696,6 @@ def create_app(
                   summary="OpenAI-compatible front of the SCLS serving system")
     app.state.ingest = ingest
     _register_error_handlers(app)
-    app.include_router(router)
+    app.add_middleware(RequestCounter, metrics=ingest.metrics)
+    app.include_router(router, dependencies=[Depends(require_api_key)])
     return app

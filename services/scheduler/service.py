@@ -26,11 +26,14 @@ from shared.policy import (
     POLICIES,
     BatchPlan,
     Candidate,
+    DispatchCaps,
     InstanceView,
     PolicyConfig,
+    expected_busy,
     plan_cycle,
     with_cursor,
 )
+from shared.prometheus import SchedulerMetrics
 from shared.records import InstanceInfo, new_batch_id, now
 from shared.settings import Settings
 from shared.states import FinishReason
@@ -89,10 +92,18 @@ class Scheduler:
         self._costs: dict[str, tuple[str, CostModel]] = {}  # parsed profiles, by instance
         self._last_sweep = 0.0
         self._stop = threading.Event()
+        self.metrics = SchedulerMetrics(store)  # this scheduler's own registry
 
     # --- one cycle ------------------------------------------------------------------
     def cycle(self) -> CycleReport:
         """Run one scheduling cycle; does nothing but wait if another scheduler leads."""
+        started = time.perf_counter()
+        report = self._cycle()
+        self.metrics.observe_cycle(time.perf_counter() - started, report.leader, report.swept,
+                                   report.failed_never_fit)
+        return report
+
+    def _cycle(self) -> CycleReport:
         report = CycleReport()
         report.leader = self.store.acquire_or_renew_leader(
             self.holder_id, self.settings.leader_ttl_s
@@ -145,7 +156,7 @@ class Scheduler:
 
     def _busy_estimate(self, load: InstanceLoad) -> float:
         """Expected outstanding work; ILS instances are paced by their request cap only."""
-        return 0.0 if self.settings.policy == "ils" else load.estimated_s
+        return expected_busy(self.settings.policy, load.estimated_s)
 
     def _within_caps(
         self, batches: Sequence[BatchPlan], views: Sequence[InstanceView]
@@ -155,16 +166,9 @@ class Scheduler:
         Slice instances take at most ``max_queued_batches`` queued or running batches; ILS
         instances at most ``ils_max_concurrency`` requests (their engine's concurrency cap).
         """
-        ils = self.settings.policy == "ils"
-        cap = self.settings.ils_max_concurrency if ils else self.settings.max_queued_batches
-        used = {v.id: (v.queued_requests if ils else v.queued_batches) for v in views}
-        kept = []
-        for batch in batches:
-            need = len(batch.request_ids) if ils else 1
-            if used[batch.instance_id] + need <= cap:
-                used[batch.instance_id] += need
-                kept.append(batch)
-        return kept
+        caps = DispatchCaps.for_policy(self.settings.policy, self.settings.max_queued_batches,
+                                       self.settings.ils_max_concurrency)
+        return caps.apply(batches, views)
 
     def _candidates(self) -> list[Candidate]:
         return [
@@ -226,6 +230,7 @@ class Scheduler:
             failure_ttl=self.settings.result_ttl_s,
             description=f"slice of {len(fences)} requests",
         )
+        self.metrics.observe_batch(len(fences))
         log.debug("batch_dispatched", batch_id=batch_id, instance=plan.instance_id,
                   size=len(fences), padded_len=plan.padded_len,
                   estimated_s=round(plan.estimated_s, 4))

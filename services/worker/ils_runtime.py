@@ -129,11 +129,21 @@ class IlsRuntime(WorkerRuntime):
         counters = {
             "slices": 1, "batch_size_sum": 1, "generated_tokens": len(result.new_ids),
             "busy_s": busy, "first_slice_finishes": int(rec.slices == 0),
+            # request-seconds in the engine: summed over requests and divided by busy time,
+            # the mean size of the running batch (shared.metrics.average_batch_size)
+            "concurrency_s": time.perf_counter() - entry.admitted_at,
         }
         try:
-            self.store.commit_slice(batch, [item], counters, self.settings.result_ttl_s)
+            finished = self.store.commit_slice(
+                batch, [item], counters, self.settings.result_ttl_s
+            )
         except CommitRejected as exc:
             log.warning("commit_rejected", batch_id=batch.id, reason=str(exc))
+            self.metrics.rejected.inc()
+            return
+        # ILS has no slices: the observed duration is the request's time in the engine.
+        self.metrics.observe_commit(counters, finished, time.perf_counter() - entry.admitted_at,
+                                    batch.estimated_s)
 
     def _account_busy(self) -> float:
         """Wall time the engine had work since the last account (call with the lock held)."""

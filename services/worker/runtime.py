@@ -13,6 +13,7 @@ from services.worker.engine import SamplingParams, SliceEngine, SliceInput, Slic
 from shared.costmodel import CostModel
 from shared.logging import bound, get_logger
 from shared.models import LoadedModel, TextCodec
+from shared.prometheus import WorkerMetrics
 from shared.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
 from shared.settings import Settings
 from shared.states import RequestStatus
@@ -61,6 +62,8 @@ class WorkerRuntime:
         # them, as static batching does, and count those tokens as invalid.
         self.engines = {True: SliceEngine(loaded), False: SliceEngine(loaded, False)}
         self.started_at = now()
+        # This runtime's own registry: several workers may live in one (test) process.
+        self.metrics = WorkerMetrics(loaded.device)
 
     def start(self) -> None:
         """Start background parts (none for slices; the ILS engine overrides this)."""
@@ -131,7 +134,10 @@ class WorkerRuntime:
             )
         except CommitRejected as exc:
             log.warning("commit_rejected", reason=str(exc))
+            self.metrics.rejected.inc()
             return {"status": "rejected", "reason": str(exc)}
+        # Counted only once committed, so the exporter agrees with the stats hashes.
+        self.metrics.observe_commit(counters, finished, busy, batch.estimated_s)
         log.info("slice_committed", size=len(items), finished=finished, steps=stats.steps,
                  busy_s=round(busy, 4))
         return {"status": "committed", "finished": finished, "busy_s": busy}

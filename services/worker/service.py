@@ -1,8 +1,10 @@
 """The worker service: load the model once, register the instance, heartbeat, and run an
 RQ ``SimpleWorker`` on the instance's own queue until told to stop.
 
-On SIGTERM/SIGINT RQ finishes the slice in progress (warm shutdown); then the worker hands
-back the batches still queued for it, so no request waits for a dead instance.
+On SIGTERM/SIGINT RQ finishes the slice in progress (warm shutdown) while the heartbeat
+publishes the instance as ``draining`` at once (the scheduler places no new batch on it);
+then the worker hands back the batches still queued for it, so no request waits for a dead
+instance, and deregisters.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable
+from types import FrameType
 
 import redis
 import torch
@@ -23,6 +27,7 @@ from shared.costmodel import CostModel
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import LoadedModel, load_model
+from shared.prometheus import WorkerMetrics
 from shared.settings import Settings
 from shared.store import Store, connect
 
@@ -32,9 +37,19 @@ log = get_logger(__name__)
 class SliceWorker(SimpleWorker):
     """RQ's in-process worker, usable from a non-main thread (tests, embedded runs)."""
 
+    #: Called from the signal handler when a stop is requested; it must only set flags
+    #: (the main thread may hold a Redis connection lock at that moment).
+    on_stop_requested: Callable[[], None] | None = None
+
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             super()._install_signal_handlers()
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """Warm shutdown (RQ's), after telling the service that it is draining."""
+        if self.on_stop_requested is not None:
+            self.on_stop_requested()
+        super().request_stop(signum, frame)
 
 
 class WorkerService:
@@ -46,8 +61,15 @@ class WorkerService:
         self.store = runtime.store
         self.rq_connection = rq_connection
         self._stop_heartbeat = threading.Event()
+        self._draining = threading.Event()
+        self._wake_heartbeat = threading.Event()  # beat now, not at the next interval
         self._heartbeat_thread: threading.Thread | None = None
         self.rq_worker: SliceWorker | None = None
+
+    @property
+    def metrics(self) -> WorkerMetrics:
+        """This instance's Prometheus metrics (its own registry)."""
+        return self.runtime.metrics
 
     @property
     def instance_id(self) -> str:
@@ -58,6 +80,8 @@ class WorkerService:
         """Publish the instance and start heartbeating."""
         self.store.register_instance(self.runtime.instance_info(), self.settings.instance_ttl_s)
         self._stop_heartbeat.clear()
+        self._draining.clear()
+        self._wake_heartbeat.clear()
         self._heartbeat_thread = threading.Thread(
             target=self._heartbeat_loop, name=f"heartbeat-{self.instance_id}", daemon=True
         )
@@ -66,17 +90,43 @@ class WorkerService:
         log.info("instance_registered", instance=self.instance_id,
                  device=str(self.runtime.loaded.device), queue=self.runtime.queue_name)
 
+    def begin_drain(self) -> None:
+        """Publish the instance as draining at the next beat, which comes at once.
+
+        Safe in a signal handler: it only sets events; the heartbeat thread writes Redis.
+        """
+        self._draining.set()
+        self._wake_heartbeat.set()
+
     def _heartbeat_loop(self) -> None:
-        while not self._stop_heartbeat.wait(self.settings.heartbeat_interval_s):
-            try:
-                if not self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s):
-                    # We were presumed dead (e.g. a long GC pause): come back as new.
-                    self.store.register_instance(
-                        self.runtime.instance_info(), self.settings.instance_ttl_s
-                    )
-                    log.warning("instance_reregistered", instance=self.instance_id)
-            except redis.ConnectionError as exc:
-                log.error("heartbeat_failed", error=str(exc))
+        while True:
+            self._wake_heartbeat.wait(self.settings.heartbeat_interval_s)
+            self._wake_heartbeat.clear()
+            if self._stop_heartbeat.is_set():
+                return
+            self._beat()
+
+    def _beat(self) -> None:
+        state = "draining" if self._draining.is_set() else "ready"
+        try:
+            alive = self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, state)
+            if not alive and state == "ready":
+                # We were presumed dead (e.g. a long GC pause): come back as new.
+                self.store.register_instance(
+                    self.runtime.instance_info(), self.settings.instance_ttl_s
+                )
+                log.warning("instance_reregistered", instance=self.instance_id)
+        except redis.ConnectionError as exc:
+            log.error("heartbeat_failed", error=str(exc))
+
+    def _stop_heartbeating(self) -> None:
+        """Stop the heartbeat thread and wait for it: a beat still in progress after the
+        deregistration would re-register the instance (a ghost the scheduler feeds)."""
+        self._stop_heartbeat.set()
+        self._wake_heartbeat.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=30)
+            self._heartbeat_thread = None
 
     def serve(self, burst: bool = False) -> None:
         """Run jobs from the instance's queue until stopped (or empty, with ``burst``)."""
@@ -84,6 +134,7 @@ class WorkerService:
         self.rq_worker = SliceWorker(
             [queue], connection=self.rq_connection, name=f"{self.runtime.queue_name}-{os.getpid()}"
         )
+        self.rq_worker.on_stop_requested = self.begin_drain
         jobs.install_runtime(self.runtime)
         try:
             self.rq_worker.work(burst=burst, logging_level="WARNING")
@@ -91,12 +142,25 @@ class WorkerService:
             jobs.install_runtime(None)
 
     def drain(self) -> int:
-        """Stop heartbeating, hand queued batches back to pending, deregister.
+        """Mark the instance draining, hand queued batches back to pending, deregister.
 
         Returns how many batches were handed back. A handed-back batch does not count as a
         failed attempt of its requests.
         """
-        self._stop_heartbeat.set()
+        self._draining.set()
+        self._stop_heartbeating()
+        # Draining first, so the scheduler stops placing batches here before we hand back.
+        self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, "draining")
+        handed_back = self._hand_back_queued()
+        self.store.deregister_instance(self.instance_id)
+        # A cycle that read us as ready just before may have placed one more batch.
+        handed_back += self._hand_back_queued()
+        Queue(self.runtime.queue_name, connection=self.rq_connection).empty()
+        log.info("instance_drained", instance=self.instance_id, handed_back=handed_back)
+        return handed_back
+
+    def _hand_back_queued(self) -> int:
+        """Requeue every batch still placed on this instance (no retry counted)."""
         handed_back = 0
         for batch_id in self.store.r.zrange(self.store.keys.instance_batches(self.instance_id),
                                             0, -1):
@@ -108,9 +172,6 @@ class WorkerService:
                 self.settings.result_ttl_s, count_retry=False,
             )
             handed_back += result is not None
-        Queue(self.runtime.queue_name, connection=self.rq_connection).empty()
-        self.store.deregister_instance(self.instance_id)
-        log.info("instance_drained", instance=self.instance_id, handed_back=handed_back)
         return handed_back
 
     def run(self) -> None:

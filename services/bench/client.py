@@ -1,0 +1,113 @@
+"""The benchmark's load generator: send a workload to the REST endpoint at its arrival
+times from one asyncio HTTP client and record how each request ended.
+
+Requests use ``/v1/completions`` with the prompt as token ids (a trace has lengths, not
+text), ``max_tokens`` = the forced output length and ``ignore_eos: true`` (the request
+extension vLLM's benchmark uses), greedy decoding. The scheduler sees ``max_tokens`` only
+as an upper bound; the output length is forced by the worker, never announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from shared.metrics import RequestOutcome
+from shared.workload import WorkItem
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where and how to send."""
+
+    base_url: str
+    model: str
+    vocab_size: int
+    seed: int = 0
+    avoid_ids: tuple[int, ...] = ()  # e.g. EOS ids: kept out of prompts
+    timeout_s: float = 3600.0
+    api_key: str | None = None
+
+
+def request_body(item: WorkItem, config: ClientConfig) -> dict[str, object]:
+    """The JSON body of one workload item."""
+    from shared.workload import prompt_token_ids
+
+    return {
+        "model": config.model,
+        "prompt": prompt_token_ids(item, config.vocab_size, config.seed, config.avoid_ids),
+        "max_tokens": item.output_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        message = resp.json().get("error", {}).get("message", "")
+    except ValueError:
+        message = resp.text[:200]
+    return f"HTTP {resp.status_code}: {message}"
+
+
+async def send_one(
+    client: httpx.AsyncClient, item: WorkItem, body: dict[str, object], t0: float
+) -> RequestOutcome:
+    """POST one request; a failure is an outcome with its reason, never an exception."""
+    sent = time.perf_counter()
+    base = {"index": item.index, "sent_s": sent - t0, "prompt_tokens": item.prompt_tokens}
+    try:
+        resp = await client.post("/v1/completions", json=body)
+    except httpx.HTTPError as exc:
+        return RequestOutcome(ok=False, error=f"{type(exc).__name__}: {exc}", **base)
+    elapsed = time.perf_counter() - sent
+    if resp.status_code != 200:
+        return RequestOutcome(ok=False, e2e_s=elapsed, error=_error_text(resp), **base)
+    data = resp.json()
+    info = data.get("scls") or {}
+    return RequestOutcome(
+        ok=True,
+        e2e_s=elapsed,
+        ttft_s=info.get("ttft_s"),
+        queue_time_s=info.get("queue_time_s"),
+        server_e2e_s=info.get("e2e_s"),
+        output_tokens=int(data["usage"]["completion_tokens"]),
+        slices=int(info.get("slices", 0)),
+        finish_reason=data["choices"][0].get("finish_reason"),
+        **base,
+    )
+
+
+async def run_workload(
+    items: Sequence[WorkItem],
+    config: ClientConfig,
+    on_sent: Callable[[], None] = lambda: None,
+    on_done: Callable[[RequestOutcome], None] = lambda _o: None,
+) -> tuple[list[RequestOutcome], float]:
+    """Send every item at its arrival offset; returns outcomes (workload order) and the
+    duration from the first send to the last response (vLLM's benchmark duration)."""
+    bodies = [request_body(item, config) for item in items]  # built before the clock starts
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=config.base_url, timeout=config.timeout_s,
+                                 limits=limits, headers=headers) as client:
+        t0 = time.perf_counter()
+
+        async def timed(item: WorkItem, body: dict[str, object]) -> RequestOutcome:
+            delay = item.arrival_s - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            on_sent()
+            outcome = await send_one(client, item, body, t0)
+            on_done(outcome)
+            return outcome
+
+        outcomes = await asyncio.gather(*(timed(i, b) for i, b in zip(items, bodies,
+                                                                      strict=True)))
+        ends = [o.sent_s + (o.e2e_s or 0.0) for o in outcomes]
+        first = min((o.sent_s for o in outcomes), default=0.0)
+        return list(outcomes), (max(ends) - first if ends else 0.0)

@@ -1,0 +1,248 @@
+"""``scls bench``: replay a workload through the running system, once per policy, and
+compare the policies side by side (vLLM ``bench serve`` conventions)."""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.bench.client import ClientConfig
+from services.bench.runner import attach_run, run_policy
+from shared.models import model_info
+from shared.report import Run, rich_table, write_report
+from shared.settings import Settings
+from shared.workload import (
+    SyntheticLengths,
+    WorkItem,
+    describe,
+    read_trace,
+    synthetic_workload,
+    trace_workload,
+    with_arrivals,
+)
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6,
+          "gb": 10**9}
+
+
+def parse_bytes(text: str) -> int:
+    """``64MiB``, ``2GiB``, ``1000000`` -> bytes; ValueError with the accepted forms."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kmg]i?b|b)?", text.strip().lower())
+    if match is None:
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 512MiB, 2GiB or bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def parse_rates(rate: float | None, rates: str | None) -> list[float | None]:
+    """The arrival rates to run: ``--rates`` list, else ``--rate``, else [None]."""
+    if rates:
+        try:
+            values = [float(r) for r in rates.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"--rates must be numbers separated by commas, got {rates!r}") \
+                from None
+        if not values or any(not v > 0 for v in values):
+            raise ValueError("--rates must list positive numbers")
+        return sorted(values)
+    return [rate]
+
+
+def build_workload(
+    trace: Path | None, requests: int, length_scale: float, time_scale: float, seed: int,
+    lengths: SyntheticLengths,
+) -> list[WorkItem]:
+    """The workload's lengths (and recorded arrivals for a trace)."""
+    if trace is not None:
+        return trace_workload(read_trace(trace, limit=requests), length_scale, time_scale)
+    return synthetic_workload(requests, seed, lengths, length_scale)
+
+
+def arrivals_for(
+    items: list[WorkItem], rate: float | None, burstiness: float, trace: bool, seed: int
+) -> list[WorkItem]:
+    """Poisson/gamma arrivals at ``rate``; recorded times for a trace; else all at once."""
+    if rate is not None:
+        mode = "poisson" if burstiness == 1.0 else "gamma"
+        return with_arrivals(items, mode, rate, burstiness, seed)
+    return with_arrivals(items, "trace" if trace else "burst")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def bench_command(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-random or a model dir")]
+    = "smollm2-135m",
+    workers: Annotated[int, typer.Option(min=1, help="workers per deployment")] = 2,
+    policies: Annotated[str, typer.Option(help="comma-separated presets, each run on a fresh "
+                                          "deployment")] = "scls,sls,ils",
+    trace: Annotated[Path | None, typer.Option(help="CSV: TIMESTAMP, ContextTokens, "
+                                               "GeneratedTokens")] = None,
+    synthetic: Annotated[bool, typer.Option(help="built-in synthetic lengths (default when "
+                                            "no --trace)")] = False,
+    requests: Annotated[int, typer.Option(min=1, help="requests per run")] = 200,
+    length_scale: Annotated[float, typer.Option(min=0.0001, help="multiply prompt and "
+                                                "output lengths (CPU runs)")] = 1.0,
+    time_scale: Annotated[float, typer.Option(min=0.0001, help="speed up recorded "
+                                              "arrivals by this factor")] = 1.0,
+    rate: Annotated[float | None, typer.Option(min=0.0001, help="Poisson/gamma arrivals, "
+                                               "req/s (default: as recorded, or all at "
+                                               "once)")] = None,
+    rates: Annotated[str | None, typer.Option(help="several rates, e.g. 2,5,10: one run "
+                                              "each")] = None,
+    burstiness: Annotated[float, typer.Option(min=0.0001, help="gamma shape; 1 = "
+                                              "Poisson")] = 1.0,
+    seed: Annotated[int, typer.Option(help="workload and arrival seed")] = 0,
+    slice_length: Annotated[int | None, typer.Option(min=1, help="S (default: "
+                                                     "settings)")] = None,
+    max_gen_length: Annotated[int | None, typer.Option(min=1, help="G (default: settings, "
+                                                       "raised to the workload's longest "
+                                                       "output)")] = None,
+    memory_budget: Annotated[str | None, typer.Option(help="per-instance KV+activation "
+                                                      "budget on CPU, e.g. 256MiB")] = None,
+    profile_mode: Annotated[str | None, typer.Option(help="auto, full, quick, cached, "
+                                                     "analytic")] = None,
+    url: Annotated[str | None, typer.Option(help="attach to a running deployment (its "
+                                            "policy; needs SCLS_REDIS_URL)")] = None,
+    out: Annotated[Path | None, typer.Option(help="directory for results.json, report.md, "
+                                             "plots")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print results.json to "
+                                           "stdout")] = False,
+) -> None:
+    """Replay a workload over REST once per policy and compare them side by side."""
+    console = Console(stderr=json_out)
+    try:
+        rate_list = parse_rates(rate, rates)
+        items = build_workload(trace, requests, length_scale, time_scale, seed,
+                               SyntheticLengths())
+        budget = parse_bytes(memory_budget) if memory_budget else None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if trace is not None and synthetic:
+        raise _fail("give either --trace or --synthetic, not both")
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    settings = _settings(model, workers, slice_length, max_gen_length, budget, profile_mode,
+                         items)
+    _check_policies(names, url)
+    out_dir = out or Path(tempfile.mkdtemp(prefix="scls-bench-"))
+    info = model_info(settings.model, settings.cache_dir)
+    client = ClientConfig(base_url=url or "", model=settings.model,
+                          vocab_size=info.vocab_size, seed=seed)
+    meta = _meta(settings, items, names, rate_list, trace, length_scale)
+    console.print(f"[bold]scls bench[/]: {len(items)} requests x {len(names)} policies x "
+                  f"{len(rate_list)} rate(s), model {settings.model}, {workers} workers; "
+                  f"out {out_dir}")
+    runs = _run_all(console, settings, names, rate_list, items, client, url, burstiness,
+                    trace is not None, seed, out_dir)
+    title = f"scls bench: {settings.model}, {workers} workers"
+    write_report(out_dir, runs, meta, baseline=names[0], title=title)
+    console.print(rich_table(runs, baseline=names[0], title=title))
+    console.print(f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and plots")
+    if json_out:
+        sys.stdout.write((out_dir / "results.json").read_text())
+    lost = sum(r.metrics["sent"] - r.metrics["completed"] - r.metrics["failed"] for r in runs)
+    if lost:
+        raise _fail(f"{lost} request(s) unaccounted for")
+
+
+def _settings(model: str, workers: int, slice_length: int | None, max_gen_length: int | None,
+              budget: int | None, profile_mode: str | None, items: list[WorkItem]) -> Settings:
+    from services.cli import build_settings
+
+    settings = build_settings(model=model, workers=workers, slice_length=slice_length,
+                              max_gen_length=max_gen_length, memory_budget_bytes=budget,
+                              profile_mode=profile_mode)
+    longest = max(item.output_tokens for item in items)
+    updates: dict[str, Any] = {"request_timeout_s": max(settings.request_timeout_s, 3600.0),
+                               "max_pending": max(settings.max_pending, len(items))}
+    if longest > settings.max_gen_length:
+        if max_gen_length is not None:
+            raise _fail(f"the workload asks for up to {longest} output tokens but "
+                        f"--max-gen-length is {max_gen_length}; raise it or use --length-scale")
+        updates["max_gen_length"] = longest
+    return settings.model_copy(update=updates)
+
+
+def _check_policies(names: list[str], url: str | None) -> None:
+    from shared.policy import POLICIES
+
+    if not names:
+        raise _fail("--policies is empty")
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise _fail(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    if url and len(names) > 1:
+        raise _fail("with --url only the running deployment's policy can be measured; "
+                    "pass one --policies name (or drop --url to start fresh deployments)")
+
+
+def _meta(settings: Settings, items: list[WorkItem], names: list[str],
+          rate_list: list[float | None], trace: Path | None, length_scale: float
+          ) -> dict[str, Any]:
+    return {
+        "command": "scls bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "model": settings.model,
+        "workers": settings.workers,
+        "policies": names,
+        "rates": rate_list,
+        "slice_length": settings.slice_length,
+        "max_gen_length": settings.max_gen_length,
+        "max_batch_size": settings.max_batch_size,
+        "memory_budget_bytes": settings.memory_budget_bytes,
+        "profile_mode": settings.profile_mode,
+        "trace": str(trace) if trace else None,
+        "length_scale": length_scale,
+        "workload": describe(items),
+    }
+
+
+def _run_all(console: Console, settings: Settings, names: list[str],
+             rate_list: list[float | None], items: list[WorkItem], client: ClientConfig,
+             url: str | None, burstiness: float, is_trace: bool, seed: int, out_dir: Path
+             ) -> list[Run]:
+    runs = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        for rate in rate_list:
+            timed = arrivals_for(items, rate, burstiness, is_trace, seed)
+            for policy in names:
+                label = f"{policy}" + (f" @ {rate:g} req/s" if rate else "")
+                sent = progress.add_task(f"{label}: sent", total=len(timed))
+                done = progress.add_task(f"{label}: completed", total=len(timed))
+
+                def on_sent(task: Any = sent) -> None:
+                    progress.advance(task)
+
+                def on_done(_o: Any, task: Any = done) -> None:
+                    progress.advance(task)
+
+                if url:
+                    run = attach_run(settings, timed,
+                                     ClientConfig(**{**client.__dict__, "base_url": url}),
+                                     rate, on_sent, on_done)
+                else:
+                    run = run_policy(settings, policy, timed, client, rate,
+                                     out_dir / "logs" / f"{policy}-{rate}", on_sent, on_done)
+                runs.append(run)
+                m = run.metrics
+                console.print(f"{label}: {m['completed']}/{m['sent']} completed, "
+                              f"{_f(m['req_per_s'])} req/s, {_f(m['tok_per_s'])} tok/s, "
+                              f"p50 {_f(m['latency_p50_s'])} s")
+    return runs
+
+
+def _f(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) or math.isnan(value) else f"{value:.3g}"
+

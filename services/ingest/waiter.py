@@ -1,0 +1,167 @@
+"""One Redis connection that waits for every in-flight request's final event.
+
+A blocking ``XREAD`` per waiting request would hold one Redis connection per open HTTP
+request: a burst of a few hundred requests exhausts the pool ("Too many connections") and
+thousands would exhaust the server's client limit. Instead, one task runs ``XREAD BLOCK``
+over all watched event streams at once on its own connection and resolves each waiter's
+future when its ``final`` entry appears. A newly registered stream interrupts the current
+block with ``CLIENT UNBLOCK`` so it is watched at once (no added latency). Streams are read
+from their start, so a final entry written before the waiter registered is still seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+_BLOCK_MS = 5_000  # longest block; registrations and events cut it short
+_RETRY_S = 0.5  # back-off after a Redis error (the waiters keep waiting)
+
+
+@dataclass
+class _Watch:
+    last_id: str = "0"
+    futures: list[asyncio.Future[dict[str, str]]] = field(default_factory=list)
+
+
+class EventWaiter:
+    """Waits for ``final`` entries on many event streams over one connection."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._watch: dict[str, _Watch] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reader: aioredis.Redis | None = None
+        self._control: aioredis.Redis | None = None
+        self._reader_id: int | None = None
+        self._blocked_on: frozenset[str] = frozenset()
+        self._closing = False
+
+    async def start(self) -> None:
+        """Prepare the clients; the reader loop starts with the first wait (so it runs in
+        the loop that serves requests, and an idle server holds no blocked connection)."""
+        self._reader = aioredis.Redis.from_url(self._url, decode_responses=True,
+                                               single_connection_client=True)
+        self._control = aioredis.Redis.from_url(self._url, decode_responses=True)
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="event-waiter")
+
+    async def stop(self) -> None:
+        """Stop the loop; pending waits are cancelled."""
+        # redis-py may turn the cancellation of a blocked read into a RedisError: the flag
+        # makes the loop end either way.
+        self._closing = True
+        if self._reader_id is not None and self._control is not None:
+            with contextlib.suppress(RedisError):  # end a blocked read now, not in 5 s
+                await self._control.client_unblock(self._reader_id)
+        if self._task is not None:
+            self._task.cancel()
+            # Bounded: shutdown must not hang on a connection stuck mid-handshake.
+            await asyncio.wait([self._task], timeout=2.0)
+        for watch in self._watch.values():
+            for fut in watch.futures:
+                fut.cancel()
+        self._watch.clear()
+        for client in (self._reader, self._control):
+            if client is not None:
+                await client.aclose()
+
+    @property
+    def watching(self) -> int:
+        """Streams being watched now."""
+        return len(self._watch)
+
+    async def wait(self, key: str, timeout_s: float) -> dict[str, str] | None:
+        """The final entry of stream ``key``, or None after ``timeout_s``."""
+        fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        self._watch.setdefault(key, _Watch()).futures.append(fut)
+        self._ensure_running()
+        await self._nudge(key)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._forget(key, fut)
+
+    def _forget(self, key: str, fut: asyncio.Future[dict[str, str]]) -> None:
+        watch = self._watch.get(key)
+        if watch is None:
+            return
+        if fut in watch.futures:
+            watch.futures.remove(fut)
+        if not watch.futures:
+            del self._watch[key]
+
+    async def _nudge(self, key: str) -> None:
+        """Make the loop watch ``key`` now: interrupt a block that does not include it.
+
+        CLIENT UNBLOCK answers 0 when the reader's XREAD has been sent but has not reached
+        the server yet: retry briefly until it lands or the loop has moved on.
+        """
+        self._changed.set()
+        for _ in range(100):
+            blocked = self._blocked_on
+            if not blocked or key in blocked or self._reader_id is None:
+                return
+            try:
+                assert self._control is not None
+                if await self._control.client_unblock(self._reader_id):
+                    return
+            except RedisError:
+                return
+            await asyncio.sleep(0.002)
+
+    async def _run(self) -> None:
+        assert self._reader is not None
+        while not self._closing:
+            try:
+                if self._reader_id is None:
+                    self._reader_id = int(await self._reader.client_id())
+                await self._read_once()
+            except asyncio.CancelledError:
+                raise
+            except RedisError as exc:
+                if self._closing:
+                    return
+                log.warning("event_waiter_redis_error", error=str(exc))
+                self._reader_id = None
+                await asyncio.sleep(_RETRY_S)
+
+    async def _read_once(self) -> None:
+        assert self._reader is not None
+        if not self._watch:
+            self._changed.clear()
+            await self._changed.wait()
+        self._changed.clear()
+        streams = {key: watch.last_id for key, watch in self._watch.items()}
+        self._blocked_on = frozenset(streams)
+        try:
+            reply = await self._reader.xread(streams, count=64, block=_BLOCK_MS)
+        finally:
+            self._blocked_on = frozenset()
+        for key, entries in reply or []:
+            self._deliver(key, entries)
+
+    def _deliver(self, key: str, entries: list[tuple[str, dict[str, str]]]) -> None:
+        watch = self._watch.get(key)
+        if watch is None:
+            return
+        for entry_id, fields in entries:
+            watch.last_id = entry_id
+            if fields.get("kind") == "final":
+                for fut in watch.futures:
+                    if not fut.done():
+                        fut.set_result(dict(fields))
+                return

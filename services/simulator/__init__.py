@@ -1,0 +1,72 @@
+"""``scls simulate``: discrete-event simulation of the scheduler and its instances.
+
+The simulator runs the scheduler's own policy code (:func:`shared.policy.plan_cycle`,
+:class:`shared.policy.DispatchCaps`, :func:`shared.policy.expected_busy`) against simulated
+slice and ILS instances whose time and memory come from cost models, and reports the same
+metrics as ``scls bench`` (:func:`shared.metrics.summarize`). See docs/simulator.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from services.simulator.engine import (
+    LoadTimeline,
+    SimInstance,
+    SimOptions,
+    SimResult,
+    simulate,
+)
+from services.simulator.instances import StepCost
+from shared.costmodel import CostModel
+from shared.settings import Settings
+from shared.workload import WorkItem
+
+__all__ = ["LoadTimeline", "SimInstance", "SimOptions", "SimResult", "simulate",
+           "simulate_metrics", "uniform_instances"]
+
+
+def uniform_instances(
+    count: int,
+    costs: CostModel | Sequence[CostModel],
+    memory_budget_bytes: int | Sequence[int],
+    context_limit: int | Sequence[int],
+    truths: StepCost | Sequence[StepCost] | None = None,
+    prefix: str = "sim",
+) -> list[SimInstance]:
+    """``count`` instances ``<prefix>-0000``...; each argument is one value for all or one
+    per instance."""
+    def pick(value: Any, k: int) -> Any:
+        return value[k] if isinstance(value, list | tuple) else value
+
+    return [SimInstance(f"{prefix}-{k:04d}", pick(costs, k), int(pick(memory_budget_bytes, k)),
+                        int(pick(context_limit, k)), pick(truths, k))
+            for k in range(count)]
+
+
+def simulate_metrics(
+    workload: Sequence[WorkItem],
+    policy: str,
+    instances: int,
+    costs: CostModel | Sequence[CostModel],
+    truths: StepCost | Sequence[StepCost] | None = None,
+    memory_budget_bytes: int | Sequence[int] | None = None,
+    context_limit: int | Sequence[int] = 4096,
+    settings: Settings | None = None,
+    options: SimOptions | None = None,
+) -> dict[str, Any]:
+    """The metrics dict of :func:`shared.metrics.summarize` (plus the simulator's extras)
+    for ``workload`` served by ``instances`` instances under preset ``policy``.
+
+    ``costs`` are the profiles the policy plans with (one for all or one per instance),
+    ``truths`` what the engines really do (default: ``costs``). ``settings`` supplies the
+    scheduler knobs (S, G, max batch, horizon, caps, candidate limit, retries); its
+    ``policy`` is replaced by ``policy`` and, when ``memory_budget_bytes`` is None, its
+    ``memory_budget_bytes`` is every instance's budget.
+    """
+    base = settings if settings is not None else Settings()
+    run_settings = base.model_copy(update={"policy": policy})
+    budget = base.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
+    specs = uniform_instances(instances, costs, budget, context_limit, truths)
+    return simulate(workload, specs, run_settings, options or SimOptions()).metrics

@@ -1,0 +1,164 @@
+"""``scls simulate``: compare policies on simulated instances (no GPU, no Redis).
+
+Typer-compatible; the CLI registers it with ``app.command("simulate")(simulate_command)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from services.simulator.engine import SimOptions, SimResult, simulate
+from services.simulator.profiles import BUILTIN, Profile, load_profile
+from services.simulator.workloads import at_rate, build_workload
+from shared.policy import POLICIES
+from shared.report import Run, rich_table, write_load_plot, write_report, write_results
+from shared.settings import Settings
+from shared.workload import WorkItem, describe
+
+
+def _floats(text: str | None, hint: str) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}",
+                                 param_hint=hint) from None
+
+
+def simulate_command(
+    policies: Annotated[str, typer.Option(help=f"comma-separated presets: {', '.join(POLICIES)}")]
+    = "scls,sls,ils",
+    instances: Annotated[int, typer.Option(min=1, help="simulated instances")] = 4,
+    profile: Annotated[str, typer.Option(
+        help=f"built-in ({', '.join(BUILTIN)}) or a `scls profile --json` file")]
+    = "a100-llama2-7b",
+    truth_profile: Annotated[str | None, typer.Option(
+        help="what the engines really do (default: --profile)")] = None,
+    trace: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="TIMESTAMP,ContextTokens,GeneratedTokens CSV")] = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="log-normal lengths fitted to the Azure conversation trace")]
+    = False,
+    requests: Annotated[int | None, typer.Option(
+        min=1, help="requests (a trace is tiled, shifted in time, to reach it)")] = None,
+    length_scale: Annotated[float, typer.Option(min=0.0001, help="multiply lengths")] = 1.0,
+    time_scale: Annotated[float, typer.Option(
+        min=0.0001, help="divide the trace's arrival times (speed it up)")] = 1.0,
+    rate: Annotated[float | None, typer.Option(min=0.0001, help="Poisson/gamma rate, req/s")]
+    = None,
+    rates: Annotated[str | None, typer.Option(help="several rates: R1,R2,...")] = None,
+    burstiness: Annotated[float, typer.Option(min=0.0001, help="gamma shape (1 = Poisson)")]
+    = 1.0,
+    slice_length: Annotated[int | None, typer.Option(min=1, help="S (default: settings)")]
+    = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="max batch (default: settings)")]
+    = None,
+    memory_budget: Annotated[int | None, typer.Option(
+        min=1, help="bytes per instance beyond the weights (default: the profile's)")] = None,
+    context_limit: Annotated[int | None, typer.Option(
+        min=1, help="context window (default: the profile's)")] = None,
+    cycle_overhead: Annotated[float, typer.Option(
+        min=0.0, help="simulated seconds per scheduler cycle")] = 0.0,
+    slice_overhead: Annotated[float, typer.Option(
+        min=0.0, help="simulated seconds per slice commit (worker side)")] = 0.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    json_file: Annotated[Path | None, typer.Option(
+        "--json", help="write the results document here")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="write results.json, report.md and plots into this folder")] = None,
+) -> None:
+    """Simulate the scheduler with each policy on simulated GPU instances and compare."""
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown {unknown}; choose from {', '.join(POLICIES)}",
+                                 param_hint="--policies")
+    if trace is not None and synthetic:
+        raise typer.BadParameter("give --trace or --synthetic, not both", param_hint="--trace")
+    settings = _settings(slice_length, max_batch)
+    plan_prof, truth_prof = _profiles(profile, truth_profile, settings, memory_budget,
+                                      context_limit)
+    base = build_workload(trace, requests, length_scale, time_scale, seed)
+    rate_list: list[float | None] = [*_floats(rates, "--rates")] or [rate]
+    console = Console(stderr=True)
+    runs, timelines = [], {}
+    for r in rate_list:
+        items = at_rate(base, r, burstiness, seed)
+        for name in names:
+            result = _run_one(items, name, instances, plan_prof, truth_prof, settings,
+                              SimOptions(cycle_overhead_s=cycle_overhead,
+                                         slice_overhead_s=slice_overhead))
+            console.print(f"{name} at {'trace' if r is None else f'{r:g} req/s'}: "
+                          f"{result.metrics['completed']}/{result.metrics['sent']} done, "
+                          f"{result.metrics['req_per_s']:.3f} req/s, "
+                          f"{result.metrics['events']} events in "
+                          f"{result.metrics['sim_wall_s']:.1f} s")
+            runs.append(Run(name, r, result.metrics))
+            timelines[name] = (result.timeline.times, result.timeline.loads)
+    meta = _meta(plan_prof, truth_prof, settings, instances, base, cycle_overhead,
+                 slice_overhead, seed)
+    baseline = "scls" if "scls" in names else names[0]
+    title = f"scls simulate: {instances} x {plan_prof.name}"
+    Console().print(rich_table(runs, baseline, title))
+    if json_file is not None:
+        write_results(json_file, runs, meta)
+        console.print(f"wrote {json_file}")
+    if out is not None:
+        written = write_report(out, runs, meta, baseline, title)
+        plot = write_load_plot(out, timelines)
+        with (out / "report.md").open("a") as fh:
+            fh.write(f"![{plot.stem}]({plot.name})\n")
+        console.print(f"wrote {', '.join(str(p) for p in [*written, plot])}")
+
+
+def _settings(slice_length: int | None, max_batch: int | None) -> Settings:
+    from services.cli import build_settings
+
+    return build_settings(slice_length=slice_length, max_batch_size=max_batch)
+
+
+def _profiles(profile: str, truth: str | None, settings: Settings, memory_budget: int | None,
+              context_limit: int | None) -> tuple[Profile, Profile]:
+    try:
+        plan = load_profile(profile, settings.slice_length, memory_budget, context_limit)
+        real = plan if truth is None else load_profile(truth, settings.slice_length,
+                                                       memory_budget, context_limit)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--profile") from None
+    return plan, real
+
+
+def _run_one(items: list[WorkItem], policy: str, instances: int, plan: Profile, truth: Profile,
+             settings: Settings, options: SimOptions) -> SimResult:
+    from services.simulator import uniform_instances
+
+    specs = uniform_instances(instances, plan.cost, plan.memory_budget_bytes,
+                              plan.context_limit, truth.cost)
+    return simulate(items, specs, settings.model_copy(update={"policy": policy}), options)
+
+
+def _meta(plan: Profile, truth: Profile, settings: Settings, instances: int,
+          items: list[WorkItem], cycle_overhead: float, slice_overhead: float,
+          seed: int) -> dict[str, Any]:
+    return {
+        "command": " ".join(["scls", *sys.argv[1:]]),
+        "tool": "simulate",
+        "instances": instances,
+        "profile": {"name": plan.name, "source": plan.source,
+                    "memory_budget_bytes": plan.memory_budget_bytes,
+                    "context_limit": plan.context_limit},
+        "truth_profile": truth.name,
+        "settings": {k: getattr(settings, k) for k in (
+            "slice_length", "max_gen_length", "max_batch_size", "horizon_s", "max_wait_s",
+            "candidate_limit", "max_queued_batches", "ils_max_concurrency", "max_retries")},
+        "cycle_overhead_s": cycle_overhead,
+        "slice_overhead_s": slice_overhead,
+        "seed": seed,
+        "workload": describe(items),
+    }

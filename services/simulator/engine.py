@@ -1,0 +1,473 @@
+"""Discrete-event simulation of the scheduler and its instances, with the real policy code.
+
+Every simulated scheduler cycle does what :meth:`services.scheduler.service.Scheduler.cycle`
+does, with the same functions: the oldest ``candidate_limit`` pending requests become
+:class:`~shared.policy.Candidate`\\ s (context so far, tokens left before ``max_tokens``;
+never the true output length), instances become :class:`~shared.policy.InstanceView`\\ s
+(estimated work claimed and not committed, through :func:`shared.policy.expected_busy`),
+:func:`shared.policy.plan_cycle` batches and offloads, never-fitting requests fail, and
+:class:`shared.policy.DispatchCaps` drops placements beyond the caps. Cycles are
+event-driven, like the real scheduler woken by submissions and commits: one runs when
+requests arrive or an instance commits, and only if some request is pending and some
+instance is open (below the horizon and its cap); after a cycle that dispatched, the
+next follows at once (the real loop does not sleep after dispatching).
+
+Optional latencies model what the real system spends outside the engines:
+``cycle_overhead_s`` (a cycle takes that long: its batches reach the instances, and the
+next cycle starts, that much later; events meanwhile are coalesced) and
+``slice_overhead_s`` (per slice: the worker's commit and next-job fetch, during which it
+computes nothing; for ILS the commit delay of each finished request).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from services.scheduler.service import policy_config
+from services.simulator.instances import (
+    IlsInstance,
+    InstanceBase,
+    QueuedBatch,
+    SliceInstance,
+    StepCost,
+)
+from services.simulator.state import DONE, FAILED, INFLIGHT, PENDING, PendingPool, RequestTable
+from shared.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome, summarize
+from shared.policy import (
+    ILS_PRESET,
+    Candidate,
+    DispatchCaps,
+    InstanceView,
+    SliceCost,
+    expected_busy,
+    plan_cycle,
+    with_cursor,
+)
+from shared.settings import Settings
+from shared.workload import WorkItem
+
+# Event kinds, in the order events at the same time are handled.
+_DELIVER, _SLICE_DONE, _ILS_EVENT, _ILS_COMMIT, _SCHED = range(5)
+
+
+@dataclass(frozen=True)
+class SimInstance:
+    """One simulated instance: the policy's cost model and what really happens."""
+
+    id: str
+    cost: SliceCost  # the published profile the policy plans with
+    memory_budget_bytes: int
+    context_limit: int
+    truth: StepCost | None = None  # the engine's real behaviour; None: ``cost`` itself
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """Simulator knobs that the real system's settings do not have."""
+
+    cycle_overhead_s: float = 0.0  # simulated seconds per scheduler cycle
+    slice_overhead_s: float = 0.0  # per slice: commit + next job fetch on the worker
+    max_tokens: int | None = None  # None: forced output lengths (max_tokens = output)
+    ect_max_samples: int = 512  # bound on kept load samples (halved when reached)
+    ect_interval_s: float = 1.0  # first sampling interval of the load (simulated s)
+
+    def __post_init__(self) -> None:
+        if self.cycle_overhead_s < 0 or self.slice_overhead_s < 0:
+            raise ValueError("overheads must be >= 0")
+        if self.ect_max_samples < 2 or not self.ect_interval_s > 0:
+            raise ValueError("need ect_max_samples >= 2 and ect_interval_s > 0")
+
+
+@dataclass
+class LoadTimeline:
+    """Per-instance expected completion time (s of estimated work) sampled over time."""
+
+    instance_ids: list[str]
+    times: list[float] = field(default_factory=list)
+    loads: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class SimResult:
+    """Everything one simulation produced; ``metrics`` is :func:`summarize`'s dict plus
+    ``oom_events``, ``events``, ``events_per_s``, ``sim_wall_s``, ``cycles``,
+    ``simulated_s`` and ``max_running``."""
+
+    metrics: dict[str, Any]
+    outcomes: list[RequestOutcome]
+    usage: list[InstanceUsage]
+    counters: dict[str, float]
+    timeline: LoadTimeline
+
+
+def simulate(
+    workload: Sequence[WorkItem],
+    instances: Sequence[SimInstance],
+    settings: Settings,
+    options: SimOptions = SimOptions(),
+) -> SimResult:
+    """Simulate serving ``workload`` on ``instances`` under ``settings`` (policy, S, G,
+    batch size, horizon, caps, candidate limit, retries).
+
+    Raises:
+        ValueError: no instances, duplicate instance ids, or an unknown policy.
+    """
+    if not instances:
+        raise ValueError("need at least one instance")
+    if len({s.id for s in instances}) != len(instances):
+        raise ValueError("instance ids must be unique")
+    return _Simulation(workload, instances, settings, options).run()
+
+
+class _Simulation:
+    """One run: request table, instances, event heap, scheduler state."""
+
+    def __init__(self, workload: Sequence[WorkItem], specs: Sequence[SimInstance],
+                 settings: Settings, options: SimOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.config = policy_config(settings)
+        self.policy = settings.policy
+        self.caps = DispatchCaps.for_policy(settings.policy, settings.max_queued_batches,
+                                            settings.ils_max_concurrency)
+        self.drop_finished = self.config.batching != "fcfs-fixed"  # as Scheduler._dispatch
+        self.reqs = RequestTable(workload, options.max_tokens)
+        self.pending = PendingPool(self.reqs.n)
+        self.specs = list(specs)
+        self.insts = [self._instance(k, s) for k, s in enumerate(specs)]
+        self.by_id = {inst.id: inst for inst in self.insts}
+        self.views = [self._view(inst) for inst in self.insts]
+        self.open = {k for k in range(len(self.insts)) if self._is_open(k)}
+        self.cands: dict[int, Candidate] = {}
+        self.ils_claims: dict[int, tuple[InstanceBase, float]] = {}  # ILS: owner, estimate
+        self.heap: list[tuple[float, int, int, int, Any]] = []
+        self.seq = 0
+        self.sched_free_at = -math.inf
+        self.sched_wake = False
+        self.cycles = 0
+        self.events = 0
+        self.last_t = 0.0
+        self.timeline = LoadTimeline([inst.id for inst in self.insts])
+        self.sample_every = options.ect_interval_s
+        self.next_sample = -math.inf
+
+    # --- set-up ---------------------------------------------------------------------
+    def _instance(self, k: int, spec: SimInstance) -> InstanceBase:
+        truth = spec.truth if spec.truth is not None else spec.cost
+        if self.policy == ILS_PRESET:
+            return IlsInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit,
+                               self.settings.ils_max_concurrency)  # type: ignore[arg-type]
+        return SliceInstance(k, spec.id, truth, spec.memory_budget_bytes,  # type: ignore[arg-type]
+                             spec.context_limit, self.options.slice_overhead_s)
+
+    def _view(self, inst: InstanceBase) -> InstanceView:
+        spec = self.specs[inst.position]
+        return InstanceView(
+            id=inst.id, cost=spec.cost, memory_budget_bytes=spec.memory_budget_bytes,
+            context_limit=spec.context_limit,
+            expected_busy_s=expected_busy(self.policy, inst.estimated_s),
+            queued_requests=inst.requests, queued_batches=inst.batches,
+        )
+
+    def _is_open(self, k: int) -> bool:
+        """Whether a cycle could give instance ``k`` work (the horizon rule and its cap)."""
+        view = self.views[k]
+        return view.expected_busy_s < self.config.horizon_s and self.caps.has_room(view)
+
+    def _refresh(self, inst: InstanceBase) -> None:
+        """Rebuild the instance's view after its load changed."""
+        self.views[inst.position] = self._view(inst)
+        if self._is_open(inst.position):
+            self.open.add(inst.position)
+        else:
+            self.open.discard(inst.position)
+
+    def _push(self, t: float, kind: int, k: int, payload: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, k, payload))
+
+    # --- main loop ------------------------------------------------------------------
+    def run(self) -> SimResult:
+        """Run to the end and summarise."""
+        started = time.perf_counter()
+        reqs, arrival = self.reqs, self.reqs.arrival
+        ptr, n = 0, self.reqs.n
+        while True:
+            t_arr = float(arrival[ptr]) if ptr < n else math.inf
+            t = min(t_arr, self.heap[0][0] if self.heap else math.inf)
+            if t == math.inf:
+                break
+            if t_arr <= t:
+                end = int(np.searchsorted(arrival, t, side="right"))
+                idx = np.arange(ptr, end)
+                reqs.status[idx] = PENDING
+                self.pending.add(idx)
+                self.events += end - ptr
+                ptr = end
+            while self.heap and self.heap[0][0] <= t:
+                self._handle(heapq.heappop(self.heap))
+            self.last_t = t
+            self._sample(t)
+            self._maybe_cycle(t)
+        return self._finish(time.perf_counter() - started)
+
+    def _handle(self, event: tuple[float, int, int, int, Any]) -> None:
+        t, kind, _seq, k, payload = event
+        self.events += 1
+        if kind == _SCHED:
+            self.sched_wake = False
+        elif kind == _DELIVER:
+            self._deliver(self.insts[k], payload, t)
+        elif kind == _SLICE_DONE:
+            self._slice_done(self.insts[k], t)  # type: ignore[arg-type]
+        elif kind == _ILS_EVENT:
+            inst = self.insts[k]
+            if payload == inst.version:  # else superseded by an earlier boundary
+                self._ils_boundary(inst, t)  # type: ignore[arg-type]
+        elif kind == _ILS_COMMIT:
+            self._ils_commit(self.insts[k], payload, t)  # type: ignore[arg-type]
+
+    def _maybe_cycle(self, t: float) -> None:
+        """Run cycles at ``t`` while one can dispatch (see the module docstring)."""
+        overhead = self.options.cycle_overhead_s
+        while self.pending.count and self.open:
+            if t < self.sched_free_at:
+                if not self.sched_wake:
+                    self._push(self.sched_free_at, _SCHED, -1)
+                    self.sched_wake = True
+                return
+            dispatched = self._cycle(t)
+            if overhead > 0:
+                self.sched_free_at = t + overhead
+                if dispatched and not self.sched_wake:
+                    self._push(self.sched_free_at, _SCHED, -1)
+                    self.sched_wake = True
+                return
+            if not dispatched:
+                return
+
+    # --- the scheduler cycle ---------------------------------------------------------
+    def _candidate(self, i: int) -> Candidate:
+        cand = self.cands.get(i)
+        if cand is None:
+            reqs = self.reqs
+            gen = int(reqs.generated[i])
+            cand = Candidate(str(i), int(reqs.prompt[i]) + gen, int(reqs.max_tokens[i]) - gen,
+                             float(reqs.arrival[i]))
+            self.cands[i] = cand
+        return cand
+
+    def _cycle(self, t: float) -> int:
+        """One scheduler cycle at ``t``; the number of batches dispatched."""
+        self.cycles += 1
+        self.events += 1
+        cands = [self._candidate(i) for i in self.pending.oldest(self.config.candidate_limit)
+                 .tolist()]
+        views = list(self.views)
+        plan = plan_cycle(cands, views, self.config, now=t)
+        self.config = with_cursor(self.config, plan)
+        for cand in plan.never_fit:
+            self._never_fits(int(cand.id), cand.context_len, t)
+        kept = self.caps.apply(plan.batches, views)
+        arrive = t + self.options.cycle_overhead_s
+        for bp in kept:
+            idx = np.array([int(r) for r in bp.request_ids], dtype=np.int64)
+            batch = QueuedBatch(idx, bp.slice_length, bp.estimated_s, self.drop_finished)
+            inst = self.by_id[bp.instance_id]
+            inst.claimed(batch)
+            self._refresh(inst)
+            self.pending.remove(idx)
+            self.reqs.status[idx] = INFLIGHT
+            claim = self.reqs.first_claim
+            claim[idx] = np.where(np.isnan(claim[idx]), t, claim[idx])
+            if self.policy == ILS_PRESET:
+                for i in idx.tolist():
+                    self.ils_claims[i] = (inst, bp.estimated_s / len(idx))
+            if arrive > t:
+                self._push(arrive, _DELIVER, inst.position, batch)
+            else:
+                self._deliver(inst, batch, t)
+        return len(kept)
+
+    def _never_fits(self, i: int, context_len: int, t: float) -> None:
+        self.pending.remove(i)
+        self.cands.pop(i, None)
+        self.reqs.fail(i, t, f"never_fits: a slice of {context_len} context tokens fits no "
+                             "instance even alone")
+
+    # --- instances ------------------------------------------------------------------
+    def _deliver(self, inst: InstanceBase, batch: QueuedBatch, t: float) -> None:
+        if isinstance(inst, SliceInstance):
+            end = inst.deliver(batch, t, self.reqs)
+            if end is not None:
+                self._push(end, _SLICE_DONE, inst.position)
+            return
+        assert isinstance(inst, IlsInstance)
+        nxt = inst.deliver(batch, t, self.reqs, self._ils_fail)
+        if nxt is not None:
+            inst.version += 1
+            self._push(nxt, _ILS_EVENT, inst.position, inst.version)
+
+    def _slice_done(self, inst: SliceInstance, t: float) -> None:
+        batch, out, nxt = inst.complete(t, self.reqs)
+        if nxt is not None:
+            self._push(nxt, _SLICE_DONE, inst.position)
+        self._refresh(inst)
+        reqs, idx = self.reqs, batch.idx
+        for i in idx.tolist():
+            self.cands.pop(i, None)
+        if out.oom:
+            self._requeue_oom(idx, inst, t)
+            return
+        first = reqs.slices[idx] == 0
+        inst.add_counters({"first_slice_finishes": float(np.sum(out.finished & first)),
+                           "requests_finished": float(out.finished.sum())})
+        reqs.generated[idx] += out.tokens
+        reqs.slices[idx] += 1
+        reqs.first_commit[idx] = np.where(first, t, reqs.first_commit[idx])
+        done = idx[out.finished]
+        reqs.status[done] = DONE
+        reqs.finish[done] = t
+        for i in idx[out.finished & out.eos].tolist():
+            reqs.reason[i] = "stop"
+        again = idx[~out.finished]
+        if len(again):
+            reqs.status[again] = PENDING
+            self.pending.add(again)
+
+    def _requeue_oom(self, idx: np.ndarray, inst: InstanceBase, t: float) -> None:
+        """An out-of-memory slice: requeue its requests, failing those out of retries."""
+        reqs = self.reqs
+        reqs.retries[idx] += 1
+        for i in idx.tolist():
+            if reqs.retries[i] > self.settings.max_retries:
+                reqs.fail(i, t, f"oom: slice out of memory on {inst.id} "
+                                f"{reqs.retries[i]} times")
+            else:
+                reqs.status[i] = PENDING
+                self.pending.add(i)
+
+    def _ils_boundary(self, inst: IlsInstance, t: float) -> None:
+        departed, nxt = inst.boundary(t, self.reqs, self._ils_fail)
+        if nxt is not None:
+            inst.version += 1
+            self._push(nxt, _ILS_EVENT, inst.position, inst.version)
+        if not departed:
+            return
+        if self.options.slice_overhead_s > 0:
+            self._push(t + self.options.slice_overhead_s, _ILS_COMMIT, inst.position, departed)
+        else:
+            self._ils_commit(inst, departed, t)
+
+    def _ils_commit(self, inst: IlsInstance, departed: list[int], t: float) -> None:
+        """Commit finished ILS requests (one slice each, as IlsRuntime commits them)."""
+        reqs = self.reqs
+        idx = np.array(departed, dtype=np.int64)
+        est = sum(self.ils_claims.pop(i, (inst, 0.0))[1] for i in departed)
+        inst.released(est, len(idx), len(idx))
+        self._refresh(inst)
+        tokens = reqs.generated[idx]
+        inst.add_counters({"slices": float(len(idx)), "batch_size_sum": float(len(idx)),
+                           "generated_tokens": float(tokens.sum()),
+                           "first_slice_finishes": float(len(idx)),
+                           "requests_finished": float(len(idx))})
+        reqs.slices[idx] = 1
+        reqs.status[idx] = DONE
+        reqs.finish[idx] = t
+        reqs.first_commit[idx] = t  # the whole answer is its first (and only) commit
+        for i in departed:
+            self.cands.pop(i, None)
+            if not reqs.forced and reqs.target[i] < reqs.max_tokens[i]:
+                reqs.reason[i] = "stop"
+
+    def _ils_fail(self, i: int, t: float, error: str) -> None:
+        """An ILS engine refused request ``i`` (it cannot fit even alone): fail it."""
+        self.reqs.fail(i, t, error)
+        owner, est = self.ils_claims.pop(i)
+        owner.released(est, 1, 1)
+        self._refresh(owner)
+
+    # --- load samples and results -------------------------------------------------------
+    def _sample(self, t: float) -> None:
+        """Record every instance's estimated work at fixed simulated intervals (bounded)."""
+        if t < self.next_sample:
+            return
+        tl = self.timeline
+        tl.times.append(t)
+        tl.loads.append(np.fromiter((inst.estimated_s for inst in self.insts), np.float64,
+                                    len(self.insts)))
+        if len(tl.times) >= self.options.ect_max_samples:
+            tl.times, tl.loads = tl.times[::2], tl.loads[::2]
+            self.sample_every *= 2
+        base = tl.times[0] if len(tl.times) > 1 else t
+        steps = math.floor((t - base) / self.sample_every) + 1
+        self.next_sample = base + steps * self.sample_every
+
+    def _finish(self, wall_s: float) -> SimResult:
+        reqs = self.reqs
+        for i in np.flatnonzero((reqs.status != DONE) & (reqs.status != FAILED)).tolist():
+            reqs.fail(i, self.last_t, "stuck: never dispatched before the simulation ended")
+        usage, counters = self._usage()
+        outcomes = self._outcomes()
+        done = reqs.status == DONE
+        first = float(reqs.arrival.min()) if reqs.n else 0.0
+        last = float(reqs.finish[done].max()) if done.any() else first
+        metrics = summarize(outcomes, counters, usage, last - first,
+                            [load for load in self.timeline.loads])
+        oom = sum(inst.oom_events for inst in self.insts)
+        metrics.update({
+            "oom_events": oom,
+            "events": self.events,
+            "events_per_s": self.events / max(wall_s, 1e-9),
+            "sim_wall_s": wall_s,
+            "cycles": self.cycles,
+            "simulated_s": self.last_t,
+            "max_running": max((getattr(i, "max_running", 0) for i in self.insts), default=0),
+        })
+        return SimResult(metrics, outcomes, usage, counters, self.timeline)
+
+    def _usage(self) -> tuple[list[InstanceUsage], dict[str, float]]:
+        usage, total = [], dict.fromkeys(WORKER_COUNTERS, 0.0)
+        for inst in self.insts:
+            counters = dict(inst.counters)
+            if isinstance(inst, IlsInstance):
+                counters["busy_s"] = inst.busy_s
+                counters["concurrency_s"] = inst.concurrency_s
+            for key, value in counters.items():
+                total[key] = total.get(key, 0.0) + value
+            usage.append(InstanceUsage(inst.id, counters.get("busy_s", 0.0),
+                                       int(counters.get("slices", 0)),
+                                       int(counters.get("generated_tokens", 0)), counters))
+        return usage, total
+
+    def _outcomes(self) -> list[RequestOutcome]:
+        reqs = self.reqs
+        ok = (reqs.status == DONE).tolist()
+        e2e = (reqs.finish - reqs.arrival).tolist()
+        ttft = (reqs.first_commit - reqs.arrival).tolist()
+        queue = (reqs.first_claim - reqs.arrival).tolist()
+        out = []
+        for i, (index, sent, prompt, gen, slices) in enumerate(zip(
+                reqs.index.tolist(), reqs.arrival.tolist(), reqs.prompt.tolist(),
+                reqs.generated.tolist(), reqs.slices.tolist(), strict=True)):
+            if ok[i]:
+                out.append(RequestOutcome(index, True, sent, e2e[i], ttft[i],
+                                          _finite(queue[i]), prompt, gen, slices,
+                                          reqs.reason.get(i, "length")))
+            else:
+                error = reqs.error.get(i, "error: unknown")
+                out.append(RequestOutcome(index, False, sent, prompt_tokens=prompt,
+                                          slices=slices, finish_reason=error.split(":", 1)[0],
+                                          error=error))
+        return out
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
