@@ -37,9 +37,6 @@ OVERLAYS = ("cpu-dev", "gpu")
 # Oldest Kubernetes minor we support (autoscaling/v2 and policy/v1 are GA well before) and
 # the newest schemas the pinned kubernetes-validate ships.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
-# Settings the parallel metrics / API-key work adds; accepted before they exist, checked
-# like every other field once they do.
-PENDING_SETTINGS = {"SCLS_METRICS_PORT": "metrics_port", "SCLS_API_KEY": "api_key"}
 METRICS_PORT = 9100
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
@@ -54,10 +51,7 @@ SCLS_SERVICES = ("ingest", "scheduler", *COMPOSE_WORKERS)
 
 def settings_env_names() -> dict[str, str]:
     """``SCLS_<FIELD>`` -> field name, for every field of :class:`Settings`."""
-    names = {f"SCLS_{name.upper()}": name for name in Settings.model_fields}
-    for env, field in PENDING_SETTINGS.items():
-        names.setdefault(env, field)
-    return names
+    return {f"SCLS_{name.upper()}": name for name in Settings.model_fields}
 
 
 def check_settings(values: dict[str, str], where: str) -> Settings:
@@ -65,7 +59,7 @@ def check_settings(values: dict[str, str], where: str) -> Settings:
     known = settings_env_names()
     unknown = sorted(set(values) - set(known))
     assert not unknown, f"{where}: not fields of shared.settings.Settings: {unknown}"
-    kwargs = {known[k]: v for k, v in values.items() if known[k] in Settings.model_fields}
+    kwargs = {known[k]: v for k, v in values.items()}
     return Settings(**kwargs)
 
 
