@@ -168,7 +168,8 @@ def test_sigterm_finishes_the_slice_hands_back_the_queue_and_exits_0(
             raw = store.r.hget(store.keys.request(rec.id), "completion_tokens")
             assert int(raw) == len(rec.generated_ids)
     assert pending <= set(rids)
-    assert committed_slices >= 2  # the running batch's two rows
+    # every row of the batch that was running at the signal got its slice committed
+    assert committed_slices >= len(store.get_batch(in_progress).request_ids) >= 1
     for batch in handed_back:
         for rid, fence in batch.fences.items():
             rec = store.get_request(rid)
