@@ -178,6 +178,7 @@ HIGHER_IS_BETTER = frozenset({"req_per_s", "tok_per_s", "avg_batch_size",
 
 #: The columns of the side-by-side table, in order, with their labels and formats.
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("offered_rate", "offered req/s", "{:.2f}"),
     ("completed", "completed", "{:.0f}"),
     ("failed", "failed", "{:.0f}"),
     ("req_per_s", "req/s", "{:.3f}"),

@@ -203,7 +203,9 @@ def _meta(settings: Settings, items: list[WorkItem], names: list[str],
         "profile_mode": settings.profile_mode,
         "trace": str(trace) if trace else None,
         "length_scale": length_scale,
-        "workload": describe(items),
+        # lengths only: arrivals differ per rate (each run's "offered_rate" says)
+        "workload": {k: v for k, v in describe(items).items()
+                     if k not in ("arrival_span_s", "offered_rate")},
     }
 
 
@@ -235,6 +237,7 @@ def _run_all(console: Console, settings: Settings, names: list[str],
                 else:
                     run = run_policy(settings, policy, timed, client, rate,
                                      out_dir / "logs" / f"{policy}-{rate}", on_sent, on_done)
+                run.metrics["offered_rate"] = describe(timed)["offered_rate"]
                 runs.append(run)
                 m = run.metrics
                 console.print(f"{label}: {m['completed']}/{m['sent']} completed, "

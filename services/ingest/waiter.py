@@ -16,13 +16,17 @@ import contextlib
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import RedisError
 
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-_BLOCK_MS = 5_000  # longest block; registrations and events cut it short
+_BLOCK_MS = 2_000  # longest block; registrations and events cut it short
+# redis-py's connections time reads out after 5 s by default: the reader's must outlast
+# its longest block, or an idle XREAD ends in a TimeoutError and a reconnect.
+_READER_SOCKET_TIMEOUT_S = _BLOCK_MS / 1000 + 10
 _RETRY_S = 0.5  # back-off after a Redis error (the waiters keep waiting)
 
 
@@ -50,7 +54,8 @@ class EventWaiter:
         """Prepare the clients; the reader loop starts with the first wait (so it runs in
         the loop that serves requests, and an idle server holds no blocked connection)."""
         self._reader = aioredis.Redis.from_url(self._url, decode_responses=True,
-                                               single_connection_client=True)
+                                               single_connection_client=True,
+                                               socket_timeout=_READER_SOCKET_TIMEOUT_S)
         self._control = aioredis.Redis.from_url(self._url, decode_responses=True)
 
     def _ensure_running(self) -> None:
@@ -125,6 +130,9 @@ class EventWaiter:
 
     async def _run(self) -> None:
         assert self._reader is not None
+        # The task copied the context of the request that started it: unbind that
+        # request's id so the loop's own log lines are not attributed to it.
+        structlog.contextvars.clear_contextvars()
         while not self._closing:
             try:
                 if self._reader_id is None:
