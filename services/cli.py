@@ -74,7 +74,10 @@ def ingest(model: ModelOpt = None, port: PortOpt = None,
     _check_model(settings)
     configure_logging(settings.log_format, settings.log_level, service="ingest")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False,
+                # longer than a load balancer's idle timeout (60 s on common ones), so
+                # the server is never the side that closes a connection being reused
+                timeout_keep_alive=75)
 
 
 @app.command()

@@ -92,7 +92,10 @@ async def run_workload(
     duration from the first send to the last response (vLLM's benchmark duration)."""
     bodies = [request_body(item, config) for item in items]  # built before the clock starts
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    # Idle connections are dropped after 2 s, before the server's keep-alive timeout can
+    # close one just as a request is sent on it (an httpx ReadError at low rates).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                          keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=config.base_url, timeout=config.timeout_s,
                                  limits=limits, headers=headers) as client:
         t0 = time.perf_counter()
