@@ -112,20 +112,20 @@ def results_document(runs: Sequence[Run], meta: Mapping[str, Any]) -> dict[str, 
     return doc
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities become null (strict JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def write_results(path: Path, runs: Sequence[Run], meta: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``results.json`` (strict JSON) and return the document."""
-    doc = _json_safe(results_document(runs, meta))
+    doc = json_safe(results_document(runs, meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     return doc

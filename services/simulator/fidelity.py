@@ -30,6 +30,7 @@ from services.bench.runner import run_policy
 from services.simulator import SimOptions, simulate_metrics
 from shared.costmodel import CostModel
 from shared.models import model_info
+from shared.report import json_safe
 from shared.settings import Settings
 from shared.workload import SyntheticLengths, WorkItem, describe
 
@@ -129,19 +130,11 @@ def fidelity_command(
     console.print(_table(results))
     doc = {"command": "scls fidelity " + " ".join(sys.argv[2:]),
            "workload": describe(timed), "policies": results}
-    text = json.dumps(_finite(doc), indent=2)
+    text = json.dumps(json_safe(doc), indent=2)
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(text + "\n")
     sys.stdout.write(text + "\n")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
 
 
 def _table(results: dict[str, dict[str, float]]) -> Table:
