@@ -99,6 +99,7 @@ def simulate_command(
                           f"{result.metrics['req_per_s']:.3f} req/s, "
                           f"{result.metrics['events']} events in "
                           f"{result.metrics['sim_wall_s']:.1f} s")
+            result.metrics["offered_rate"] = describe(items)["offered_rate"]
             runs.append(Run(name, r, result.metrics))
             timelines[name] = (result.timeline.times, result.timeline.loads)
     meta = _meta(plan_prof, truth_prof, settings, instances, base, cycle_overhead,
