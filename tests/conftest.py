@@ -17,6 +17,12 @@ from shared.settings import Settings
 from shared.store import Store, connect
 
 
+@pytest.fixture()
+def anyio_backend() -> str:
+    """Async tests run on asyncio (the services' own loop), not also on trio."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a real Redis server for the whole session."""

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import httpx
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.ingest.app import create_app
 from shared.models import LoadedModel
+from shared.settings import Settings
 
 
 def greedy_reference(
@@ -24,3 +31,23 @@ def greedy_reference(
     if require_full:
         assert len(tokens) == max_new_tokens, "generate stopped early: pick other prompts"
     return tokens
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on a fresh ingest app whose lifespan runs around the block."""
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=transport, base_url="http://ingest", timeout=60
+    ) as client:
+        yield client
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus text exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0

@@ -10,7 +10,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +24,11 @@ from shared.records import CommitItem, RequestParams, RequestRecord, new_batch_i
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus
 from shared.store import Store
+from tests.helpers import serve
 
 pytestmark = pytest.mark.anyio
 
 CODEC = load_codec("tiny-random", Path("/nonexistent"))  # byte codec: built in code
-
-
-@pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client on a fresh ingest app whose lifespan runs around the block."""
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=transport, base_url="http://ingest"
-    ) as client:
-        yield client
 
 
 @pytest.fixture()

@@ -10,47 +10,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
-from services.ingest.app import create_app
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
 from shared.models import LoadedModel
 from shared.prometheus import MetricsServer, serve_metrics
 from shared.settings import Settings
 from shared.store import Store
-
-
-@pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client on a fresh ingest app whose lifespan runs around the block."""
-    app = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=transport, base_url="http://ingest", timeout=60
-    ) as client:
-        yield client
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value from a Prometheus text exposition (0 when absent)."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
+from tests.helpers import metric, serve
 
 
 def scrape(server: MetricsServer) -> str:

@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.launcher import LocalDeployment
 from shared.embedded_redis import free_port
@@ -25,6 +24,7 @@ from shared.keys import Keys
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
 from shared.store import Store, connect
+from tests.helpers import metric
 
 PREFIX = "status:"  # the module shares the session Redis with flushed tests
 
@@ -64,15 +64,6 @@ def status_json(deployment: LocalDeployment, *args: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     snap: dict[str, Any] = json.loads(done.stdout)
     return snap
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value from a Prometheus text exposition (0 when absent)."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
 
 
 def test_status_json_reports_both_instances_idle(deployment: LocalDeployment) -> None:

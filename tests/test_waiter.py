@@ -14,11 +14,6 @@ from services.ingest.waiter import EventWaiter
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_many_waiters_share_one_connection(redis_url: str, rclient: redis.Redis) -> None:
     """600 concurrent waits (more than redis-py's default pool of 100 connections, the
     cause of "Too many connections" under a burst) all resolve, in about the time of the
