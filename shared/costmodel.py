@@ -19,10 +19,11 @@ Times are fitted by non-negative least squares on relative errors (scikit-learn)
 feature sets chosen by cross-validation. Memory must be an upper bound, so ``act`` is the
 tightest non-negative upper envelope of the measured peaks (a linear programme, solved by
 SciPy's HiGHS, which scikit-learn depends on) and ``margin`` the worst leave-one-out
-under-estimate plus ``MEM_SAFETY``. Errors are measured on grid points held out of the
-fit. Everything here is numpy, SciPy and scikit-learn only: no torch, no Redis, no I/O, so
-the scheduler, the simulator and the tests share it. A :class:`CostModel` serialises to
-JSON to live in Redis with its instance.
+under-estimate plus a slack for measurement noise. On CPU the process grows by more than
+torch allocates; ``heap_overhead`` bounds that ratio and the CPU budget is divided by it.
+Errors are measured on grid points held out of the fit. Everything here is numpy, SciPy
+and scikit-learn only: no torch, no Redis, no I/O, so the scheduler, the simulator and the
+tests share it. A :class:`CostModel` serialises to JSON to live in Redis with its instance.
 """
 
 from __future__ import annotations
@@ -54,10 +55,18 @@ ACT_FEATURES = ("1", "b", "bl", "bll")
 SELECT_TOL_ABS = 0.002
 SELECT_TOL_REL = 0.05
 HELDOUT_EVERY = 3
-# Slack on top of the leave-one-out memory margin. The measured peak of one point varies by
-# about 10-20% from run to run on CPU (glibc heap layout; the profiler keeps the largest of
-# its repeats), more than a leave-one-out over a few grid points can see.
+# Slack on top of the leave-one-out memory margin, by how the peaks were measured. A
+# resident-set peak of one point varies by about 10-20% from run to run on CPU (glibc heap
+# layout; the profiler keeps the largest of its repeats), more than a leave-one-out over a
+# few grid points can see. An allocator peak (CUDA max_memory_allocated, CPU allocator
+# events) repeats to the byte for a shape, so its slack only covers shapes between the
+# grid points that a leave-one-out did not happen to probe.
 MEM_SAFETY = 0.10
+MEM_SAFETY_EXACT = 0.03
+EXACT_MEMORY_METHODS = frozenset({"cuda_max_memory_allocated", "cpu_allocator_events"})
+# The heap overhead is the largest ratio over the profile's points of a resident-set figure,
+# so it gets the resident-set slack.
+HEAP_SAFETY = MEM_SAFETY
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +136,9 @@ class CostModel:
     mem_margin: float  # multiplies the whole memory estimate; >= 1
     act_features: tuple[str, ...] = ACT_FEATURES
     decode_batched_extra: float = 0.0  # e: seconds added to each decode step when b >= 2
+    # Process growth / allocator estimate, largest over the profile (>= 1): what the heap
+    # adds on top of torch's tensors on CPU. The instance's budget is divided by it.
+    heap_overhead: float = 1.0
     model: str = ""
     device: str = ""
     dtype: str = ""
@@ -145,6 +157,8 @@ class CostModel:
             raise ValueError(f"decode_coef needs {len(DECODE_FEATURES)} values")
         if self.slice_length < 1:
             raise ValueError("slice_length must be >= 1")
+        if not self.heap_overhead >= 1.0:
+            raise ValueError("heap_overhead must be >= 1")
 
     # --- time -------------------------------------------------------------------------
     def prefill_time(self, b: ArrayLike, l: ArrayLike) -> np.ndarray:  # noqa: E741
@@ -169,6 +183,35 @@ class CostModel:
         per_step = d0 + d1 * b_ + self.decode_batched_extra * (b_ >= 2)
         decode = n * per_step + (d2 + d3 * b_) * (n * l_ + n * (n + 1.0) / 2.0)
         return self.prefill_time(b_, l_) + decode
+
+    def run_time(self, b: int, l: int, decode_rows: Sequence[int]) -> float:  # noqa: E741
+        """Seconds the model gives a slice that actually ran: prefill of ``b`` rows padded
+        to ``l``, then decode step ``j`` with ``decode_rows[j-1]`` rows at context ``l + j``
+        (rows that finished may have been dropped, the slice may have stopped early).
+        Compared with the measured time, it shows how far the instance runs from its
+        profile (contention, thermal limits, a changed machine)."""
+        if b < 1:
+            return 0.0
+        rows = np.asarray(decode_rows, dtype=float)
+        contexts = l + np.arange(1, len(rows) + 1, dtype=float)
+        decode = float(self.decode_step_time(rows, contexts).sum()) if len(rows) else 0.0
+        return float(self.prefill_time(b, l)) + decode
+
+    def time_scaled(self, factor: float) -> CostModel:
+        """The same model with every time multiplied by ``factor`` (memory unchanged): an
+        instance that runs ``factor`` times slower than it was profiled.
+
+        Raises:
+            ValueError: ``factor`` is not a positive finite number.
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"time scale factor must be positive, got {factor}")
+        return replace(
+            self,
+            prefill_coef=tuple(c * factor for c in self.prefill_coef),
+            decode_coef=tuple(c * factor for c in self.decode_coef),  # type: ignore[arg-type]
+            decode_batched_extra=self.decode_batched_extra * factor,
+        )
 
     # --- memory -----------------------------------------------------------------------
     def kv_cache_bytes(self, b: ArrayLike, l: ArrayLike, s: ArrayLike | None = None) -> np.ndarray:  # noqa: E741
@@ -251,6 +294,7 @@ class PointSample:
     step_s: tuple[float, ...]
     slice_s: float
     peak_bytes: int | None = None
+    process_peak_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.step_s) != self.s - 1:
@@ -295,7 +339,9 @@ class FitReport:
     """How well the fit did: cross-validated feature choice and held-out errors.
 
     ``heldout`` has one row per held-out point: ``b, l, slice_s`` (measured), ``est_s``,
-    ``rel_err`` (signed), ``peak_bytes``, ``est_bytes``, ``mem_ratio`` (estimate/measured).
+    ``rel_err`` (signed), ``peak_bytes``, ``est_bytes``, ``mem_ratio`` (estimate/measured),
+    ``process_peak_bytes`` and ``process_ratio`` (the estimate times the heap overhead over
+    the process's growth; NaN where the platform has no separate process figure).
     """
 
     prefill_features: tuple[str, ...]
@@ -305,6 +351,8 @@ class FitReport:
     time_max_err: float
     mem_ratio_min: float
     mem_ratio_max: float
+    process_ratio_min: float  # (estimate x heap_overhead) / process growth; NaN if unmeasured
+    process_ratio_max: float
     n_points: int
     n_heldout: int
     heldout: tuple[Mapping[str, float], ...]
@@ -316,6 +364,8 @@ class FitReport:
             "time_max_err": self.time_max_err,
             "mem_ratio_min": self.mem_ratio_min,
             "mem_ratio_max": self.mem_ratio_max,
+            "process_ratio_min": self.process_ratio_min,
+            "process_ratio_max": self.process_ratio_max,
             "n_points": float(self.n_points),
             "n_heldout": float(self.n_heldout),
         }
@@ -437,13 +487,21 @@ def _fit_act(points: Sequence[PointSample], kv: int, s: int) -> np.ndarray:
     return _envelope(feature_matrix(ACT_FEATURES, b, l_), peak - kv_bytes, np.maximum(peak, 1))
 
 
-def _fit_memory(points: Sequence[PointSample], kv: int, s: int) -> tuple[np.ndarray, float]:
+def memory_safety(samples: ProfileSamples) -> float:
+    """The slack for the memory margin: small for exact allocator peaks, else MEM_SAFETY."""
+    method = samples.meta.get("memory_method")
+    return MEM_SAFETY_EXACT if method in EXACT_MEMORY_METHODS else MEM_SAFETY
+
+
+def _fit_memory(
+    points: Sequence[PointSample], kv: int, s: int, safety: float = MEM_SAFETY
+) -> tuple[np.ndarray, float]:
     """Activation coefficients and the margin that covers points the fit has not seen.
 
     The envelope touches the measurements it was fitted on, so its margin on unseen points
     is estimated by leaving each non-corner point out in turn (corners are never held out
     and their leave-one-out would be an extrapolation): the margin is the largest ratio
-    measured/estimated found that way (at least 1), times ``1 + MEM_SAFETY``.
+    measured/estimated found that way (at least 1), times ``1 + safety``.
     """
     act = _fit_act(points, kv, s)
     corners = _corners(points)
@@ -457,7 +515,7 @@ def _fit_memory(points: Sequence[PointSample], kv: int, s: int) -> tuple[np.ndar
         coef = _fit_act(rest, kv, s)
         est = p.b * (p.l + s + 1) * kv + float(feature_matrix(ACT_FEATURES, p.b, p.l) @ coef)
         worst = max(worst, p.peak_bytes / max(est, 1.0))
-    return act, worst * (1.0 + MEM_SAFETY)
+    return act, worst * (1.0 + safety)
 
 
 def _model_from(
@@ -468,14 +526,15 @@ def _model_from(
 ) -> CostModel:
     """A model with time coefficients ``times`` and memory fitted on ``points``."""
     if all(p.peak_bytes is not None for p in points):
-        act, margin = _fit_memory(points, samples.kv_bytes_per_token, samples.slice_length)
+        act, margin = _fit_memory(points, samples.kv_bytes_per_token, samples.slice_length,
+                                  memory_safety(samples))
         act_features, act_coef = ACT_FEATURES, tuple(float(a) for a in act)
     elif fallback is not None:  # no memory measurement on this platform: analytic bound
         act_features, act_coef = fallback.act_features, fallback.act_coef
         margin = fallback.mem_margin
     else:
         raise ValueError("no peak memory was measured and no fallback model was given")
-    return CostModel(
+    model = CostModel(
         slice_length=samples.slice_length,
         prefill_features=times.prefill_features,
         prefill_coef=times.prefill_coef,
@@ -492,6 +551,27 @@ def _model_from(
         created_at=time.time(),
         meta=dict(samples.meta),
     )
+    return replace(model, heap_overhead=_heap_overhead(model, points))
+
+
+def _heap_overhead(model: CostModel, points: Sequence[PointSample]) -> float:
+    """Largest ``process growth / memory estimate`` over ``points`` (at least 1).
+
+    The memory model estimates what torch allocates. On CPU the process grows by more
+    (glibc keeps freed chunks, thread arenas, oneDNN scratch), by an amount that varies
+    from run to run, so it is not fitted per point but bounded as a whole: an instance
+    whose batches stay within ``budget / heap_overhead`` by estimate stayed within
+    ``budget`` in process growth at every profiled point, with ``HEAP_SAFETY`` to spare
+    for its run-to-run variation. 1 where no process figure was measured.
+    """
+    ratios = [
+        p.process_peak_bytes / max(float(model.slice_memory(p.b, p.l, p.s)), 1.0)
+        for p in points
+        if p.process_peak_bytes is not None
+    ]
+    if not ratios:
+        return 1.0
+    return max(1.0, max(ratios) * (1.0 + HEAP_SAFETY))
 
 
 def _time_model(times: _TimeFit, s: int) -> CostModel:
@@ -565,6 +645,7 @@ def _heldout_rows(model: CostModel, points: Sequence[PointSample]) -> list[dict[
     for p, err in zip(points, rel, strict=True):
         est_mem = float(model.slice_memory(p.b, p.l, p.s))
         peak = float("nan") if p.peak_bytes is None else float(p.peak_bytes)
+        process = float("nan") if p.process_peak_bytes is None else float(p.process_peak_bytes)
         rows.append({
             "b": float(p.b),
             "l": float(p.l),
@@ -574,6 +655,10 @@ def _heldout_rows(model: CostModel, points: Sequence[PointSample]) -> list[dict[
             "peak_bytes": peak,
             "est_bytes": est_mem,
             "mem_ratio": est_mem / peak if peak > 0 else float("nan"),
+            "process_peak_bytes": process,
+            "process_ratio": (
+                est_mem * model.heap_overhead / process if process > 0 else float("nan")
+            ),
         })
     return rows
 
@@ -617,6 +702,8 @@ def fit_cost_model(
     rel = np.array([r["rel_err"] for r in rows])
     ratios = np.array([r["mem_ratio"] for r in rows])
     measured = bool(np.isfinite(ratios).all())
+    process = np.array([r["process_ratio"] for r in rows])
+    process_measured = bool(np.isfinite(process).all())
     report = FitReport(
         prefill_features=prefill,
         decode_features=decode,
@@ -625,6 +712,8 @@ def fit_cost_model(
         time_max_err=float(np.max(np.abs(rel))),
         mem_ratio_min=float(np.min(ratios)) if measured else float("nan"),
         mem_ratio_max=float(np.max(ratios)) if measured else float("nan"),
+        process_ratio_min=float(np.min(process)) if process_measured else float("nan"),
+        process_ratio_max=float(np.max(process)) if process_measured else float("nan"),
         n_points=len(points),
         n_heldout=len(test),
         heldout=tuple(rows),

@@ -24,7 +24,7 @@ import numpy as np
 WORKER_COUNTERS = (
     "slices", "batch_size_sum", "generated_tokens", "pad_tokens", "invalid_tokens",
     "recomputed_tokens", "busy_s", "first_slice_finishes", "requests_finished",
-    "concurrency_s",
+    "concurrency_s", "model_busy_s",
 )
 
 
@@ -106,6 +106,13 @@ def average_batch_size(counters: Mapping[str, float]) -> float:
     return counters.get("batch_size_sum", 0.0) / slices if slices else math.nan
 
 
+def engine_time_ratio(counters: Mapping[str, float]) -> float:
+    """``busy_s / model_busy_s``: measured engine seconds over what the instance's cost
+    model gives the same slices as they ran (NaN where no slice was priced, e.g. ILS)."""
+    model = counters.get("model_busy_s", 0.0)
+    return counters.get("busy_s", 0.0) / model if model > 0 else math.nan
+
+
 def summarize(
     outcomes: Sequence[RequestOutcome],
     counters: Mapping[str, float],
@@ -153,6 +160,9 @@ def summarize(
         "invalid_tokens": int(counters.get("invalid_tokens", 0)),
         "recomputed_tokens": int(counters.get("recomputed_tokens", 0)),
         "busy_s_total": float(counters.get("busy_s", 0.0)),
+        # measured engine time / the instances' own cost models for the same slices: how
+        # much slower than profiled the engines ran (contention); NaN for ILS engines
+        "engine_time_ratio": engine_time_ratio(counters),
         "imbalance_busy_std": busy_std,
         "imbalance_busy_max_mean": busy_ratio,
         "imbalance_ect_std": _mean([s for s, _ in ect]) if ect else 0.0,
@@ -160,7 +170,8 @@ def summarize(
         "instances": [
             {"id": i.id, "busy_s": i.busy_s, "slices": i.slices,
              "generated_tokens": i.generated_tokens,
-             "utilisation": i.busy_s / duration}
+             "utilisation": i.busy_s / duration,
+             "engine_time_ratio": engine_time_ratio(i.counters)}
             for i in instances
         ],
     }

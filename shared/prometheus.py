@@ -235,6 +235,9 @@ _SLICE_COUNTERS = {
     "recomputed_tokens": ("scls_worker_recomputed_tokens_total",
                           "Context tokens re-prefilled at slice starts"),
     "busy_s": ("scls_worker_busy_seconds_total", "Seconds the engine computed committed slices"),
+    "model_busy_s": ("scls_worker_model_busy_seconds_total",
+                     "Seconds the instance's cost model gives the committed slices as they ran "
+                     "(busy / model busy: how far the engine runs from its profile)"),
     "first_slice_finishes": ("scls_worker_early_returns_total",
                              "Requests finished within their first slice"),
 }

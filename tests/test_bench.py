@@ -265,6 +265,9 @@ def test_bench_runs_two_policies_end_to_end(tmp_path: Path) -> None:
         assert m["generated_tokens"] == m["output_tokens"]  # workers' counter == client's sum
         assert sum(i["slices"] for i in m["instances"]) == m["slices"] > 0
         assert len(m["instances"]) == 2
+        # every slice was also priced by its instance's own (analytic) model
+        assert m["engine_time_ratio"] > 0
+        assert all(i["engine_time_ratio"] > 0 for i in m["instances"] if i["slices"])
     # SLS keeps finished rows computing until the batch's longest finishes; SCLS drops them
     # and slices (S = 4), so its requests take more slices.
     assert doc["sls"]["slices_per_request"] == 1.0

@@ -13,7 +13,9 @@ from shared.costmodel import (
     ACT_FEATURES,
     DECODE_FEATURES,
     DECODE_WITH_STEP,
+    HEAP_SAFETY,
     MEM_SAFETY,
+    MEM_SAFETY_EXACT,
     PREFILL_BASE,
     PREFILL_QUADRATIC,
     CostModel,
@@ -269,6 +271,74 @@ def test_fit_without_memory_measurements_uses_the_fallback() -> None:
     assert model.act_coef == fallback.act_coef and model.mem_margin == fallback.mem_margin
     assert math.isnan(report.mem_ratio_min) and math.isnan(report.mem_ratio_max)
     assert model.to_dict()["errors"]["mem_ratio_min"] is None
+
+
+def test_exact_allocator_peaks_get_the_small_slack() -> None:
+    samples = synthetic_samples(make_model(s=8))
+    exact = replace(samples, meta={"memory_method": "cpu_allocator_events"})
+    assert fit_cost_model(exact)[0].mem_margin == pytest.approx(1.0 + MEM_SAFETY_EXACT)
+    resident = replace(samples, meta={"memory_method": "resident_set_growth"})
+    assert fit_cost_model(resident)[0].mem_margin == pytest.approx(1.0 + MEM_SAFETY)
+
+
+def test_heap_overhead_bounds_the_process_growth_at_every_profiled_point() -> None:
+    samples = synthetic_samples(make_model(s=8), noise=0.02, seed=7)
+    rng = np.random.default_rng(7)
+    grown = tuple(  # the process grows 5-45% beyond what torch allocates
+        replace(p, process_peak_bytes=int(p.peak_bytes * rng.uniform(1.05, 1.45)))
+        for p in samples.points
+    )
+    model, report = fit_cost_model(replace(samples, points=grown))
+    ratios = [p.process_peak_bytes / float(model.slice_memory(p.b, p.l)) for p in grown]
+    assert model.heap_overhead == pytest.approx(max(ratios) * (1.0 + HEAP_SAFETY))
+    for p in grown:  # estimate x overhead covers the process wherever it was measured
+        assert float(model.slice_memory(p.b, p.l)) * model.heap_overhead >= p.process_peak_bytes
+    process = [r["process_ratio"] for r in report.heldout]
+    assert report.process_ratio_min == pytest.approx(min(process))
+    assert report.process_ratio_max == pytest.approx(max(process))
+    assert model.errors["process_ratio_max"] == report.process_ratio_max
+
+
+def test_without_process_figures_the_heap_overhead_is_one() -> None:
+    model, report = fit_cost_model(synthetic_samples(make_model(s=8)))
+    assert model.heap_overhead == 1.0
+    assert math.isnan(report.process_ratio_min) and math.isnan(report.process_ratio_max)
+    assert model.to_dict()["errors"]["process_ratio_max"] is None
+
+
+def test_heap_overhead_round_trips_and_defaults_for_older_profiles() -> None:
+    model = replace(make_model(), heap_overhead=1.37)
+    assert CostModel.from_json(model.to_json()).heap_overhead == 1.37
+    older = {k: v for k, v in model.to_dict().items() if k != "heap_overhead"}
+    assert CostModel.from_dict(older).heap_overhead == 1.0
+    with pytest.raises(ValueError, match="heap_overhead"):
+        replace(model, heap_overhead=0.9)
+
+
+def test_run_time_prices_the_slice_that_ran() -> None:
+    model = make_model(s=8)
+    full = model.run_time(4, 100, [4] * 7)  # nothing finished: the planned slice
+    assert full == pytest.approx(float(model.slice_time(4, 100)), rel=1e-12)
+    shrinking = model.run_time(4, 100, [4, 3, 1])  # rows dropped, stopped after 4 tokens
+    by_hand = float(model.prefill_time(4, 100)) + sum(
+        float(model.decode_step_time(b, 100 + j)) for j, b in enumerate((4, 3, 1), start=1)
+    )
+    assert shrinking == pytest.approx(by_hand, rel=1e-12) and shrinking < full
+    assert model.run_time(2, 50, []) == pytest.approx(float(model.prefill_time(2, 50)))
+    assert model.run_time(0, 0, []) == 0.0
+
+
+def test_time_scaled_scales_every_time_and_no_memory() -> None:
+    model = make_model(s=8)
+    slow = model.time_scaled(1.7)
+    b, x = np.array([1, 2, 8, 32]), np.array([16, 64, 100, 500])
+    np.testing.assert_allclose(slow.slice_time(b, x), 1.7 * model.slice_time(b, x), rtol=1e-12)
+    np.testing.assert_allclose(slow.decode_step_time(b, x),
+                               1.7 * model.decode_step_time(b, x), rtol=1e-12)
+    np.testing.assert_array_equal(slow.slice_memory(b, x), model.slice_memory(b, x))
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="positive"):
+            model.time_scaled(bad)
 
 
 def test_fit_needs_enough_points() -> None:

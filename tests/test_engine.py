@@ -223,6 +223,8 @@ def test_length_finish_never_exceeds_max_tokens(
     assert (by_id["spent"].new_ids, by_id["spent"].finish_reason) == ([], FinishReason.LENGTH)
     assert stats.batch_size == 3  # the spent row is never prefilled
     assert stats.steps == 4
+    # rows per decode step: "resumed" leaves after its 2nd token, "short" after its 3rd
+    assert stats.decode_rows == (3, 2, 1)
     assert stats.generated_tokens == 3 + 4 + 2
 
 
@@ -297,6 +299,7 @@ def test_stats_count_padding_and_recomputation(tiny: LoadedModel) -> None:
     assert stats.steps == 5
     assert stats.generated_tokens == 15 == sum(len(o.new_ids) for o in outputs)
     assert stats.invalid_tokens == 0
+    assert stats.decode_rows == (3, 3, 3, 3)
     assert stats.peak_memory_bytes is None  # CPU
     assert stats.prefill_s > 0 and stats.decode_s > 0
     assert all(o.finish_reason is None for o in outputs)

@@ -102,6 +102,40 @@ def test_peak_meter_sees_a_known_allocation(tiny: LoadedModel) -> None:
     assert peak is not None and size - 2**20 <= peak < size + 16 * 2**20
 
 
+def test_allocator_peak_is_the_largest_sum_of_live_tensors() -> None:
+    meter = profiler.AllocatorPeak()
+    assert meter.available
+    mib8 = 8 * 2**20
+
+    def block() -> None:
+        a = torch.ones(mib8 // 4)  # 8 MiB live
+        b = torch.ones(mib8 // 4)  # 16 MiB live: the peak
+        del a
+        c = torch.ones(mib8 // 8)  # 12 MiB live
+        del b, c
+
+    assert 2 * mib8 <= meter.measure(block) <= 2 * mib8 + 64 * 1024  # allocator alignment
+    assert meter.measure(lambda: None) < 64 * 1024
+
+
+def test_quick_profile_fits_allocator_peaks_and_bounds_the_process_growth(
+    quick_run: dict[str, Any], tiny: LoadedModel
+) -> None:
+    """CPU: the model is fitted to exact allocator peaks; the resident-set growth of the
+    timed repeats becomes the heap overhead, by which the CPU budget is divided."""
+    samples = ProfileSamples.from_dict(quick_run["samples"])
+    model = CostModel.from_dict(quick_run["cost_model"])
+    assert samples.meta["memory_method"] == quick_run["memory_method"] == "cpu_allocator_events"
+    assert all(p.process_peak_bytes and p.process_peak_bytes > 0 for p in samples.points)
+    assert model.heap_overhead == quick_run["heap_overhead"] >= 1.0
+    for p in samples.points:
+        assert float(model.slice_memory(p.b, p.l)) * model.heap_overhead >= p.process_peak_bytes
+    settings = Settings(memory_budget_bytes=3 * 2**30)
+    budget = profiler.instance_memory_budget(tiny, settings, model)
+    assert budget == int(3 * 2**30 / model.heap_overhead)
+    assert "heap overhead" in quick_run["stdout"]
+
+
 def test_cost_model_round_trips_through_redis(
     rclient: redis.Redis, store: Store, tiny: LoadedModel
 ) -> None:

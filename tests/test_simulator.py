@@ -241,3 +241,27 @@ def test_cli_writes_report(tmp_path) -> None:  # noqa: ANN001
     assert doc["scls"]["completed"] == 60 and doc["scls"]["oom_events"] == 0
     assert (out / "load_over_time.png").is_file()
     assert "load_over_time.png" in (out / "report.md").read_text()
+
+
+def test_fidelity_runs_the_simulated_engines_at_the_measured_slowdown() -> None:
+    """The real run's engine time over its model's time scales each simulated engine (the
+    truth), while the policy still plans with the published profile."""
+    from services.simulator.fidelity import engine_slowdowns, simulate_like
+
+    wl = items([100, 100, 200, 200], [3, 3, 2, 2], [0.0, 0.0, 10.0, 10.0])
+
+    def real(ratios: list[float | None]) -> dict:
+        ids = ["w0", "w1"]
+        return {
+            "instance_profiles": {i: (ROUND.to_json(), 10**9, 4096, "slice") for i in ids},
+            "instances": [{"id": i, "engine_time_ratio": r} for i, r in zip(ids, ratios,
+                                                                             strict=True)],
+            "overheads": {"dispatch_s": 0.0, "in_job_s": 0.0, "reaction_s": 0.0},
+        }
+
+    assert engine_slowdowns(real([2.0, math.nan])) == {"w0": 2.0}
+    base = simulate_like(real([None, None]), "scls", wl, settings())
+    slow = simulate_like(real([2.0, 2.0]), "scls", wl, settings())
+    # Nothing queues here, so every request's time in the engines doubles exactly.
+    assert slow["latency_mean_s"] == pytest.approx(2 * base["latency_mean_s"], rel=1e-9)
+    assert slow["completed"] == base["completed"] == 4

@@ -7,8 +7,16 @@ published (their own measured cost models and memory budgets), the same settings
 system overheads measured from that run's batch timestamps (claim-to-start dispatch and the
 in-job time around the engine, see :func:`services.bench.runner.slice_overheads`) and the
 scheduler's reaction time (the 10th percentile of queue time: arrival to first claim when
-nothing is ahead). The
-overheads are per-slice constants of the machine, not fitted to the compared metrics.
+nothing is ahead). The overheads are per-slice constants of the machine, not fitted to the
+compared metrics.
+
+The profiles are measured with one worker computing alone; in the real run the workers
+share the machine with each other and with the rest of the deployment, so their engines run
+slower than profiled. Each worker counts both its measured engine seconds and what its own
+cost model gives the slices it ran (``model_busy_s``); their ratio, per instance, scales
+that instance's *truth* model in the simulator (what its simulated engine really takes)
+while the policy still plans with the published profile, as the real scheduler does. ILS
+engines price no slices, so theirs stay at 1.
 """
 
 from __future__ import annotations
@@ -49,11 +57,27 @@ def simulate_like(real: dict[str, Any], policy: str, items: list[WorkItem],
     costs = [CostModel.from_json(profile) for profile, _budget, _ctx, _mode in profiles]
     budgets = [int(budget) for _p, budget, _ctx, _mode in profiles]
     contexts = [int(ctx) for _p, _b, ctx, _mode in profiles]
+    slowdown = engine_slowdowns(real)
+    ids = list(real["instance_profiles"])
+    truths = [cost.time_scaled(slowdown.get(iid, 1.0)) for iid, cost in zip(ids, costs,
+                                                                            strict=True)]
     overheads = real["overheads"]
     options = SimOptions(slice_overhead_s=overheads["dispatch_s"] + overheads["in_job_s"],
                          cycle_overhead_s=overheads.get("reaction_s", 0.0))
-    return simulate_metrics(items, policy, len(costs), costs, memory_budget_bytes=budgets,
-                            context_limit=contexts, settings=settings, options=options)
+    return simulate_metrics(items, policy, len(costs), costs, truths=truths,
+                            memory_budget_bytes=budgets, context_limit=contexts,
+                            settings=settings, options=options)
+
+
+def engine_slowdowns(real: dict[str, Any]) -> dict[str, float]:
+    """Per instance id, measured engine time over its cost model's time for the same
+    slices (only where it was measured)."""
+    out = {}
+    for inst in real.get("instances", []):
+        ratio = inst.get("engine_time_ratio")
+        if isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0:
+            out[inst["id"]] = ratio
+    return out
 
 
 def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float]:
@@ -76,6 +100,7 @@ def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float]:
         "real_completed": real["completed"], "sim_completed": sim["completed"],
         "slice_overhead_s": real["overheads"]["dispatch_s"] + real["overheads"]["in_job_s"],
         "edge_latency_s": edge,
+        "engine_time_ratio": real.get("engine_time_ratio"),
     }
 
 

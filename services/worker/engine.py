@@ -64,6 +64,9 @@ class SliceStats:
     recomputed_tokens: int  # context tokens re-prefilled for rows that had generated_ids
     generated_tokens: int  # sum of len(new_ids)
     peak_memory_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, None on CPU
+    # Rows in the batch at each decode step (finished rows may have been dropped): with
+    # batch_size and padded_len, what the cost model needs to price the slice that ran.
+    decode_rows: tuple[int, ...] = ()
 
 
 @dataclass
@@ -166,10 +169,11 @@ class SliceEngine:
         self._sync()
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        steps, invalid = 1, 0
+        steps, invalid, decode_rows = 1, 0, []
         while self._accept(batch.rows, tokens):
             batch, tokens = self._shrink(batch, tokens)
             invalid += sum(r.done for r in batch.rows)
+            decode_rows.append(len(batch.rows))
             logits = self._decode(batch, tokens)
             tokens = self._select(batch.rows, logits)
             steps += 1
@@ -187,6 +191,7 @@ class SliceEngine:
             ),
             generated_tokens=0,  # filled in by run_slice
             peak_memory_bytes=self._peak_memory(),
+            decode_rows=tuple(decode_rows),
         )
 
     def _prefill(

@@ -105,6 +105,10 @@ def result_dict(
         "time_max_err": errors.get("time_max_err"),
         "mem_ratio_min": errors.get("mem_ratio_min"),
         "mem_ratio_max": errors.get("mem_ratio_max"),
+        "memory_method": cost.meta.get("memory_method"),
+        "heap_overhead": cost.heap_overhead,
+        "process_ratio_min": errors.get("process_ratio_min"),
+        "process_ratio_max": errors.get("process_ratio_max"),
         "n_points": errors.get("n_points"),
         "n_heldout": errors.get("n_heldout"),
         "prefill_features": list(cost.prefill_features),
@@ -138,6 +142,7 @@ def coefficients(cost: CostModel) -> dict[str, Any]:
         "activation": dict(zip(cost.act_features, cost.act_coef, strict=True)),
         "kv_bytes_per_token": cost.kv_bytes_per_token,
         "mem_margin": cost.mem_margin,
+        "heap_overhead": cost.heap_overhead,
     }
 
 
@@ -159,17 +164,20 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
             table.add_row(part, name, f"{value:.4g} {unit}")
     table.add_row("memory", "kv bytes/token", str(coef["kv_bytes_per_token"]))
     table.add_row("memory", "margin", f"{coef['mem_margin']:.4f}")
+    table.add_row("memory", "heap overhead", f"{coef.get('heap_overhead', 1.0):.4f}")
     console.print(table)
     if result["heldout"]:
         held = Table(title="held-out grid points (not used for the fit)")
         for col in ("b", "l", "slice s", "estimate s", "error", "peak MiB", "estimate MiB",
-                    "ratio"):
+                    "ratio", "process MiB", "process ratio"):
             held.add_column(col, justify="right")
         for r in result["heldout"]:
             held.add_row(
                 f"{r['b']:.0f}", f"{r['l']:.0f}", f"{r['slice_s']:.4f}", f"{r['est_s']:.4f}",
                 f"{r['rel_err']:+.1%}", _fmt(_mib(r["peak_bytes"]), ".2f"),
                 f"{r['est_bytes'] / 2**20:.2f}", _fmt(r["mem_ratio"], ".3f"),
+                _fmt(_mib(r.get("process_peak_bytes")), ".2f"),
+                _fmt(r.get("process_ratio"), ".3f"),
             )
         console.print(held)
     console.print(
@@ -179,6 +187,12 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
         f"max {_fmt(result['mem_ratio_max'], '.3f')}  "
         f"({result['total_seconds']:.0f}s)"
     )
+    if result.get("process_ratio_min") is not None:
+        console.print(
+            f"process growth (resident set): heap overhead {result['heap_overhead']:.3f}, "
+            f"estimate x overhead / measured: min {result['process_ratio_min']:.3f}, "
+            f"max {result['process_ratio_max']:.3f}"
+        )
     if result["cv_mape"]:
         console.print("feature sets, leave-one-out slice-time MAPE on the fit points: " + "; ".join(
             f"{name}: {value:.2%}" for name, value in result["cv_mape"].items()

@@ -8,14 +8,25 @@ each decode step (from one decode call to the next, the last one to the return o
 ``run_slice``): per-step times include sampling and bookkeeping and add up exactly to the
 measured whole slice.
 
-Peak memory beyond what the process held before the slice:
+Peak memory beyond what was allocated before the slice (``PointSample.peak_bytes``, what
+the memory model is fitted to):
 
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the slice;
-* CPU: the growth of the process's peak resident set (``VmHWM``) over its resident set
-  (``VmRSS``) just before the slice. Linux resets ``VmHWM`` to the current RSS when ``5`` is
-  written to ``/proc/self/clear_refs``; freed heap is first returned to the OS
-  (``malloc_trim``) so that the slice cannot hide its growth in memory already held. Where
-  the reset is not allowed, memory is not measured and the analytic bound is used.
+* CPU: the same figure for torch's CPU allocator, which has no peak counter: the slice runs
+  once more per point under ``torch.profiler`` with ``profile_memory=True`` and the peak is
+  the largest running sum of its allocation events (every allocation and free of the CPU
+  allocator, kernels' scratch tensors included). It repeats to the byte for a shape. That
+  run's time is not used (the profiler slows every op).
+
+On CPU the process also grows by what glibc keeps on top (freed chunks, per-thread arenas):
+``PointSample.process_peak_bytes`` is the growth of its peak resident set (``VmHWM``) over
+its resident set just before the slice, largest over the timed repeats. Linux resets
+``VmHWM`` to the current RSS when ``5`` is written to ``/proc/self/clear_refs``; freed heap
+is first returned to the OS (``malloc_trim``) so that the slice cannot hide its growth in
+memory already held. The fit turns it into the model's ``heap_overhead``, by which the CPU
+budget is divided. Where the reset is not allowed, the process figure is not measured; where
+the profiler gives no allocation events either, memory is not measured and the analytic
+bound is used.
 
 Warm-up slices run first and are not recorded; every point is repeated (the repeats are
 interleaved over the grid, so a burst of outside load hits one repeat of many points rather
@@ -35,6 +46,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -59,7 +71,7 @@ from shared.settings import Settings
 
 log = get_logger(__name__)
 
-PROFILER_VERSION = 1  # bump when measurement changes: cached profiles then become stale
+PROFILER_VERSION = 2  # bump when measurement changes: cached profiles then become stale
 _PEAK_RESET = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
@@ -179,6 +191,65 @@ class PeakMeter:
         return None
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (kineto prints two log lines at every profiler start/stop
+    that no setting turns off); only wrapped around those calls, never around a slice."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class AllocatorPeak:
+    """Peak bytes held by torch's CPU allocator while a block runs, beyond the level at its
+    start: the CPU counterpart of ``torch.cuda.max_memory_allocated``.
+
+    ``torch.profiler`` with ``profile_memory=True`` records one event per allocation
+    (positive bytes) and free (negative); the peak is the largest running sum in time
+    order. ``available`` is False where the profiler gives no events (then memory falls
+    back to the process figure).
+    """
+
+    def __init__(self) -> None:
+        self.available = self._probe()
+
+    @staticmethod
+    def _probe() -> bool:
+        """Whether a known allocation shows up as allocator events."""
+        try:
+            peak = AllocatorPeak.measure(lambda: torch.ones(1 << 18, dtype=torch.float32))
+        except (AttributeError, RuntimeError):  # profiler internals differ in this torch
+            return False
+        return peak >= 1 << 20
+
+    @staticmethod
+    def measure(block: Callable[[], Any]) -> int:
+        """Run ``block`` under the profiler; its allocator peak in bytes."""
+        prof = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        )
+        with _quiet_stderr():
+            prof.__enter__()
+        try:
+            block()
+        finally:
+            with _quiet_stderr():
+                prof.__exit__(None, None, None)
+        events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        running = peak = 0
+        for _, delta in deltas:
+            running += delta
+            peak = max(peak, running)
+        return peak
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring one slice
 # --------------------------------------------------------------------------------------------
@@ -276,8 +347,14 @@ def run_profile(
         if progress is not None:
             elapsed = time.perf_counter() - started
             progress(f"repeat {rep + 1}/{grid.repeats} of {len(points)} points, {elapsed:.0f}s")
+    allocator = _allocator_peaks(engine, points, slice_length, vocab, rng, loaded.device)
+    if allocator and progress is not None:
+        progress(f"allocator peaks of {len(points)} points")
     return ProfileSamples(
-        points=tuple(_summarise(b, x, slice_length, runs[(b, x)]) for b, x in points),
+        points=tuple(
+            _summarise(b, x, slice_length, runs[(b, x)], allocator.get((b, x)))
+            for b, x in points
+        ),
         slice_length=slice_length,
         kv_bytes_per_token=loaded.info.kv_bytes_per_token,
         model=loaded.info.name,
@@ -289,14 +366,56 @@ def run_profile(
             "torch": torch.__version__,
             "grid": json.loads(json.dumps(asdict(grid))),
             "profile_s": round(time.perf_counter() - started, 2),
-            "memory_measured": meter.available,
+            "memory_measured": bool(allocator) or meter.available,
+            "memory_method": _memory_method(meter, bool(allocator)),
         },
     )
 
 
-def _summarise(b: int, x: int, s: int, runs: list[SliceTiming]) -> PointSample:
-    """Median times and largest peak of one point's repeats."""
-    peaks = [r.peak_bytes for r in runs]
+def _allocator_peaks(
+    engine: SliceEngine,
+    points: list[tuple[int, int]],
+    s: int,
+    vocab: int,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> dict[tuple[int, int], int]:
+    """CPU: one more slice per point under the allocator meter (empty elsewhere, or where
+    the profiler gives no allocation events)."""
+    if device.type != "cpu":
+        return {}
+    meter = AllocatorPeak()
+    if not meter.available:
+        log.warning("allocator_peak_unavailable", fallback="resident set growth")
+        return {}
+    peaks = {}
+    for b, x in points:
+        rows = _rows(b, x, s, vocab, rng)
+        peaks[(b, x)] = meter.measure(lambda rows=rows: engine.run_slice(rows, s))
+    return peaks
+
+
+def _memory_method(meter: PeakMeter, allocator: bool) -> str | None:
+    """How ``peak_bytes`` was measured (recorded in the profile's meta)."""
+    if meter.cuda:
+        return "cuda_max_memory_allocated"
+    if allocator:
+        return "cpu_allocator_events"
+    return "resident_set_growth" if meter.available else None
+
+
+def _summarise(
+    b: int, x: int, s: int, runs: list[SliceTiming], allocator_peak: int | None
+) -> PointSample:
+    """Median times and largest peak of one point's repeats.
+
+    CUDA: ``peak_bytes`` is the allocator's peak. CPU: ``peak_bytes`` is the allocator peak
+    of the memory pass and ``process_peak_bytes`` the largest resident-set growth of the
+    timed repeats (without the memory pass, the resident-set growth is all there is and
+    becomes ``peak_bytes``).
+    """
+    largest = _largest([r.peak_bytes for r in runs])
+    peak, process = (largest, None) if allocator_peak is None else (allocator_peak, largest)
     steps = np.median(np.array([r.step_s for r in runs]), axis=0) if s > 1 else []
     return PointSample(
         b=b,
@@ -305,8 +424,16 @@ def _summarise(b: int, x: int, s: int, runs: list[SliceTiming]) -> PointSample:
         prefill_s=float(np.median([r.prefill_s for r in runs])),
         step_s=tuple(float(v) for v in steps),
         slice_s=float(np.median([r.slice_s for r in runs])),
-        peak_bytes=None if None in peaks else int(max(p for p in peaks if p is not None)),
+        peak_bytes=peak,
+        process_peak_bytes=process,
     )
+
+
+def _largest(values: list[int | None]) -> int | None:
+    """The largest value, or None if any is missing."""
+    if any(v is None for v in values):
+        return None
+    return int(max(v for v in values if v is not None))
 
 
 def _dtype_name(loaded: LoadedModel) -> str:
@@ -454,7 +581,9 @@ def _cached_or_analytic(loaded: LoadedModel, settings: Settings) -> CostModel:
     return analytic_model_for(loaded, settings.slice_length)
 
 
-def instance_memory_budget(loaded: LoadedModel, settings: Settings) -> int:
+def instance_memory_budget(
+    loaded: LoadedModel, settings: Settings, cost: CostModel | None = None
+) -> int:
     """Bytes this instance may spend on slices (KV cache + activations), beyond the weights.
 
     CUDA: ``utilisation * (free + reserved) - allocated``, read after the model is loaded.
@@ -463,10 +592,13 @@ def instance_memory_budget(loaded: LoadedModel, settings: Settings) -> int:
     weights (plus anything else still live). So this is "free memory at start times
     ``gpu_memory_utilization`` minus the weights"; the remaining fraction covers the CUDA
     context, allocator fragmentation and other processes' growth. CPU:
-    ``settings.memory_budget_bytes``.
+    ``settings.memory_budget_bytes / cost.heap_overhead``: the memory model estimates what
+    torch allocates, and the profile measured how much more the process grows by (glibc's
+    heap), so that the process itself stays within the configured budget.
     """
     if loaded.device.type != "cuda":
-        return int(settings.memory_budget_bytes)
+        overhead = 1.0 if cost is None else cost.heap_overhead
+        return int(settings.memory_budget_bytes / overhead)
     utilisation = float(getattr(settings, "gpu_memory_utilization", 0.9))
     free, _total = torch.cuda.mem_get_info(loaded.device)
     reserved = torch.cuda.memory_reserved(loaded.device)

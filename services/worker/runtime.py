@@ -122,7 +122,7 @@ class WorkerRuntime:
         busy = time.perf_counter() - started
         items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,
                                                                          strict=True)]
-        counters = slice_counters(stats, busy)
+        counters = slice_counters(stats, busy, self.cost)
         # DESIGN.md s.7 early-return ratio: requests that finish within their first slice.
         counters["first_slice_finishes"] = sum(
             1 for rec, out in zip(records, outputs, strict=True)
@@ -183,8 +183,18 @@ def to_slice_input(rec: RequestRecord) -> SliceInput:
     )
 
 
-def slice_counters(stats: SliceStats, busy_s: float) -> dict[str, float]:
-    """Counters a commit adds to the global and per-instance stats hashes (DESIGN.md s.7)."""
+def slice_counters(
+    stats: SliceStats, busy_s: float, cost: CostModel | None = None
+) -> dict[str, float]:
+    """Counters a commit adds to the global and per-instance stats hashes (DESIGN.md s.7).
+
+    ``model_busy_s`` is what the instance's own cost model gives the slice that ran (its
+    batch size, padded length and the rows of every decode step): ``busy_s / model_busy_s``
+    is how much slower (or faster) the engine runs in service than when it was profiled.
+    """
+    model_busy = 0.0 if cost is None else cost.run_time(
+        stats.batch_size, stats.padded_len, stats.decode_rows
+    )
     return {
         "slices": 1,
         "batch_size_sum": stats.batch_size,
@@ -195,4 +205,5 @@ def slice_counters(stats: SliceStats, busy_s: float) -> dict[str, float]:
         "prefill_s": stats.prefill_s,
         "decode_s": stats.decode_s,
         "busy_s": busy_s,
+        "model_busy_s": model_busy,
     }

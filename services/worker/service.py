@@ -209,7 +209,7 @@ def create_worker(
         loaded = load_model(settings.model, settings.cache_dir, settings.device)
     if cost is None:
         cost = load_or_profile(loaded, settings, reprofile=reprofile)
-    budget = instance_memory_budget(loaded, settings)
+    budget = instance_memory_budget(loaded, settings, cost)
     store = Store(connect(url), Keys(settings.key_prefix))
     iid = instance_id or settings.instance_id or default_instance_id()
     runtime_class = IlsRuntime if settings.policy == "ils" else WorkerRuntime
