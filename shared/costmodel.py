@@ -197,6 +197,20 @@ class CostModel:
         decode = float(self.decode_step_time(rows, contexts).sum()) if len(rows) else 0.0
         return float(self.prefill_time(b, l)) + decode
 
+    def iteration_time(self, query_lens: Sequence[int], keys_total: int) -> float:
+        """Seconds the model gives one continuous-batching iteration, priced as the
+        simulator's ILS engine prices it: one decode step ``Td(b, c)`` for the ``b``
+        requests feeding one token (``c`` their mean context: the keys read, less the
+        prompt chunks' own, per decoding request) plus a prefill ``Tp(1, q)`` for each
+        request feeding a prompt chunk of ``q > 1`` tokens."""
+        decoding = sum(1 for q in query_lens if q == 1)
+        chunks = np.array([q for q in query_lens if q > 1], dtype=float)
+        total = float(self.prefill_time(1, chunks).sum()) if len(chunks) else 0.0
+        if decoding:
+            context = max(1.0, (keys_total - float(chunks.sum())) / decoding)
+            total += float(self.decode_step_time(decoding, context))
+        return total
+
     def time_scaled(self, factor: float) -> CostModel:
         """The same model with every time multiplied by ``factor`` (memory unchanged): an
         instance that runs ``factor`` times slower than it was profiled.

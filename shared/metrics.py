@@ -108,7 +108,7 @@ def average_batch_size(counters: Mapping[str, float]) -> float:
 
 def engine_time_ratio(counters: Mapping[str, float]) -> float:
     """``busy_s / model_busy_s``: measured engine seconds over what the instance's cost
-    model gives the same slices as they ran (NaN where no slice was priced, e.g. ILS)."""
+    model gives the same slices (ILS: iterations) as they ran (NaN where none was priced)."""
     model = counters.get("model_busy_s", 0.0)
     return counters.get("busy_s", 0.0) / model if model > 0 else math.nan
 
@@ -161,7 +161,7 @@ def summarize(
         "recomputed_tokens": int(counters.get("recomputed_tokens", 0)),
         "busy_s_total": float(counters.get("busy_s", 0.0)),
         # measured engine time / the instances' own cost models for the same slices: how
-        # much slower than profiled the engines ran (contention); NaN for ILS engines
+        # much slower than profiled the engines ran (contention); NaN if nothing was priced
         "engine_time_ratio": engine_time_ratio(counters),
         "imbalance_busy_std": busy_std,
         "imbalance_busy_max_mean": busy_ratio,

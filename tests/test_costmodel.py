@@ -328,6 +328,19 @@ def test_run_time_prices_the_slice_that_ran() -> None:
     assert model.run_time(0, 0, []) == 0.0
 
 
+def test_iteration_time_prices_a_continuous_batching_step_like_the_simulator() -> None:
+    model = make_model(s=8)
+    # three decoding requests with contexts 100, 200, 300 (+1 new key each) and one prompt
+    # chunk of 50 tokens: keys read 101 + 201 + 301 + 50
+    got = model.iteration_time([1, 50, 1, 1], 101 + 201 + 301 + 50)
+    want = float(model.decode_step_time(3, 201.0)) + float(model.prefill_time(1, 50))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert model.iteration_time([1, 1], 40) == pytest.approx(
+        float(model.decode_step_time(2, 20.0)), rel=1e-12)
+    assert model.iteration_time([7], 7) == pytest.approx(float(model.prefill_time(1, 7)))
+    assert model.iteration_time([], 0) == 0.0
+
+
 def test_time_scaled_scales_every_time_and_no_memory() -> None:
     model = make_model(s=8)
     slow = model.time_scaled(1.7)

@@ -118,4 +118,8 @@ def test_scls_sls_and_ils_give_the_same_greedy_text(
                 assert max(slices) >= 2  # long answers took several slices
             else:
                 assert set(slices) == {1}  # sls and ils run each request in one go
+            # every engine priced what it ran with its own cost model (slices, or ILS
+            # iterations), so busy_s / model_busy_s compares it with its profile
+            stats = store.stats()
+            assert stats["model_busy_s"] > 0 and stats["busy_s"] > 0, (policy, stats)
     assert texts["scls"] == texts["sls"] == texts["ils"]

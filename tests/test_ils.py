@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput
-from services.worker.ils import IlsConfig, IlsEngine, IlsResult, num_blocks_for
+from services.worker.ils import (
+    IlsConfig,
+    IlsEngine,
+    IlsResult,
+    IterationShape,
+    num_blocks_for,
+)
 from shared.models import ByteCodec, LoadedModel
 from shared.states import FinishReason
 from tests.helpers import greedy_reference
@@ -249,3 +255,23 @@ def test_cache_is_sized_from_the_budget(tiny: LoadedModel) -> None:
     assert large.max_batch_tokens == 512
     with pytest.raises(ValueError, match="too small"):
         IlsEngine(tiny, IlsConfig(max_concurrency=1, memory_budget_bytes=1000))
+
+
+def test_every_iteration_is_observed_with_its_shape(
+    tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """The iteration observer (how an ILS worker prices its engine's work) sees every
+    forward pass: prompt chunks plus one token per later step of every request."""
+    shapes: list[IterationShape] = []
+    with running(tiny, SMALL) as engine:
+        engine.on_iteration = shapes.append
+        ids = [f"r{i}" for i in range(len(prompts))]
+        for rid, prompt, n in zip(ids, prompts, MAX_NEW, strict=True):
+            engine.add(rid, prompt, n, ignore_eos=True)
+        results = collect(engine, ids)
+    assert [len(results[r].new_ids) for r in ids] == list(MAX_NEW)
+    fed = sum(sum(s.query_lens) for s in shapes)
+    assert fed == sum(len(p) for p in prompts) + sum(n - 1 for n in MAX_NEW)
+    assert max(max(s.query_lens) for s in shapes) <= SMALL.max_batch_tokens  # chunked
+    assert all(s.keys_total >= sum(s.query_lens) for s in shapes)
+    assert max(len(s.query_lens) for s in shapes) <= SMALL.max_concurrency

@@ -16,7 +16,8 @@ slower than profiled. Each worker counts both its measured engine seconds and wh
 cost model gives the slices it ran (``model_busy_s``); their ratio, per instance, scales
 that instance's *truth* model in the simulator (what its simulated engine really takes)
 while the policy still plans with the published profile, as the real scheduler does. ILS
-engines price no slices, so theirs stay at 1.
+workers price each iteration of transformers' loop as the simulated ILS engine does
+(:meth:`shared.costmodel.CostModel.iteration_time`), so theirs is measured the same way.
 """
 
 from __future__ import annotations

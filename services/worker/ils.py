@@ -41,7 +41,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,30 @@ class _Request:
     ignore_eos: bool
 
 
+@dataclass(frozen=True)
+class IterationShape:
+    """What one forward pass of the continuous-batching loop computed: per request in it,
+    the tokens it fed (1 for a decoding request, a prompt chunk for a prefilling one), and
+    the keys attention read over all of them (each request's cached context plus its new
+    tokens)."""
+
+    query_lens: tuple[int, ...]
+    keys_total: int
+
+
+def iteration_shape(kwargs: dict[str, Any]) -> IterationShape | None:
+    """The :class:`IterationShape` of a forward call of transformers' continuous batching
+    (5.23: packed ``input_ids`` of shape ``[1, tokens]`` with ``cu_seq_lens_q`` the request
+    boundaries, and an SDPA mask ``[1, 1, tokens, keys]``); None for any other call."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    mask = kwargs.get("attention_mask")
+    if cu_q is None or mask is None or getattr(mask, "dim", lambda: 0)() != 4:
+        return None
+    bounds = [int(v) for v in cu_q.tolist()]
+    lens = tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    return IterationShape(query_lens=lens, keys_total=int(mask.shape[-1]))
+
+
 def num_blocks_for(memory_budget_bytes: int, page_size: int, kv_bytes_per_token: int) -> int:
     """KV blocks that fit the budget: ``budget // (page_size * kv_bytes_per_token)``."""
     return memory_budget_bytes // (page_size * kv_bytes_per_token)
@@ -131,6 +155,10 @@ class IlsEngine:
         self._manager: Any = None
         self._collector: threading.Thread | None = None
         self._closing = False
+        self._hook: Any = None
+        # Called from transformers' loop thread before every forward pass after the warm-up
+        # with the iteration's shape (see iteration_shape).
+        self.on_iteration: Callable[[IterationShape], None] | None = None
 
     # ----------------------------------------------------------------------------------------
     # Public
@@ -151,8 +179,18 @@ class IlsEngine:
         except BaseException:
             self._manager.stop(block=True, hard_stop=True, timeout=_STOP_TIMEOUT_S)
             raise
+        self._hook = self.loaded.model.register_forward_pre_hook(self._observe, with_kwargs=True)
         self._collector = threading.Thread(target=self._collect, name="ils-collector", daemon=True)
         self._collector.start()
+
+    def _observe(self, _module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: hand the iteration's shape to ``on_iteration``."""
+        callback = self.on_iteration
+        if callback is None:
+            return
+        shape = iteration_shape(kwargs)
+        if shape is not None:
+            callback(shape)
 
     def add(
         self, request_id: str, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False
@@ -216,6 +254,8 @@ class IlsEngine:
         self._manager.stop(block=True, hard_stop=True, timeout=_STOP_TIMEOUT_S)
         if self._collector is not None:
             self._collector.join(timeout=_STOP_TIMEOUT_S)
+        if self._hook is not None:
+            self._hook.remove()
 
     # ----------------------------------------------------------------------------------------
     # Set-up

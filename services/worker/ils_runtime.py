@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from services.worker.ils import IlsConfig, IlsEngine, IlsResult
+from services.worker.ils import IlsConfig, IlsEngine, IlsResult, IterationShape
 from services.worker.runtime import WorkerRuntime
 from shared.costmodel import CostModel
 from shared.logging import bound, get_logger
@@ -59,6 +59,11 @@ class IlsRuntime(WorkerRuntime):
         self._stop = threading.Event()
         self._collector: threading.Thread | None = None
         self._busy_since: float | None = None
+        # Seconds the cost model gives the iterations run so far, and the part of it not
+        # yet added to a commit's counters (model_busy_s: engine time vs its profile).
+        self._priced_s = 0.0
+        self._priced_committed_s = 0.0
+        self.ils.on_iteration = self._price
 
     def start(self) -> None:
         """Start the engine (with its warm-up) and the collector thread."""
@@ -112,6 +117,7 @@ class IlsRuntime(WorkerRuntime):
         with self._lock:
             entry = self._admitted.pop(result.request_id, None)
             busy = self._account_busy()
+            priced = self._account_priced()
         if entry is None:
             return
         batch, rec = entry.batch, entry.record
@@ -132,6 +138,7 @@ class IlsRuntime(WorkerRuntime):
             # request-seconds in the engine: summed over requests and divided by busy time,
             # the mean size of the running batch (shared.metrics.average_batch_size)
             "concurrency_s": time.perf_counter() - entry.admitted_at,
+            "model_busy_s": priced,
         }
         try:
             finished = self.store.commit_slice(
@@ -144,6 +151,19 @@ class IlsRuntime(WorkerRuntime):
         # ILS has no slices: the observed duration is the request's time in the engine.
         self.metrics.observe_commit(counters, finished, time.perf_counter() - entry.admitted_at,
                                     batch.estimated_s)
+
+    def _price(self, shape: IterationShape) -> None:
+        """transformers' loop thread, before each forward pass: add what the cost model
+        gives that iteration (the same pricing as the simulator's ILS engine)."""
+        seconds = self.cost.iteration_time(shape.query_lens, shape.keys_total)
+        with self._lock:
+            self._priced_s += seconds
+
+    def _account_priced(self) -> float:
+        """Priced seconds since the last account (call with the lock held)."""
+        delta = self._priced_s - self._priced_committed_s
+        self._priced_committed_s = self._priced_s
+        return delta
 
     def _account_busy(self) -> float:
         """Wall time the engine had work since the last account (call with the lock held)."""
