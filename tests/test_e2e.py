@@ -4,6 +4,7 @@ workers (``LocalDeployment``, as ``scls up`` starts them), real HTTP, real Redis
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,28 @@ def test_greedy_over_http_equals_generate(deployment: LocalDeployment, tmp_path:
         greedy_reference(tiny, tiny.codec.encode(prompt), 13, require_full=False)
     )
     assert resp.json()["choices"][0]["text"] == expected
+
+
+def test_streamed_answer_arrives_slice_by_slice_and_equals_the_whole(
+    deployment: LocalDeployment,
+) -> None:
+    """``stream: true`` over real HTTP: with S = 4 and 13 tokens (slices of 4, 4, 4, 1)
+    the text comes in chunk by chunk as the slices commit, and joined it is the
+    non-streamed answer. (A random model's bytes may leave a slice with no whole
+    character to send, so at least 3 non-empty chunks, not 4.)"""
+    body = {"prompt": "Stream me a story", "max_tokens": 13, "temperature": 0,
+            "ignore_eos": True}
+    whole = httpx.post(f"{deployment.url}/v1/completions", timeout=120, json=body).json()
+    chunks = []
+    with httpx.stream("POST", f"{deployment.url}/v1/completions", timeout=120,
+                      json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[len("data: "):])["choices"][0])
+    assert len([c for c in chunks if c["text"]]) >= 3
+    assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["finish_reason"] == "length"
 
 
 def test_request_state_endpoint_and_health(deployment: LocalDeployment) -> None:

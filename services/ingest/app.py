@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +47,7 @@ from services.ingest.schemas import (
     SclsInfo,
     Usage,
 )
+from services.ingest.streaming import ChunkFormat, Finished, StopHoldback, stream_chunks
 from services.ingest.waiter import EventWaiter
 from shared.keys import Keys
 from shared.logging import bound, get_logger
@@ -243,8 +244,6 @@ class Ingest:
 
     def check_supported(self, body: GenerationParams) -> None:
         """400 for OpenAI options the server does not implement."""
-        if body.stream:
-            raise APIError(400, "stream=true is not supported yet", param="stream")
         if body.n not in (None, 1):
             raise APIError(400, f"n: only n=1 is supported, got {body.n}", param="n")
 
@@ -424,15 +423,14 @@ def _ingest(request: Request) -> Ingest:
     return ingest
 
 
-async def _serve(
+async def _accept(
     request: Request,
-    response: Response,
     body: GenerationParams,
     encode: Callable[[], list[int]],
     max_tokens: int | None,
     prompt_param: str,
 ) -> RequestRecord:
-    """Tokenise, check, submit, wait and read back one request (both endpoints)."""
+    """Tokenise, check and submit one request (both endpoints, streaming or not)."""
     ingest = _ingest(request)
     ingest.check_model(body.model)
     ingest.check_supported(body)
@@ -442,20 +440,79 @@ async def _serve(
         raise APIError(400, f"{prompt_param}: must not be empty", param=prompt_param)
     params = ingest.build_params(body, max_tokens, len(prompt_ids), prompt_param)
     record = await ingest.submit(prompt_ids, params)
+    with bound(request_id=record.id):
+        _log().info("request accepted", path=request.url.path, prompt_tokens=len(prompt_ids),
+                    max_tokens=params.max_tokens, temperature=params.temperature,
+                    stream=bool(body.stream))
+    return record
+
+
+async def _finished(ingest: Ingest, record: RequestRecord) -> RequestRecord:
+    """The ended request's record (an :class:`APIError` unless it finished), logged and
+    counted."""
+    with bound(request_id=record.id):
+        done = await ingest.finished_record(record.id)
+        _log().info("request finished", finish_reason=_finish_reason(done),
+                    completion_tokens=len(done.generated_ids), slices=done.slices,
+                    **_timings(done))
+    ingest.metrics.observe_finished(_timings(done), len(done.prompt_ids),
+                                    len(done.generated_ids))
+    return done
+
+
+async def _serve(request: Request, response: Response, record: RequestRecord) -> RequestRecord:
+    """Wait for an accepted request to end and read it back (non-streaming)."""
+    ingest = _ingest(request)
     response.headers["X-Request-Id"] = record.id
     with bound(request_id=record.id):
-        log = _log()
-        log.info("request accepted", path=request.url.path, prompt_tokens=len(prompt_ids),
-                 max_tokens=params.max_tokens, temperature=params.temperature)
         final = await ingest.wait_final(record.id, request)
-        if final is None:
-            raise _timeout(record.id, ingest.settings.request_timeout_s)
-        done = await ingest.finished_record(record.id)
-        log.info("request finished", finish_reason=_finish_reason(done),
-                 completion_tokens=len(done.generated_ids), slices=done.slices,
-                 **_timings(done))
-    ingest.metrics.observe_finished(_timings(done), len(prompt_ids), len(done.generated_ids))
-    return done
+    if final is None:
+        raise _timeout(record.id, ingest.settings.request_timeout_s)
+    return await _finished(ingest, record)
+
+
+def _stream(request: Request, record: RequestRecord, body: GenerationParams,
+            chat: bool) -> StreamingResponse:
+    """Server-sent events of an accepted request (``stream: true``), see
+    :mod:`services.ingest.streaming`."""
+    ingest = _ingest(request)
+    timeout_s = ingest.settings.request_timeout_s
+    fmt = ChunkFormat(
+        chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{record.id}",
+        created=int(record.arrival), model=ingest.info.name,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+
+    async def finish() -> Finished:
+        done = await _finished(ingest, record)
+        return Finished(done.text, _finish_reason(done), _usage(done).model_dump())
+
+    async def events() -> AsyncIterator[str]:
+        if ingest.waiter is None:
+            raise RuntimeError("the ingest app is not started: run it with its lifespan")
+        key = ingest.keys.events(record.id)
+        # Subscribed here, in the body, so that a client gone before the body starts
+        # leaves no watch behind; the stream is read from its start either way.
+        queue = await ingest.waiter.subscribe(key)
+        try:
+            async for event in stream_chunks(
+                queue, fmt, StopHoldback(record.params.stop), finish, timeout_s,
+                _error_event, lambda: _timeout(record.id, timeout_s),
+            ):
+                yield event
+        finally:
+            ingest.waiter.unsubscribe(key, queue)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"X-Request-Id": record.id, "Cache-Control": "no-cache"})
+
+
+def _error_event(exc: Exception) -> dict[str, Any]:
+    """The ``{"error": ...}`` event that ends a stream whose request did not finish."""
+    status, message = (exc.status, exc.message) if isinstance(exc, APIError) else (500, str(exc))
+    _log().warning("stream ended with an error", status=status, error=message)
+    return {"error": {"message": message, "type": _error_type(status), "param": None,
+                      "code": getattr(exc, "code", None)}}
 
 
 def _timeout(request_id: str, timeout_s: float) -> APIError:
@@ -473,8 +530,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
-async def completions(request: Request, response: Response) -> CompletionResponse:
-    """OpenAI text completion (non-streaming): one prompt, one choice."""
+async def completions(request: Request, response: Response) -> Any:
+    """OpenAI text completion: one prompt, one choice (``stream: true``: server-sent
+    events, a chunk per slice)."""
     body = await parse_body(request, CompletionRequest)
     ingest = _ingest(request)
     prompt = body.prompt
@@ -485,7 +543,10 @@ async def completions(request: Request, response: Response) -> CompletionRespons
         ingest.check_token_ids(prompt)
         return list(prompt)
 
-    record = await _serve(request, response, body, encode, body.max_tokens, "prompt")
+    accepted = await _accept(request, body, encode, body.max_tokens, "prompt")
+    if body.stream:
+        return _stream(request, accepted, body, chat=False)
+    record = await _serve(request, response, accepted)
     return CompletionResponse(
         id=f"cmpl-{record.id}",
         created=int(record.arrival),
@@ -497,8 +558,9 @@ async def completions(request: Request, response: Response) -> CompletionRespons
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
-async def chat_completions(request: Request, response: Response) -> ChatCompletionResponse:
-    """OpenAI chat completion (non-streaming): messages through the model's chat template."""
+async def chat_completions(request: Request, response: Response) -> Any:
+    """OpenAI chat completion: messages through the model's chat template (``stream:
+    true``: server-sent events, a chunk per slice)."""
     body = await parse_body(request, ChatCompletionRequest)
     ingest = _ingest(request)
     messages = body.as_dicts()
@@ -511,7 +573,10 @@ async def chat_completions(request: Request, response: Response) -> ChatCompleti
                            param="messages") from None
 
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
-    record = await _serve(request, response, body, encode, max_tokens, "messages")
+    accepted = await _accept(request, body, encode, max_tokens, "messages")
+    if body.stream:
+        return _stream(request, accepted, body, chat=True)
+    record = await _serve(request, response, accepted)
     return ChatCompletionResponse(
         id=f"chatcmpl-{record.id}",
         created=int(record.arrival),

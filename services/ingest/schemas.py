@@ -35,6 +35,12 @@ class _StrictBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class StreamOptions(_StrictBody):
+    """``stream_options``: with ``include_usage`` the stream ends with a usage chunk."""
+
+    include_usage: bool | None = None
+
+
 class GenerationParams(_StrictBody):
     """Sampling fields shared by ``/v1/completions`` and ``/v1/chat/completions``.
 
@@ -50,6 +56,7 @@ class GenerationParams(_StrictBody):
     stop: Any = None
     ignore_eos: bool | None = None
     stream: bool | None = None
+    stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
 
     @field_validator("stop")

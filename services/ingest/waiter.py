@@ -7,6 +7,10 @@ over all watched event streams at once on its own connection and resolves each w
 future when its ``final`` entry appears. A newly registered stream interrupts the current
 block with ``CLIENT UNBLOCK`` so it is watched at once (no added latency). Streams are read
 from their start, so a final entry written before the waiter registered is still seen.
+
+Streaming responses :meth:`EventWaiter.subscribe` instead: every entry of the stream (each
+slice's text delta, then the final entry) is put in the subscriber's queue, over the same
+connection.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ _RETRY_S = 0.5  # back-off after a Redis error (the waiters keep waiting)
 class _Watch:
     last_id: str = "0"
     futures: list[asyncio.Future[dict[str, str]]] = field(default_factory=list)
+    followers: list[asyncio.Queue[dict[str, str]]] = field(default_factory=list)
+
+    @property
+    def idle(self) -> bool:
+        return not self.futures and not self.followers
 
 
 class EventWaiter:
@@ -77,6 +86,8 @@ class EventWaiter:
         for watch in self._watch.values():
             for fut in watch.futures:
                 fut.cancel()
+            for queue in watch.followers:  # a streaming response ends instead of waiting
+                queue.put_nowait({"kind": "closed"})
         self._watch.clear()
         for client in (self._reader, self._control):
             if client is not None:
@@ -100,13 +111,33 @@ class EventWaiter:
         finally:
             self._forget(key, fut)
 
+    async def subscribe(self, key: str) -> asyncio.Queue[dict[str, str]]:
+        """A queue that receives every entry of stream ``key`` (read from its start when it
+        is not watched yet), the ``final`` one last, until :meth:`unsubscribe`. If the
+        waiter stops first, the queue gets ``{"kind": "closed"}``."""
+        queue: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        self._watch.setdefault(key, _Watch()).followers.append(queue)
+        self._ensure_running()
+        await self._nudge(key)
+        return queue
+
+    def unsubscribe(self, key: str, queue: asyncio.Queue[dict[str, str]]) -> None:
+        """Stop feeding ``queue``."""
+        watch = self._watch.get(key)
+        if watch is None:
+            return
+        if queue in watch.followers:
+            watch.followers.remove(queue)
+        if watch.idle:
+            del self._watch[key]
+
     def _forget(self, key: str, fut: asyncio.Future[dict[str, str]]) -> None:
         watch = self._watch.get(key)
         if watch is None:
             return
         if fut in watch.futures:
             watch.futures.remove(fut)
-        if not watch.futures:
+        if watch.idle:
             del self._watch[key]
 
     async def _nudge(self, key: str) -> None:
@@ -168,6 +199,8 @@ class EventWaiter:
             return
         for entry_id, fields in entries:
             watch.last_id = entry_id
+            for queue in watch.followers:
+                queue.put_nowait(dict(fields))
             if fields.get("kind") == "final":
                 for fut in watch.futures:
                     if not fut.done():

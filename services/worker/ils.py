@@ -113,6 +113,7 @@ def iteration_shape(kwargs: dict[str, Any]) -> IterationShape | None:
     mask = kwargs.get("attention_mask")
     if cu_q is None or mask is None or getattr(mask, "dim", lambda: 0)() != 4:
         return None
+    # A few ints; on CUDA a small copy that waits for the queued host-to-device transfer.
     bounds = [int(v) for v in cu_q.tolist()]
     lens = tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
     return IterationShape(query_lens=lens, keys_total=int(mask.shape[-1]))

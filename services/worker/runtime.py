@@ -6,6 +6,7 @@ and commit the results fenced. It is a plain method so tests can call it directl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -32,10 +33,29 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def text_delta(codec: TextCodec, before: Sequence[int], after: Sequence[int]) -> str:
-    """Text that ``after`` adds to ``before`` (both full generated-token lists)."""
-    old, new = codec.decode(before), codec.decode(after)
-    return new[len(old):] if new.startswith(old) else new
+_INCOMPLETE = "\ufffd"  # what decoding gives for the bytes of a character cut short
+
+
+def text_delta(
+    codec: TextCodec, before: Sequence[int], after: Sequence[int], final: bool = False
+) -> str:
+    """Text that ``after`` adds to ``before`` (both full generated-token lists), such that
+    a request's deltas add up to its decoded text (what ``stream: true`` sends).
+
+    A multi-byte character can be cut between two slices: its first bytes decode to
+    U+FFFD, which the next slice's decode replaces by the character. So trailing U+FFFD is
+    never sent before the request ends: it is counted as not yet sent, and a later slice
+    (or the last one, which sends everything) delivers what it became.
+    """
+    sent = codec.decode(before).rstrip(_INCOMPLETE)
+    new = codec.decode(after)
+    if not final:
+        new = new.rstrip(_INCOMPLETE)
+    if new.startswith(sent):
+        return new[len(sent):]
+    # A decoder that rewrites earlier text (none of ours): send from where they differ.
+    common = len(os.path.commonprefix([sent, new]))
+    return new[common:]
 
 
 class WorkerRuntime:
@@ -164,7 +184,8 @@ class WorkerRuntime:
             fence=batch.fences[rec.id],
             new_ids=out.new_ids,
             finish_reason=out.finish_reason,
-            delta_text=text_delta(codec, rec.generated_ids, generated),
+            delta_text=text_delta(codec, rec.generated_ids, generated,
+                                  final=out.finish_reason is not None),
             final_text=final_text,
         )
 
