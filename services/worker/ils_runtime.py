@@ -59,10 +59,9 @@ class IlsRuntime(WorkerRuntime):
         self._stop = threading.Event()
         self._collector: threading.Thread | None = None
         self._busy_since: float | None = None
-        # Seconds the cost model gives the iterations run so far, and the part of it not
-        # yet added to a commit's counters (model_busy_s: engine time vs its profile).
+        # Seconds the cost model gives the iterations run since the last commit's counters
+        # (model_busy_s: the engine's time against its profile).
         self._priced_s = 0.0
-        self._priced_committed_s = 0.0
         self.ils.on_iteration = self._price
 
     def start(self) -> None:
@@ -161,9 +160,8 @@ class IlsRuntime(WorkerRuntime):
 
     def _account_priced(self) -> float:
         """Priced seconds since the last account (call with the lock held)."""
-        delta = self._priced_s - self._priced_committed_s
-        self._priced_committed_s = self._priced_s
-        return delta
+        priced, self._priced_s = self._priced_s, 0.0
+        return priced
 
     def _account_busy(self) -> float:
         """Wall time the engine had work since the last account (call with the lock held)."""
