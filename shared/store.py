@@ -30,16 +30,15 @@ def lua_source(name: str) -> str:
     return resources.files("shared").joinpath("lua", f"{name}.lua").read_text()
 
 
-def queue_submit(pipe: Any, keys: Keys, record: RequestRecord) -> None:
-    """Queue the commands that submit a request on a MULTI pipeline (sync or asyncio).
-
-    The request hash and its pending entry are written together, and the scheduler is
-    nudged; the caller executes the pipeline.
-    """
-    pipe.hset(keys.request(record.id), mapping=record.to_hash())
-    pipe.zadd(keys.pending, {record.id: record.arrival})
-    pipe.lpush(keys.wakeup, "submit")
-    pipe.ltrim(keys.wakeup, 0, 63)
+def submit_call(
+    keys: Keys, record: RequestRecord, max_pending: int = 0
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of ``lua/submit.lua`` for ``record`` (for the sync store and the
+    asyncio ingest alike): the request hash and its pending entry are written together and
+    the scheduler is nudged, unless ``max_pending`` (> 0) requests are already pending."""
+    fields = [item for pair in record.to_hash().items() for item in pair]
+    return ([keys.request(record.id), keys.pending, keys.wakeup],
+            [record.id, repr(record.arrival), max_pending, *fields])
 
 
 _LENGTH_FIELDS = ("prompt_tokens", "completion_tokens", "max_tokens", "arrival")
@@ -86,13 +85,15 @@ class Store:
         self._fail_pending = client.register_script(lua_source("fail_pending"))
         self._renew_leader = client.register_script(lua_source("renew_leader"))
         self._release_leader = client.register_script(lua_source("release_leader"))
+        self._submit = client.register_script(lua_source("submit"))
 
     # --- requests ---------------------------------------------------------------
-    def submit(self, record: RequestRecord) -> None:
-        """Write a new request and make it pending, in one MULTI."""
-        pipe = self.r.pipeline(transaction=True)
-        queue_submit(pipe, self.keys, record)
-        pipe.execute()
+    def submit(self, record: RequestRecord, max_pending: int = 0) -> bool:
+        """Write a new request and make it pending, atomically; False (nothing written)
+        when ``max_pending`` (> 0) requests are pending already."""
+        keys, args = submit_call(self.keys, record, max_pending)
+        written, _pending = self._submit(keys=keys, args=args)
+        return bool(written)
 
     def get_request(self, request_id: str) -> RequestRecord | None:
         """The request's record, or None if unknown or expired."""

@@ -253,6 +253,39 @@ async def test_full_pending_pool_answers_429_and_writes_nothing(
     assert sorted(rclient.keys("*")) == before and store.pending_ids(10) == ["r0"]
 
 
+async def test_the_pending_bound_is_exact_under_a_concurrent_burst(
+    settings: Settings, store: Store
+) -> None:
+    """Twelve requests at once against room for three: exactly three are accepted (and
+    kept, answered 504 here since no worker runs), nine get 429 and write nothing."""
+    limited = settings.model_copy(update={"max_pending": 3, "request_timeout_s": 1.0})
+    async with serve(limited) as http:
+        responses = await asyncio.gather(*(
+            http.post(COMPLETIONS, json={"prompt": f"burst {i}"}) for i in range(12)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [429] * 9 + [504] * 3, statuses
+    accepted = {r.headers["X-Request-Id"] for r in responses if r.status_code == 504}
+    assert set(store.pending_ids(100)) == accepted and len(accepted) == 3
+
+
+async def test_store_submit_refuses_beyond_its_bound_and_writes_nothing(
+    store: Store, rclient: redis.Redis
+) -> None:
+    def record(rid: str) -> RequestRecord:
+        return RequestRecord(id=rid, prompt_ids=[5], params=RequestParams(max_tokens=1),
+                             arrival=now())
+
+    assert store.submit(record("a"), max_pending=2) and store.submit(record("b"), 2)
+    before = sorted(rclient.keys("*"))
+    assert not store.submit(record("c"), max_pending=2)
+    assert sorted(rclient.keys("*")) == before
+    assert store.submit(record("c"))  # no bound: always written
+    assert sorted(store.pending_ids(10)) == ["a", "b", "c"]
+    stored = store.get_request("c")
+    assert stored is not None and stored.prompt_ids == [5]
+    assert stored.status is RequestStatus.PENDING
+
+
 async def test_request_status_pending_finished_and_unknown(
     client: httpx.AsyncClient, store: Store
 ) -> None:

@@ -56,7 +56,7 @@ from shared.prometheus import CONTENT_TYPE_LATEST, IngestMetrics, exposition
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus
-from shared.store import queue_submit
+from shared.store import lua_source, submit_call
 
 
 def _log() -> structlog.stdlib.BoundLogger:
@@ -218,6 +218,7 @@ class Ingest:
     started_at: int
     client: aioredis.Redis | None = None
     waiter: EventWaiter | None = None  # one connection waits for every request's final event
+    submit_script: Any = None  # lua/submit.lua on ``client`` (an exact pending-pool bound)
     metrics: IngestMetrics = field(default_factory=IngestMetrics)  # this app's own registry
 
     @property
@@ -315,24 +316,24 @@ class Ingest:
     async def submit(self, prompt_ids: list[int], params: RequestParams) -> RequestRecord:
         """Write a new pending request, or answer 429 when the pending pool is full.
 
-        The bound is soft: two requests checked at the same moment may both be written,
-        which overshoots ``max_pending`` by at most the number of concurrent submissions.
+        The check and the write are one Lua script, so the bound is exact under any
+        number of concurrent submissions.
         """
-        pending = int(await self.redis.zcard(self.keys.pending))
-        if pending >= self.settings.max_pending:
+        record = RequestRecord(
+            id=new_request_id(), prompt_ids=prompt_ids, params=params, arrival=now(),
+            model=self.info.name,
+        )
+        if self.submit_script is None:
+            raise RuntimeError("the ingest app is not started: run it with its lifespan")
+        keys, args = submit_call(self.keys, record, self.settings.max_pending)
+        written, pending = await self.submit_script(keys=keys, args=args)
+        if not written:
             raise APIError(
                 429,
                 f"the server is at capacity ({pending} requests pending, limit "
                 f"{self.settings.max_pending}): retry after {RETRY_AFTER_S} s",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
-        record = RequestRecord(
-            id=new_request_id(), prompt_ids=prompt_ids, params=params, arrival=now(),
-            model=self.info.name,
-        )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            queue_submit(pipe, self.keys, record)
-            await pipe.execute()
         return record
 
     async def wait_final(self, request_id: str, request: Request) -> dict[str, str] | None:
@@ -747,6 +748,7 @@ def create_app(
             redis_url, max_connections=_REDIS_POOL_SIZE, timeout=10, decode_responses=True,
             health_check_interval=30)
         ingest.client = aioredis.Redis.from_pool(pool)
+        ingest.submit_script = ingest.client.register_script(lua_source("submit"))
         ingest.waiter = EventWaiter(redis_url)
         await ingest.waiter.start()
         try:
@@ -756,6 +758,7 @@ def create_app(
             ingest.waiter = None
             await ingest.client.aclose()
             ingest.client = None
+            ingest.submit_script = None
 
     app = FastAPI(title="scls ingest", version="0.1.0", lifespan=lifespan,
                   summary="OpenAI-compatible front of the SCLS serving system")
