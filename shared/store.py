@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -39,6 +40,33 @@ def submit_call(
     fields = [item for pair in record.to_hash().items() for item in pair]
     return ([keys.request(record.id), keys.pending, keys.wakeup],
             [record.id, repr(record.arrival), max_pending, *fields])
+
+
+class CancelOutcome(str, Enum):
+    """What ``lua/cancel.lua`` did."""
+
+    CANCELLED = "cancelled"  # it was pending: ended now
+    MARKED = "marked"  # it is running: ends cancelled when its current slice commits
+    ENDED = "ended"  # it had already ended (finished, failed or cancelled): nothing done
+    UNKNOWN = "unknown"  # no such request (or it expired)
+
+
+_CANCEL_CODES = {1: CancelOutcome.CANCELLED, 2: CancelOutcome.MARKED, 0: CancelOutcome.ENDED,
+                 -1: CancelOutcome.UNKNOWN}
+
+
+def cancel_call(keys: Keys, request_id: str, reason: str, ttl_s: int) -> tuple[list[str],
+                                                                              list[Any]]:
+    """KEYS and ARGV of ``lua/cancel.lua`` (for the sync store and the asyncio ingest)."""
+    return ([keys.pending, keys.request(request_id), keys.events(request_id)],
+            [request_id, repr(now()), ttl_s, reason])
+
+
+def cancel_outcome(reply: Sequence[Any]) -> tuple[CancelOutcome, str]:
+    """``lua/cancel.lua``'s reply as an outcome and the request's status then."""
+    code, status = reply
+    text = status.decode() if isinstance(status, bytes) else str(status)
+    return _CANCEL_CODES[int(code)], text
 
 
 _LENGTH_FIELDS = ("prompt_tokens", "completion_tokens", "max_tokens", "arrival")
@@ -86,6 +114,7 @@ class Store:
         self._renew_leader = client.register_script(lua_source("renew_leader"))
         self._release_leader = client.register_script(lua_source("release_leader"))
         self._submit = client.register_script(lua_source("submit"))
+        self._cancel = client.register_script(lua_source("cancel"))
 
     # --- requests ---------------------------------------------------------------
     def submit(self, record: RequestRecord, max_pending: int = 0) -> bool:
@@ -94,6 +123,11 @@ class Store:
         keys, args = submit_call(self.keys, record, max_pending)
         written, _pending = self._submit(keys=keys, args=args)
         return bool(written)
+
+    def cancel(self, request_id: str, reason: str, ttl_s: int) -> tuple[CancelOutcome, str]:
+        """Withdraw a request (see ``lua/cancel.lua``); the outcome and its status."""
+        keys, args = cancel_call(self.keys, request_id, reason, ttl_s)
+        return cancel_outcome(self._cancel(keys=keys, args=args))
 
     def get_request(self, request_id: str) -> RequestRecord | None:
         """The request's record, or None if unknown or expired."""

@@ -411,3 +411,42 @@ async def test_ils_policy_refuses_what_it_cannot_do(
         resp = await http.post(COMPLETIONS, json=body)
     assert_error(resp, 400, "ils", param=param)
     assert rclient.zcard("scls:pending") == 0
+
+
+async def test_cancel_a_pending_request_answers_its_waiting_client(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    call = asyncio.create_task(client.post(COMPLETIONS, json={"prompt": "never mind"}))
+    (rid,) = await wait_pending(store)
+    resp = await client.post(f"/v1/requests/cmpl-{rid}/cancel")
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"id": rid, "status": "cancelled",
+                           "message": "it was pending: ended now"}
+    answer = await call
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("", "cancelled")
+    assert store.pending_ids(10) == []
+    state = (await client.get(f"/v1/requests/{rid}")).json()
+    assert state["status"] == "cancelled" and state["finish_reason"] == "cancelled"
+    assert_error(await client.post(f"/v1/requests/{rid}/cancel"), 409,
+                 "already ended (cancelled)")
+    for unknown in ("nope", "bad id!"):
+        assert_error(await client.post(f"/v1/requests/{unknown}/cancel"), 404,
+                     "unknown or has expired")
+
+
+async def test_cancel_a_running_request_ends_it_after_its_slice(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    call = asyncio.create_task(client.post(COMPLETIONS, json={"prompt": "go on"}))
+    (rid,) = await wait_pending(store)
+    bid = new_batch_id()
+    fences = store.claim_batch(bid, "w0", [rid], 4, now() + 60)
+    resp = await client.post(f"/v1/requests/{rid}/cancel")
+    assert resp.status_code == 202 and resp.json()["status"] == "cancelling"
+    item = CommitItem(rid, fences[rid], CODEC.encode("Hell"), None, "Hell", "")
+    store.commit_slice(store.get_batch(bid), [item], {}, 60)
+    choice = (await call).json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("Hell", "cancelled")
+    assert store.pending_ids(10) == []  # not handed back for another slice

@@ -6,7 +6,7 @@ import pytest
 
 from shared.records import CommitItem, RequestParams, RequestRecord, new_batch_id, now
 from shared.states import FinishReason, RequestStatus
-from shared.store import CommitRejected, Store
+from shared.store import CancelOutcome, CommitRejected, Store
 
 
 def submit(store: Store, n: int = 3, arrival0: float = 1000.0) -> list[str]:
@@ -170,3 +170,60 @@ def test_candidate_lengths_follow_commits_without_reading_token_lists(store: Sto
     ]
     store.r.delete(store.keys.request("r1"))  # expired hash, stale pending entry
     assert [c.id for c in store.candidate_lengths(10)] == ["r0"]
+
+
+def _final_events(store: Store, rid: str) -> list[dict[str, str]]:
+    return [e for e in store.events(rid) if e["kind"] == "final"]
+
+
+def test_cancel_ends_a_pending_request_at_once(store: Store) -> None:
+    ids = submit(store)
+    assert store.cancel("r1", "cancelled by the client", 60) == (CancelOutcome.CANCELLED,
+                                                                  "cancelled")
+    rec = store.get_request("r1")
+    assert rec.status is RequestStatus.CANCELLED and rec.finish_reason is FinishReason.CANCELLED
+    assert rec.error == "cancelled by the client"
+    assert store.pending_ids(10) == [ids[0], ids[2]]
+    assert places(store, "r1") == ["terminal"]  # invariant 1
+    (final,) = _final_events(store, "r1")  # a waiting or streaming client hears of it
+    assert final["status"] == "cancelled"
+    # the scheduler can no longer claim it, and a second cancel changes nothing
+    assert store.claim_batch("b1", "w0", ["r1"], 4, now() + 60) == {}
+    assert store.cancel("r1", "again", 60) == (CancelOutcome.ENDED, "cancelled")
+    assert store.cancel("nope", "x", 60) == (CancelOutcome.UNKNOWN, "")
+
+
+def test_cancel_of_a_running_request_takes_effect_at_its_commit(store: Store) -> None:
+    submit(store, 2)
+    fences = store.claim_batch("b1", "w0", ["r0", "r1"], 4, now() + 60)
+    assert store.cancel("r0", "user pressed stop", 60) == (CancelOutcome.MARKED, "running")
+    assert places(store, "r0") == ["batch:b1"]  # still in exactly one place meanwhile
+    items = [CommitItem("r0", fences["r0"], [9, 10], None, "ab", ""),
+             CommitItem("r1", fences["r1"], [11, 12], None, "cd", "")]
+    store.commit_slice(store.get_batch("b1"), items, {"slices": 1}, 60)
+    r0, r1 = store.get_request("r0"), store.get_request("r1")
+    assert r0.status is RequestStatus.CANCELLED and r0.generated_ids == [9, 10]
+    assert r0.error == "user pressed stop" and places(store, "r0") == ["terminal"]
+    (final,) = _final_events(store, "r0")
+    assert final["delta"] == "ab" and final["status"] == "cancelled"
+    assert r1.status is RequestStatus.PENDING and store.pending_ids(10) == ["r1"]
+
+
+def test_a_finished_slice_wins_over_a_cancel_and_a_hand_back_ends_it(store: Store) -> None:
+    submit(store, 2)
+    fences = store.claim_batch("b1", "w0", ["r0", "r1"], 4, now() + 60)
+    store.cancel("r0", "stop", 60)
+    store.cancel("r1", "stop", 60)
+    # the worker died: its batch is handed back; the cancelled requests end, not retry
+    assert store.requeue_batch(store.get_batch("b1"), "worker lost", 3, 60) == (0, 0)
+    for rid in ("r0", "r1"):
+        rec = store.get_request(rid)
+        assert rec.status is RequestStatus.CANCELLED and places(store, rid) == ["terminal"]
+        assert rec.fence == fences[rid] + 1  # a late commit of the lost worker is rejected
+    store.submit(RequestRecord(id="r2", prompt_ids=[5], params=RequestParams(max_tokens=8),
+                               arrival=now()))
+    fences = store.claim_batch("b2", "w0", ["r2"], 4, now() + 60)
+    store.cancel("r2", "stop", 60)
+    item = CommitItem("r2", fences["r2"], [9], FinishReason.STOP, "x", "x")
+    assert store.commit_slice(store.get_batch("b2"), [item], {}, 60) == 1
+    assert store.get_request("r2").status is RequestStatus.FINISHED  # it had finished anyway

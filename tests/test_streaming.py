@@ -151,3 +151,17 @@ def test_slice_deltas_add_up_to_the_text_when_a_character_is_cut_between_slices(
     # the request's last slice sends everything, even a character that stays incomplete
     assert text_delta(CODEC, ids[:1], ids[:2], final=True) == "\ufffd"
     assert text_delta(CODEC, ids[:1], ids[:2]) == ""
+
+
+async def test_a_cancelled_stream_ends_with_what_was_generated(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    call = asyncio.create_task(client.post(COMPLETIONS, json={"prompt": "x", "stream": True}))
+    (rid,) = await wait_pending(store)
+    run_slice(store, rid, "Hell", None, "")  # one slice streamed, back to pending
+    await wait_pending(store)
+    assert (await client.post(f"/v1/requests/{rid}/cancel")).status_code == 200
+    got = events(await call)
+    texts = [c["choices"][0]["text"] for c in got[:-1]]
+    assert texts == ["Hell", ""] and got[-1] == "[DONE]"
+    assert got[-2]["choices"][0]["finish_reason"] == "cancelled"

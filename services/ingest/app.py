@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.ingest.schemas import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     AssistantMessage,
+    CancelResponse,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -56,7 +57,7 @@ from shared.prometheus import CONTENT_TYPE_LATEST, IngestMetrics, exposition
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus
-from shared.store import lua_source, submit_call
+from shared.store import CancelOutcome, cancel_call, cancel_outcome, lua_source, submit_call
 
 
 def _log() -> structlog.stdlib.BoundLogger:
@@ -219,6 +220,7 @@ class Ingest:
     client: aioredis.Redis | None = None
     waiter: EventWaiter | None = None  # one connection waits for every request's final event
     submit_script: Any = None  # lua/submit.lua on ``client`` (an exact pending-pool bound)
+    cancel_script: Any = None  # lua/cancel.lua on ``client``
     metrics: IngestMetrics = field(default_factory=IngestMetrics)  # this app's own registry
 
     @property
@@ -357,15 +359,28 @@ class Ingest:
         return None
 
     async def finished_record(self, request_id: str) -> RequestRecord:
-        """The record of a request that has ended; an error response unless it finished."""
+        """The record of a request that has ended: finished, or cancelled (its text is then
+        what it generated before, ``finish_reason`` "cancelled"); an error response if it
+        failed."""
         raw = await self.redis.hgetall(self.keys.request(request_id))
         if not raw:
             raise APIError(500, f"request {request_id} ended but its record has expired",
                            headers={"X-Request-Id": request_id})
         record = RequestRecord.from_hash(raw)
+        if record.status is RequestStatus.CANCELLED:
+            text = await run_in_threadpool(self.codec.decode, record.generated_ids)
+            return replace(record, text=text)
         if record.status is not RequestStatus.FINISHED:
             raise _failure(record)
         return record
+
+    async def cancel(self, request_id: str) -> tuple[CancelOutcome, str]:
+        """Withdraw a request (``lua/cancel.lua``)."""
+        if self.cancel_script is None:
+            raise RuntimeError("the ingest app is not started: run it with its lifespan")
+        keys, args = cancel_call(self.keys, request_id, "cancelled by the client",
+                                 self.settings.result_ttl_s)
+        return cancel_outcome(await self.cancel_script(keys=keys, args=args))
 
     async def get_record(self, request_id: str) -> RequestRecord | None:
         """The request's record, or None if unknown or expired."""
@@ -589,16 +604,26 @@ async def chat_completions(request: Request, response: Response) -> Any:
     )
 
 
+def _bare_id(request_id: str) -> str | None:
+    """A request id without the ``cmpl-``/``chatcmpl-`` prefix; None if malformed."""
+    rid = next((request_id[len(p):] for p in _ID_PREFIXES if request_id.startswith(p)),
+               request_id)
+    return rid if _REQUEST_ID.match(rid) else None
+
+
+def _unknown(request_id: str) -> APIError:
+    return APIError(404, f"request {request_id!r} is unknown or has expired",
+                    param="request_id")
+
+
 @router.get("/v1/requests/{request_id}", response_model=RequestStatusResponse,
             responses={404: {"model": ErrorResponse}})
 async def get_request(request_id: str, request: Request) -> RequestStatusResponse:
     """Where a request is and, once finished, its text (also after a 504)."""
-    rid = next((request_id[len(p):] for p in _ID_PREFIXES if request_id.startswith(p)),
-               request_id)
-    record = await _ingest(request).get_record(rid) if _REQUEST_ID.match(rid) else None
+    rid = _bare_id(request_id)
+    record = await _ingest(request).get_record(rid) if rid else None
     if record is None:
-        raise APIError(404, f"request {request_id!r} is unknown or has expired",
-                       param="request_id")
+        raise _unknown(request_id)
     finished = record.status is RequestStatus.FINISHED
     return RequestStatusResponse(
         id=record.id,
@@ -619,6 +644,31 @@ async def get_request(request_id: str, request: Request) -> RequestStatusRespons
         finished_at=record.finished_at,
         **_timings(record),
     )
+
+
+@router.post("/v1/requests/{request_id}/cancel", response_model=CancelResponse,
+             responses={202: {"model": CancelResponse}, 404: {"model": ErrorResponse},
+                        409: {"model": ErrorResponse}})
+async def cancel_request(request_id: str, request: Request, response: Response) -> Any:
+    """Withdraw a request. Pending: it ends now (200). Running: it ends when its current
+    slice commits, keeping that slice's tokens (202). Its waiting client gets what was
+    generated with ``finish_reason`` "cancelled"; a stream ends the same way."""
+    rid = _bare_id(request_id)
+    if rid is None:
+        raise _unknown(request_id)
+    outcome, status = await _ingest(request).cancel(rid)
+    if outcome is CancelOutcome.UNKNOWN:
+        raise _unknown(request_id)
+    if outcome is CancelOutcome.ENDED:
+        raise APIError(409, f"request {rid} has already ended ({status}): nothing to cancel",
+                       param="request_id")
+    with bound(request_id=rid):
+        _log().info("request cancel", outcome=outcome.value)
+    if outcome is CancelOutcome.MARKED:
+        response.status_code = 202
+        return CancelResponse(id=rid, status="cancelling",
+                              message="running: it ends when its current slice commits")
+    return CancelResponse(id=rid, status="cancelled", message="it was pending: ended now")
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -749,6 +799,7 @@ def create_app(
             health_check_interval=30)
         ingest.client = aioredis.Redis.from_pool(pool)
         ingest.submit_script = ingest.client.register_script(lua_source("submit"))
+        ingest.cancel_script = ingest.client.register_script(lua_source("cancel"))
         ingest.waiter = EventWaiter(redis_url)
         await ingest.waiter.start()
         try:
@@ -758,7 +809,7 @@ def create_app(
             ingest.waiter = None
             await ingest.client.aclose()
             ingest.client = None
-            ingest.submit_script = None
+            ingest.submit_script = ingest.cancel_script = None
 
     app = FastAPI(title="scls ingest", version="0.1.0", lifespan=lifespan,
                   summary="OpenAI-compatible front of the SCLS serving system")

@@ -210,6 +210,14 @@ class ChatCompletionResponse(BaseModel):
     scls: SclsInfo
 
 
+class CancelResponse(BaseModel):
+    """Answer of ``POST /v1/requests/{id}/cancel``."""
+
+    id: str
+    status: Literal["cancelled", "cancelling"]
+    message: str
+
+
 class RequestStatusResponse(BaseModel):
     """Body of ``GET /v1/requests/{id}``: where a request is and what it produced."""
 

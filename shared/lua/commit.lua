@@ -6,6 +6,7 @@
 --                                    delta_text, final_text
 -- All or nothing: if the batch is no longer in flight or any request's batch/fence/status
 -- differs, nothing is written and {0, reason} is returned. Otherwise {1, finished_count}.
+-- An unfinished request whose cancellation was asked (cancel.lua) ends cancelled here.
 local batch_id, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local n = tonumber(ARGV[5])
 if not redis.call('ZSCORE', KEYS[2], batch_id) then
@@ -45,10 +46,20 @@ for i = 1, n do
     redis.call('EXPIRE', events, ttl)
     finished = finished + 1
   else
-    redis.call('HSET', req, 'status', 'pending')
-    redis.call('ZADD', KEYS[1], redis.call('HGET', req, 'arrival'), rid)
-    redis.call('XADD', events, '*', 'kind', 'slice', 'delta', delta, 'tokens', added,
-      'slice', slices)
+    local cancel = redis.call('HGET', req, 'cancel_requested')
+    if cancel then  -- withdrawn while this slice ran: it ends here, with its tokens
+      redis.call('HSET', req, 'status', 'cancelled', 'finish_reason', 'cancelled',
+        'error', cancel, 'finished_at', now)
+      redis.call('XADD', events, '*', 'kind', 'final', 'delta', delta, 'tokens', added,
+        'status', 'cancelled', 'finish_reason', 'cancelled', 'error', cancel)
+      redis.call('EXPIRE', req, ttl)
+      redis.call('EXPIRE', events, ttl)
+    else
+      redis.call('HSET', req, 'status', 'pending')
+      redis.call('ZADD', KEYS[1], redis.call('HGET', req, 'arrival'), rid)
+      redis.call('XADD', events, '*', 'kind', 'slice', 'delta', delta, 'tokens', added,
+        'slice', slices)
+    end
   end
 end
 redis.call('ZREM', KEYS[2], batch_id)

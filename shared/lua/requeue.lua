@@ -4,8 +4,8 @@
 -- A hand-back at a clean shutdown passes count_retry=0: it is not the request's fault.
 -- Each request still held by this batch gets a new fence (a late commit is then rejected)
 -- and goes back to pending with its arrival time, or fails with the reason once it has been
--- requeued more than max_retries times. Returns {requeued, failed}, or {-1, 0} if the
--- batch was no longer in flight.
+-- requeued more than max_retries times; one whose cancellation was asked ends cancelled.
+-- Returns {requeued, failed}, or {-1, 0} if the batch was no longer in flight.
 local batch_id, now, reason = ARGV[1], ARGV[2], ARGV[3]
 local max_retries, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local count_retry = ARGV[6] == '1'
@@ -18,7 +18,17 @@ for i = 1, n do
   local req, events = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
   local rid = ARGV[6 + i]
   local cur = redis.call('HMGET', req, 'batch', 'status')
-  if cur[1] == batch_id and cur[2] == 'running' then
+  local cancel = redis.call('HGET', req, 'cancel_requested')
+  if cur[1] == batch_id and cur[2] == 'running' and cancel then
+    -- withdrawn while its batch ran: it ends cancelled rather than going back to pending
+    redis.call('HINCRBY', req, 'fence', 1)
+    redis.call('HSET', req, 'batch', '', 'status', 'cancelled', 'finish_reason', 'cancelled',
+      'error', cancel, 'finished_at', now)
+    redis.call('XADD', events, '*', 'kind', 'final', 'delta', '', 'tokens', 0,
+      'status', 'cancelled', 'finish_reason', 'cancelled', 'error', cancel)
+    redis.call('EXPIRE', req, ttl)
+    redis.call('EXPIRE', events, ttl)
+  elseif cur[1] == batch_id and cur[2] == 'running' then
     redis.call('HINCRBY', req, 'fence', 1)
     local retries = redis.call('HINCRBY', req, 'retries', count_retry and 1 or 0)
     redis.call('HSET', req, 'batch', '', 'last_error', reason)
