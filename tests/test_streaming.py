@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import uvicorn
 
+from services.ingest.app import create_app
 from services.ingest.streaming import StopHoldback
 from services.worker.runtime import text_delta
 from shared.settings import Settings
-from shared.states import FinishReason
+from shared.states import FinishReason, RequestStatus
 from shared.store import Store
 from tests.helpers import serve
 from tests.test_ingest import CHAT, CODEC, COMPLETIONS, play_worker, run_slice, wait_pending
@@ -165,3 +170,41 @@ async def test_a_cancelled_stream_ends_with_what_was_generated(
     texts = [c["choices"][0]["text"] for c in got[:-1]]
     assert texts == ["Hell", ""] and got[-1] == "[DONE]"
     assert got[-2]["choices"][0]["finish_reason"] == "cancelled"
+
+
+@contextmanager
+def served_over_tcp(settings: Settings) -> Iterator[str]:
+    """The ingest app under a real uvicorn server on a free port (a client can hang up)."""
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+def test_a_stream_whose_client_hangs_up_is_cancelled(settings: Settings, store: Store) -> None:
+    """A streaming client that leaves mid-stream stops the request's generation: it is
+    cancelled (here while pending between two slices), not served to the end."""
+    with served_over_tcp(settings) as url, httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{url}/v1/completions",
+                         json={"prompt": "x", "max_tokens": 64, "stream": True}) as resp:
+            rid = resp.headers["X-Request-Id"]
+            run_slice(store, rid, "Hell", None, "")  # back to pending after one slice
+            first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[len("data: "):])["choices"][0]["text"] == "Hell"
+        # the connection is closed here, mid-stream
+        deadline = time.monotonic() + 10
+        while (rec := store.get_request(rid)).status is not RequestStatus.CANCELLED:
+            assert time.monotonic() < deadline, rec.status
+            time.sleep(0.05)
+    assert rec.error == "the streaming client disconnected" and rec.generated_ids
+    assert store.pending_ids(10) == []

@@ -221,6 +221,7 @@ class Ingest:
     waiter: EventWaiter | None = None  # one connection waits for every request's final event
     submit_script: Any = None  # lua/submit.lua on ``client`` (an exact pending-pool bound)
     cancel_script: Any = None  # lua/cancel.lua on ``client``
+    background: set[asyncio.Task[None]] = field(default_factory=set)  # fire-and-forget work
     metrics: IngestMetrics = field(default_factory=IngestMetrics)  # this app's own registry
 
     @property
@@ -374,13 +375,30 @@ class Ingest:
             raise _failure(record)
         return record
 
-    async def cancel(self, request_id: str) -> tuple[CancelOutcome, str]:
+    async def cancel(
+        self, request_id: str, reason: str = "cancelled by the client"
+    ) -> tuple[CancelOutcome, str]:
         """Withdraw a request (``lua/cancel.lua``)."""
         if self.cancel_script is None:
             raise RuntimeError("the ingest app is not started: run it with its lifespan")
-        keys, args = cancel_call(self.keys, request_id, "cancelled by the client",
-                                 self.settings.result_ttl_s)
+        keys, args = cancel_call(self.keys, request_id, reason, self.settings.result_ttl_s)
         return cancel_outcome(await self.cancel_script(keys=keys, args=args))
+
+    def cancel_in_background(self, request_id: str, reason: str) -> None:
+        """Cancel from code that may not await any more (a stream's body being torn down
+        after its client left): a task of its own, kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(self._cancel_logged(request_id, reason))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _cancel_logged(self, request_id: str, reason: str) -> None:
+        with bound(request_id=request_id):
+            try:
+                outcome, status = await self.cancel(request_id, reason)
+            except (RedisError, RuntimeError) as exc:
+                _log().warning("cancel failed", reason=reason, error=str(exc))
+                return
+            _log().info("request cancel", outcome=outcome.value, status=status, reason=reason)
 
     async def get_record(self, request_id: str) -> RequestRecord | None:
         """The request's record, or None if unknown or expired."""
@@ -510,14 +528,18 @@ def _stream(request: Request, record: RequestRecord, body: GenerationParams,
         # Subscribed here, in the body, so that a client gone before the body starts
         # leaves no watch behind; the stream is read from its start either way.
         queue = await ingest.waiter.subscribe(key)
+        ended = False
         try:
             async for event in stream_chunks(
                 queue, fmt, StopHoldback(record.params.stop), finish, timeout_s,
                 _error_event, lambda: _timeout(record.id, timeout_s),
             ):
                 yield event
+            ended = True
         finally:
             ingest.waiter.unsubscribe(key, queue)
+            if not ended:  # the client went away mid-stream: stop spending slices on it
+                ingest.cancel_in_background(record.id, "the streaming client disconnected")
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"X-Request-Id": record.id, "Cache-Control": "no-cache"})
@@ -805,6 +827,8 @@ def create_app(
         try:
             yield
         finally:
+            if ingest.background:  # cancels of streams whose clients just left
+                await asyncio.wait(ingest.background, timeout=5.0)
             await ingest.waiter.stop()
             ingest.waiter = None
             await ingest.client.aclose()
