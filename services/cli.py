@@ -142,7 +142,7 @@ def up(model: ModelOpt = None, workers: WorkersOpt = None, port: PortOpt = None,
         stop["requested"] = True
 
     typer.echo("starting; on first start each worker profiles its hardware (SmolLM2: about "
-               "13 min on 2 CPU cores; cached afterwards; SCLS_PROFILE_MODE=cached skips it)")
+               "11 min on 2 CPU cores; cached afterwards; SCLS_PROFILE_MODE=cached skips it)")
     deployment.start(ready_timeout_s=3600)  # Ctrl-C here interrupts and cleans up
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -152,6 +152,10 @@ def up(model: ModelOpt = None, workers: WorkersOpt = None, port: PortOpt = None,
             f"{deployment.settings.workers} workers, model {deployment.settings.model}); "
             "Ctrl-C to stop"
         )
+        metrics = [f"ingest {deployment.url}/metrics"] + [
+            f"{name} {deployment.metrics_url(name)}" for name in deployment.metrics_ports
+        ]
+        typer.echo("Prometheus metrics: " + ", ".join(metrics))
         while not stop["requested"]:
             time.sleep(0.5)
             deployment.check_children()

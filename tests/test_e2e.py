@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +103,14 @@ def test_streamed_answer_arrives_slice_by_slice_and_equals_the_whole(
     assert len([c for c in chunks if c["text"]]) >= 3
     assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]
     assert chunks[-1]["finish_reason"] == "length"
+
+
+def test_children_are_out_of_reach_of_a_terminal_ctrl_c(deployment: LocalDeployment) -> None:
+    """Ctrl-C sends SIGINT to the terminal's foreground process group: the services and the
+    embedded Redis are each in a group of their own, so only `scls up` gets it and stops
+    them in order (workers drain, Redis last)."""
+    groups = {os.getpgid(proc.pid) for proc in deployment.children.values()}
+    assert len(deployment.children) == 4 and os.getpgrp() not in groups
 
 
 def test_request_state_endpoint_and_health(deployment: LocalDeployment) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from shared.records import CommitItem, RequestParams, RequestRecord, new_batch_id, now
 from shared.states import FinishReason, RequestStatus
-from shared.store import CancelOutcome, CommitRejected, Store
+from shared.store import CancelOutcome, CommitRejected, Store, connect
 
 
 def submit(store: Store, n: int = 3, arrival0: float = 1000.0) -> list[str]:
@@ -227,3 +227,16 @@ def test_a_finished_slice_wins_over_a_cancel_and_a_hand_back_ends_it(store: Stor
     item = CommitItem("r2", fences["r2"], [9], FinishReason.STOP, "x", "x")
     assert store.commit_slice(store.get_batch("b2"), [item], {}, 60) == 1
     assert store.get_request("r2").status is RequestStatus.FINISHED  # it had finished anyway
+
+
+def test_embedded_redis_is_out_of_reach_of_a_terminal_ctrl_c() -> None:
+    """Its own process group: a Ctrl-C to `scls up` does not kill Redis before the
+    services that still write to it have drained (the launcher stops it last)."""
+    import os
+
+    from shared.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        pid = server._proc.pid  # noqa: SLF001 - the test checks the process itself
+        assert os.getpgid(pid) != os.getpgrp()
+        assert connect(server.url).ping()
