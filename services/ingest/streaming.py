@@ -39,8 +39,9 @@ class StopHoldback:
         """Take the next delta; return the text now safe to send."""
         self.received += delta
         safe = len(self.received) - self._held_tail()
-        for stop in self.stops:  # a whole stop string is never sent (the final text ends
-            at = self.received.find(stop, self.sent)  # before it)
+        # A whole stop string is never sent either: the final text ends before it.
+        for stop in self.stops:
+            at = self.received.find(stop, self.sent)
             if at >= 0:
                 safe = min(safe, at)
         return self._release(safe)
