@@ -111,10 +111,10 @@ class LocalDeployment:
         self.children[name] = subprocess.Popen(
             [sys.executable, "-m", "services.cli", *args],
             env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-            # Own process group: a terminal's Ctrl-C (SIGINT to the foreground group) reaches
-            # only `scls up`, whose stop() then drains the workers with SIGTERM and stops
-            # Redis last; otherwise every child died at once, mid-drain.
-            process_group=0,
+            # Own session and process group: a terminal's Ctrl-C (SIGINT to the foreground
+            # group) reaches only `scls up`, whose stop() then drains the workers with
+            # SIGTERM and stops Redis last; otherwise every child died at once, mid-drain.
+            start_new_session=True,
         )
 
     def _wait_ready(self, timeout_s: float) -> None:

@@ -70,9 +70,9 @@ class EmbeddedRedis:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                # Its own process group: a Ctrl-C in the terminal reaches only our process,
-                # which stops Redis last, after the services that still write to it.
-                process_group=0,
+                # Its own session and process group: a Ctrl-C in the terminal reaches only
+                # our process, which stops Redis last, after the services that write to it.
+                start_new_session=True,
             )
             if self._wait_ready():
                 atexit.register(self.stop)
