@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     # --- liveness and recovery --------------------------------------------------
     heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
     instance_ttl_s: float = Field(10.0, gt=0, description="instance is dead after this silence")
+    drain_timeout_s: float = Field(
+        30.0, ge=0,
+        description="ILS: how long a draining worker lets the requests inside its engine "
+        "finish before handing them back (a slice worker finishes its slice regardless)",
+    )
     leader_ttl_s: float = Field(5.0, gt=0, description="scheduler leader lock lifetime")
     queue_timeout_s: float = Field(
         600.0, gt=0, description="a queued batch not started by then is requeued"

@@ -24,6 +24,7 @@ import redis
 from services.launcher import settings_env
 from services.scheduler.service import Scheduler, create_scheduler
 from shared.keys import Keys
+from shared.models import LoadedModel
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
 from shared.states import RequestStatus
@@ -177,3 +178,41 @@ def test_sigterm_finishes_the_slice_hands_back_the_queue_and_exits_0(
     stats = store.stats("d0")
     assert stats["slices"] * 2 >= committed_slices and stats["generated_tokens"] == \
         committed_slices * SLICE
+
+
+def test_an_ils_worker_lets_admitted_requests_finish_before_it_drains(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """A request inside transformers' engine would start again from its prompt elsewhere:
+    draining lets it finish and commit (within ``drain_timeout_s``); a batch not yet
+    admitted goes back to pending at once, with no retry counted."""
+    from services.worker.service import create_worker
+
+    s = settings.model_copy(update={"policy": "ils", "ils_max_concurrency": 1,
+                                    "max_gen_length": 256, "drain_timeout_s": 60.0})
+    worker = create_worker(s, instance_id="i0", loaded=tiny)
+    worker.runtime.start()
+    try:
+        worker.register()
+        ids = []
+        for _ in range(3):
+            rec = RequestRecord(id=new_request_id(), prompt_ids=[5, 6, 7],
+                                params=RequestParams(max_tokens=200, ignore_eos=True),
+                                arrival=now(), model="tiny-random")
+            store.submit(rec)
+            ids.append(rec.id)
+        admitted, queued = ids[:2], ids[2:]
+        for rid in admitted:  # one at a time inside the engine: ~400 iterations to run
+            store.claim_batch(f"b-{rid}", "i0", [rid], 200, now() + 600)
+            assert worker.runtime.run_batch(f"b-{rid}")["status"] == "admitted"
+        store.claim_batch("b-queued", "i0", queued, 200, now() + 600)
+        assert worker.runtime.in_progress() == 2
+        assert worker.drain() == 1  # only the batch that never started
+    finally:
+        worker.runtime.stop()
+    for rid in admitted:
+        rec = store.get_request(rid)
+        assert rec.status is RequestStatus.FINISHED and len(rec.generated_ids) == 200
+    (back,) = (store.get_request(rid) for rid in queued)
+    assert back.status is RequestStatus.PENDING and back.retries == 0
+    assert not store.is_instance_alive("i0")

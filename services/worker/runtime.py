@@ -91,6 +91,11 @@ class WorkerRuntime:
     def stop(self) -> None:
         """Stop background parts."""
 
+    def in_progress(self) -> int:
+        """Requests started and not yet committed. A slice runs inside its RQ job, so none
+        once the job has returned; the ILS engine overrides this."""
+        return 0
+
     @property
     def queue_name(self) -> str:
         """This instance's RQ queue."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -29,6 +30,7 @@ from shared.logging import get_logger
 from shared.models import LoadedModel, load_model
 from shared.prometheus import WorkerMetrics
 from shared.settings import Settings
+from shared.states import BatchStatus
 from shared.store import Store, connect
 
 log = get_logger(__name__)
@@ -144,14 +146,19 @@ class WorkerService:
     def drain(self) -> int:
         """Mark the instance draining, hand queued batches back to pending, deregister.
 
-        Returns how many batches were handed back. A handed-back batch does not count as a
-        failed attempt of its requests.
+        Requests already inside an ILS engine get up to ``drain_timeout_s`` to finish and
+        commit first (a restart elsewhere would begin them again from the prompt); a slice
+        worker gets here after its last slice committed. Returns how many batches were
+        handed back. A handed-back batch does not count as a failed attempt of its requests.
         """
         self._draining.set()
-        self._stop_heartbeating()
         # Draining first, so the scheduler stops placing batches here before we hand back.
         self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, "draining")
-        handed_back = self._hand_back_queued()
+        handed_back = self._hand_back_queued(started=False)
+        self._let_started_finish()  # the heartbeat thread keeps us alive meanwhile
+        self._stop_heartbeating()
+        self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, "draining")
+        handed_back += self._hand_back_queued()
         self.store.deregister_instance(self.instance_id)
         # A cycle that read us as ready just before may have placed one more batch.
         handed_back += self._hand_back_queued()
@@ -159,13 +166,26 @@ class WorkerService:
         log.info("instance_drained", instance=self.instance_id, handed_back=handed_back)
         return handed_back
 
-    def _hand_back_queued(self) -> int:
-        """Requeue every batch still placed on this instance (no retry counted)."""
+    def _let_started_finish(self) -> None:
+        """Wait (bounded by ``drain_timeout_s``) while the runtime has requests in progress."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.runtime.in_progress() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.runtime.in_progress()
+        if left:
+            log.warning("drain_timeout", instance=self.instance_id, in_progress=left,
+                        timeout_s=self.settings.drain_timeout_s)
+
+    def _hand_back_queued(self, started: bool | None = None) -> int:
+        """Requeue the batches still placed on this instance (no retry counted): all, or
+        only those whose run has (``started=True``) or has not (``False``) begun."""
         handed_back = 0
         for batch_id in self.store.r.zrange(self.store.keys.instance_batches(self.instance_id),
                                             0, -1):
             batch = self.store.get_batch(batch_id)
             if batch is None:
+                continue
+            if started is not None and (batch.status != BatchStatus.QUEUED.value) != started:
                 continue
             result = self.store.requeue_batch(
                 batch, f"instance {self.instance_id} shut down", self.settings.max_retries,
