@@ -123,20 +123,16 @@ class EventWaiter:
 
     def unsubscribe(self, key: str, queue: asyncio.Queue[dict[str, str]]) -> None:
         """Stop feeding ``queue``."""
-        watch = self._watch.get(key)
-        if watch is None:
-            return
-        if queue in watch.followers:
-            watch.followers.remove(queue)
-        if watch.idle:
-            del self._watch[key]
+        self._forget(key, queue)
 
-    def _forget(self, key: str, fut: asyncio.Future[dict[str, str]]) -> None:
+    def _forget(self, key: str, waiter: object) -> None:
+        """Drop a waiter's future or a subscriber's queue; unwatch ``key`` once none is left."""
         watch = self._watch.get(key)
         if watch is None:
             return
-        if fut in watch.futures:
-            watch.futures.remove(fut)
+        for group in (watch.futures, watch.followers):
+            if waiter in group:
+                group.remove(waiter)  # type: ignore[arg-type]
         if watch.idle:
             del self._watch[key]
 
