@@ -126,7 +126,10 @@ def test_quick_profile_fits_allocator_peaks_and_bounds_the_process_growth(
     samples = ProfileSamples.from_dict(quick_run["samples"])
     model = CostModel.from_dict(quick_run["cost_model"])
     assert samples.meta["memory_method"] == quick_run["memory_method"] == "cpu_allocator_events"
-    assert all(p.process_peak_bytes and p.process_peak_bytes > 0 for p in samples.points)
+    # measured everywhere; a small slice may grow the process by nothing (its few tensors
+    # fit in heap pages already resident), the largest ones do grow it
+    assert all(p.process_peak_bytes is not None for p in samples.points)
+    assert max(p.process_peak_bytes or 0 for p in samples.points) > 0
     assert model.heap_overhead == quick_run["heap_overhead"] >= 1.0
     for p in samples.points:
         assert float(model.slice_memory(p.b, p.l)) * model.heap_overhead >= p.process_peak_bytes
