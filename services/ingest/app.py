@@ -482,8 +482,8 @@ async def _accept(
 
 
 async def _finished(ingest: Ingest, record: RequestRecord) -> RequestRecord:
-    """The ended request's record (an :class:`APIError` unless it finished), logged and
-    counted."""
+    """The ended request's record (finished or cancelled; an :class:`APIError` if it
+    failed), logged and counted."""
     with bound(request_id=record.id):
         done = await ingest.finished_record(record.id)
         _log().info("request finished", finish_reason=_finish_reason(done),
