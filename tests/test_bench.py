@@ -245,6 +245,25 @@ def test_bench_refuses_bad_options_with_a_fix(args: list[str], message: str) -> 
     assert message in result.stderr
 
 
+def test_bench_streams_and_measures_ttft_at_the_client(tmp_path: Path) -> None:
+    """--stream: every request streams; TTFT is the client's time to the first chunk (never
+    after its end-to-end latency), and the server-side figures still come through."""
+    env = {"SCLS_CACHE_DIR": str(tmp_path / "cache"), "SCLS_PROFILE_MODE": "analytic",
+           "SCLS_SLICE_LENGTH": "4", "SCLS_LOG_FORMAT": "json"}
+    result = run_cli("bench", "--model", "tiny-random", "--workers", "1", "--policies",
+                     "scls", "--synthetic", "--length-scale", "0.02", "--requests", "8",
+                     "--rate", "20", "--seed", "3", "--stream", "--out", str(tmp_path / "o"),
+                     "--json", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    m = doc["scls"]
+    assert m["completed"] == 8 and m["failed"] == 0, m["failure_reasons"]
+    assert m["generated_tokens"] == m["output_tokens"] > 0
+    assert 0 < m["ttft_p50_s"] <= m["latency_p50_s"]
+    assert m["slices_per_request"] > 1 and m["queue_time_p50_s"] >= 0
+    assert doc["meta"]["ttft"] == "client, first streamed chunk"
+
+
 def test_bench_runs_two_policies_end_to_end(tmp_path: Path) -> None:
     """Real deployments (Redis, ingest, scheduler, 2 workers) per policy; every request
     is accounted for and the worker-side counters come from Redis."""

@@ -67,6 +67,9 @@ async def test_completion_streams_one_chunk_per_slice(
         assert chunk["model"] == "tiny-random" and chunk["usage"] is None
     assert [c["choices"][0]["text"] for c in chunks] == ["Hell", "o there"]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "stop"]
+    # the last chunk carries the scls block of the non-streamed body (server timings)
+    assert "scls" not in chunks[0] and chunks[-1]["scls"]["request_id"] == rid
+    assert chunks[-1]["scls"]["slices"] == 2 and chunks[-1]["scls"]["e2e_s"] >= 0
     n_prompt, n_gen = len(CODEC.encode("Once")), len(CODEC.encode("Hello there"))
     assert usage["choices"] == [] and usage["usage"] == {
         "prompt_tokens": n_prompt, "completion_tokens": n_gen,

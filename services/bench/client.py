@@ -5,14 +5,21 @@ Requests use ``/v1/completions`` with the prompt as token ids (a trace has lengt
 text), ``max_tokens`` = the forced output length and ``ignore_eos: true`` (the request
 extension vLLM's benchmark uses), greedy decoding. The scheduler sees ``max_tokens`` only
 as an upper bound; the output length is forced by the worker, never announced.
+
+With ``stream`` the requests stream (as vLLM's benchmark does) and TTFT is the client's own
+time to the first chunk with text; without it, TTFT is the server's time from arrival to
+the first slice's commit (the ``scls`` block). Both read the server's queue time, slices and
+arrival-to-finish time from the ``scls`` block (on the last chunk when streaming).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -31,6 +38,7 @@ class ClientConfig:
     avoid_ids: tuple[int, ...] = ()  # e.g. EOS ids: kept out of prompts
     timeout_s: float = 3600.0
     api_key: str | None = None
+    stream: bool = False  # stream the responses; TTFT measured by the client
 
 
 def request_body(item: WorkItem, config: ClientConfig) -> dict[str, object]:
@@ -43,6 +51,8 @@ def request_body(item: WorkItem, config: ClientConfig) -> dict[str, object]:
         "max_tokens": item.output_tokens,
         "ignore_eos": True,
         "temperature": 0,
+        **({"stream": True, "stream_options": {"include_usage": True}} if config.stream
+           else {}),
     }
 
 
@@ -61,6 +71,8 @@ async def send_one(
     sent = time.perf_counter()
     base = {"index": item.index, "sent_s": sent - t0, "prompt_tokens": item.prompt_tokens}
     try:
+        if body.get("stream"):
+            return await _send_streaming(client, body, sent, base)
         resp = await client.post("/v1/completions", json=body)
     except httpx.HTTPError as exc:
         return RequestOutcome(ok=False, error=f"{type(exc).__name__}: {exc}", **base)
@@ -78,6 +90,52 @@ async def send_one(
         output_tokens=int(data["usage"]["completion_tokens"]),
         slices=int(info.get("slices", 0)),
         finish_reason=data["choices"][0].get("finish_reason"),
+        **base,
+    )
+
+
+async def _send_streaming(
+    client: httpx.AsyncClient, body: dict[str, object], sent: float, base: dict[str, Any]
+) -> RequestOutcome:
+    """One streamed request: TTFT at the first chunk with text, the rest from the last
+    chunks (finish reason and ``scls`` block, then usage)."""
+    first_text: float | None = None
+    last: dict[str, Any] = {}
+    usage: dict[str, Any] = {}
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return RequestOutcome(ok=False, e2e_s=time.perf_counter() - sent,
+                                  error=_error_text(resp), **base)
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                return RequestOutcome(ok=False, e2e_s=time.perf_counter() - sent,
+                                      error=f"stream: {chunk['error'].get('message', '')}",
+                                      **base)
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                if choice.get("text") and first_text is None:
+                    first_text = time.perf_counter()
+                if choice.get("finish_reason") is not None:
+                    last = {**chunk, "finish_reason": choice["finish_reason"]}
+    elapsed = time.perf_counter() - sent
+    if not last or not usage:
+        return RequestOutcome(ok=False, e2e_s=elapsed, error="stream ended without an end",
+                              **base)
+    info = last.get("scls") or {}
+    return RequestOutcome(
+        ok=True,
+        e2e_s=elapsed,
+        ttft_s=(first_text - sent) if first_text is not None else elapsed,
+        queue_time_s=info.get("queue_time_s"),
+        server_e2e_s=info.get("e2e_s"),
+        output_tokens=int(usage["completion_tokens"]),
+        slices=int(info.get("slices", 0)),
+        finish_reason=last["finish_reason"],
         **base,
     )
 

@@ -119,6 +119,9 @@ def bench_command(
                                              "plots")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print results.json to "
                                            "stdout")] = False,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="stream responses "
+                                         "(TTFT measured by the client at the first "
+                                         "chunk, as vLLM's benchmark does)")] = False,
 ) -> None:
     """Replay a workload over REST once per policy and compare them side by side."""
     console = Console(stderr=json_out)
@@ -138,8 +141,10 @@ def bench_command(
     out_dir = out or Path(tempfile.mkdtemp(prefix="scls-bench-"))
     info = model_info(settings.model, settings.cache_dir)
     client = ClientConfig(base_url=url or "", model=settings.model,
-                          vocab_size=info.vocab_size, seed=seed)
+                          vocab_size=info.vocab_size, seed=seed, stream=stream)
     meta = _meta(settings, items, names, rate_list, trace, length_scale)
+    # what TTFT means in this run (client's first chunk, or the server's first slice)
+    meta["ttft"] = "client, first streamed chunk" if stream else "server, first slice commit"
     console.print(f"[bold]scls bench[/]: {len(items)} requests x {len(names)} policies x "
                   f"{len(rate_list)} rate(s), model {settings.model}, {workers} workers; "
                   f"out {out_dir}")

@@ -519,7 +519,8 @@ def _stream(request: Request, record: RequestRecord, body: GenerationParams,
 
     async def finish() -> Finished:
         done = await _finished(ingest, record)
-        return Finished(done.text, _finish_reason(done), _usage(done).model_dump())
+        return Finished(done.text, _finish_reason(done), _usage(done).model_dump(),
+                        _scls_info(done).model_dump())
 
     async def events() -> AsyncIterator[str]:
         if ingest.waiter is None:

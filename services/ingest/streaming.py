@@ -117,6 +117,7 @@ class Finished:
     text: str
     finish_reason: str | None
     usage: dict[str, int]
+    scls: dict[str, Any] = field(default_factory=dict)  # the non-streamed body's scls block
 
 
 async def stream_chunks(
@@ -151,7 +152,10 @@ async def stream_chunks(
             if kind == "final":
                 done = await finish()
                 rest = holdback.finish(done.text)
-                yield sse(fmt.chunk(rest, done.finish_reason))
+                last = fmt.chunk(rest, done.finish_reason)
+                if done.scls:  # our extension, as in the non-streamed body; clients ignore it
+                    last["scls"] = done.scls
+                yield sse(last)
                 if fmt.include_usage:
                     yield sse(fmt.usage(done.usage))
                 break
