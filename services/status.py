@@ -33,7 +33,7 @@ from shared.store import Store, connect
 TOTAL_FIELDS = ("requests_finished", "generated_tokens", "slices", "busy_s",
                 "first_slice_finishes", "pad_tokens", "invalid_tokens", "recomputed_tokens")
 #: Per-instance counters a snapshot reports.
-INSTANCE_FIELDS = ("slices", "generated_tokens", "requests_finished", "busy_s")
+INSTANCE_FIELDS = ("slices", "generated_tokens", "requests_finished", "busy_s", "model_busy_s")
 
 
 def snapshot(store: Store) -> dict[str, Any]:
@@ -50,6 +50,9 @@ def snapshot(store: Store) -> dict[str, Any]:
             "queued_batches": load.batches, "queued_requests": load.requests,
             "queued_estimated_s": round(load.estimated_s, 4),
             **{name: _number(stats.get(name, 0.0)) for name in INSTANCE_FIELDS},
+            # engine seconds over its profile's for the same work: > 1 runs slower than
+            # profiled (contention, throttling); None before anything was priced
+            "engine_time_ratio": _ratio(stats.get("busy_s", 0.0), stats.get("model_busy_s", 0.0)),
         })
     totals = store.stats()
     return {
@@ -60,6 +63,10 @@ def snapshot(store: Store) -> dict[str, Any]:
         "instances": rows,
         "totals": {name: _number(totals.get(name, 0.0)) for name in TOTAL_FIELDS},
     }
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return round(num / den, 3) if den > 0 else None
 
 
 def _number(value: float) -> float | int:
@@ -109,7 +116,8 @@ def render(snap: dict[str, Any], rate: dict[str, float] | None) -> Group:
     )
     table = Table(title=f"instances ({len(snap['instances'])} live)", title_justify="left")
     for header in ("instance", "mode", "device", "state", "heartbeat", "queued batches",
-                   "queued requests", "est. work", "slices", "tokens", "finished"):
+                   "queued requests", "est. work", "slices", "tokens", "finished",
+                   "vs profile"):
         table.add_column(header, justify="left" if header in ("instance", "mode", "device",
                                                               "state") else "right")
     for row in snap["instances"]:
@@ -119,6 +127,7 @@ def render(snap: dict[str, Any], rate: dict[str, float] | None) -> Group:
             str(row["queued_batches"]), str(row["queued_requests"]),
             f"{row['queued_estimated_s']:.2f} s", str(row["slices"]),
             str(row["generated_tokens"]), str(row["requests_finished"]),
+            "-" if row["engine_time_ratio"] is None else f"{row['engine_time_ratio']:.2f}x",
         )
     return Group(summary, table)
 

@@ -73,6 +73,7 @@ def test_status_json_reports_both_instances_idle(deployment: LocalDeployment) ->
         assert row["mode"] == "slice" and row["device"] == "cpu" and row["state"] == "ready"
         assert 0 <= row["heartbeat_age_s"] < deployment.settings.instance_ttl_s
         assert row["queued_batches"] == 0 and row["queued_requests"] == 0
+        assert row["engine_time_ratio"] is None  # nothing run, nothing priced yet
     assert snap["pending"] == 0 and snap["inflight_batches"] == 0
     assert snap["leader"]  # the scheduler child holds the lock
     assert snap["throughput"] is None  # --window 0: cumulative counters only
@@ -101,6 +102,9 @@ def test_each_child_serves_its_own_metrics(deployment: LocalDeployment, store: S
                          ("scls_worker_requests_finished_total", "requests_finished")):
         workers = sum(metric(pages[w], counter) for w in ("worker-0", "worker-1"))
         assert workers == stats[key], counter
+    model_busy = sum(metric(pages[w], "scls_worker_model_busy_seconds_total")
+                     for w in ("worker-0", "worker-1"))
+    assert model_busy == pytest.approx(stats["model_busy_s"], rel=1e-6) and model_busy > 0
     assert metric(pages["scheduler"], "scls_scheduler_instances_alive") == 2
     assert metric(pages["scheduler"], "scls_scheduler_leader") == 1
     assert metric(pages["scheduler"], "scls_scheduler_batches_total") == stats["slices"]
@@ -128,6 +132,8 @@ def test_status_json_shows_pending_and_inflight_work(
     assert rate is not None and 0.9 <= rate["window_s"] < 5
     assert rate["requests_per_s"] >= 0 and rate["tokens_per_s"] >= 0
     assert snap["totals"]["requests_finished"] >= finished_before
+    # earlier tests ran slices on both: each engine's time against its own profile's
+    assert all(row["engine_time_ratio"] > 0 for row in snap["instances"] if row["slices"])
 
 
 def test_status_once_prints_a_table(deployment: LocalDeployment) -> None:
