@@ -81,15 +81,23 @@ async def send_one(
         return RequestOutcome(ok=False, e2e_s=elapsed, error=_error_text(resp), **base)
     data = resp.json()
     info = data.get("scls") or {}
+    return _answered(info, elapsed, info.get("ttft_s"), data["usage"],
+                     data["choices"][0].get("finish_reason"), base)
+
+
+def _answered(info: dict[str, Any], elapsed: float, ttft_s: float | None,
+              usage: dict[str, Any], finish_reason: str | None,
+              base: dict[str, Any]) -> RequestOutcome:
+    """A completed request's outcome; ``info`` is the response's ``scls`` block."""
     return RequestOutcome(
         ok=True,
         e2e_s=elapsed,
-        ttft_s=info.get("ttft_s"),
+        ttft_s=ttft_s,
         queue_time_s=info.get("queue_time_s"),
         server_e2e_s=info.get("e2e_s"),
-        output_tokens=int(data["usage"]["completion_tokens"]),
+        output_tokens=int(usage["completion_tokens"]),
         slices=int(info.get("slices", 0)),
-        finish_reason=data["choices"][0].get("finish_reason"),
+        finish_reason=finish_reason,
         **base,
     )
 
@@ -126,18 +134,8 @@ async def _send_streaming(
     if not last or not usage:
         return RequestOutcome(ok=False, e2e_s=elapsed, error="stream ended without an end",
                               **base)
-    info = last.get("scls") or {}
-    return RequestOutcome(
-        ok=True,
-        e2e_s=elapsed,
-        ttft_s=(first_text - sent) if first_text is not None else elapsed,
-        queue_time_s=info.get("queue_time_s"),
-        server_e2e_s=info.get("e2e_s"),
-        output_tokens=int(usage["completion_tokens"]),
-        slices=int(info.get("slices", 0)),
-        finish_reason=last["finish_reason"],
-        **base,
-    )
+    ttft = (first_text - sent) if first_text is not None else elapsed
+    return _answered(last.get("scls") or {}, elapsed, ttft, usage, last["finish_reason"], base)
 
 
 async def run_workload(

@@ -154,10 +154,9 @@ class WorkerService:
         self._draining.set()
         # Draining first, so the scheduler stops placing batches here before we hand back.
         self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, "draining")
-        handed_back = self._hand_back_queued(started=False)
+        handed_back = self._hand_back_queued(only_unstarted=True)
         self._let_started_finish()  # the heartbeat thread keeps us alive meanwhile
         self._stop_heartbeating()
-        self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, "draining")
         handed_back += self._hand_back_queued()
         self.store.deregister_instance(self.instance_id)
         # A cycle that read us as ready just before may have placed one more batch.
@@ -176,16 +175,16 @@ class WorkerService:
             log.warning("drain_timeout", instance=self.instance_id, in_progress=left,
                         timeout_s=self.settings.drain_timeout_s)
 
-    def _hand_back_queued(self, started: bool | None = None) -> int:
+    def _hand_back_queued(self, only_unstarted: bool = False) -> int:
         """Requeue the batches still placed on this instance (no retry counted): all, or
-        only those whose run has (``started=True``) or has not (``False``) begun."""
+        only those no worker has started yet."""
         handed_back = 0
         for batch_id in self.store.r.zrange(self.store.keys.instance_batches(self.instance_id),
                                             0, -1):
             batch = self.store.get_batch(batch_id)
             if batch is None:
                 continue
-            if started is not None and (batch.status != BatchStatus.QUEUED.value) != started:
+            if only_unstarted and batch.status != BatchStatus.QUEUED.value:
                 continue
             result = self.store.requeue_batch(
                 batch, f"instance {self.instance_id} shut down", self.settings.max_retries,
