@@ -1,4 +1,4 @@
-"""Batch-forming algorithms on plain arrays (DESIGN.md section 3), pure and vectorised.
+"""Batch-forming algorithms on plain arrays (docs/design.md §3), pure and vectorised.
 
 Every function here partitions a sequence of requests, given by their context lengths in
 the order the caller chose, into consecutive batches and returns the batch sizes. A batch

@@ -1,4 +1,4 @@
-"""Serving-time and memory model of one instance (DESIGN.md section 2), pure.
+"""Serving-time and memory model of one instance (docs/design.md §2), pure.
 
 A slice of our engine is one prefill (which yields the first token) followed by ``S - 1``
 decode steps, so for batch size ``b``, padded context length ``l`` and slice length ``S``:

@@ -1,6 +1,6 @@
 """Every Redis key scls uses is built here, and nowhere else.
 
-The layout (DESIGN.md section 5), for the default prefix ``scls:``:
+The layout (docs/design.md §5), for the default prefix ``scls:``:
 
 =====================================  ========  ==========================================
 key                                    type      holds
@@ -12,7 +12,7 @@ key                                    type      holds
 ``scls:batch:<id>``                    hash      instance, request ids, fences, timings
 ``scls:instances``                     set       registered instance ids
 ``scls:instance:<id>``                 hash      device, budget, model facts (TTL heartbeat)
-``scls:instance:<id>:batches``         zset      batch id -> claim time, queued or running
+``scls:instance:<id>:batches``         zset      batch id -> estimated s (queued/running)
 ``scls:instance:<id>:stats``           hash      the instance's cumulative counters
 ``scls:scheduler:leader``              string    the active scheduler (SET NX PX)
 ``scls:scheduler:wakeup``              list      nudges that wake the scheduler early

@@ -1,4 +1,4 @@
-"""Serving metrics of DESIGN.md section 7, computed one way for the benchmark (real system)
+"""Serving metrics of docs/design.md §7, computed one way for the benchmark (real system)
 and the simulator, from per-request outcomes and worker-side counters.
 
 Conventions follow vLLM's ``bench serve``: the run's duration is from the first request
@@ -120,7 +120,7 @@ def summarize(
     duration_s: float,
     ect_samples: Sequence[Sequence[float]] = (),
 ) -> dict[str, object]:
-    """The metrics of one run (DESIGN.md section 7) as a flat JSON-able dict.
+    """The metrics of one run (docs/design.md §7) as a flat JSON-able dict.
 
     ``counters``: the run's worker counters (deltas of the global stats hash);
     ``ect_samples``: per-instance expected completion times (seconds of estimated work

@@ -1,4 +1,4 @@
-"""Batch-to-instance assignment (offloading) on plain arrays (DESIGN.md section 3), pure.
+"""Batch-to-instance assignment (offloading) on plain arrays (docs/design.md §3), pure.
 
 Each offloader takes one :class:`Placement` (batches x instances) and the round-robin
 cursor, and returns, for every batch, the index of its instance (``-1``: not placed this

@@ -1,7 +1,7 @@
 """Scheduling policies as pure functions: candidates and instances in, a cycle plan out.
 
 The scheduler service, the simulator and the tests call the same :func:`plan_cycle`. One
-cycle (DESIGN.md section 3):
+cycle (docs/design.md §3):
 
 1. **Select** the ``candidate_limit`` oldest pending requests (a re-queued request keeps
    its arrival time, so it keeps its place; the oldest is always selected).
@@ -38,7 +38,7 @@ from shared.offloading import Placement, least_requests, max_min, round_robin
 
 
 class SliceCost(Protocol):
-    """Per-instance serving-time and memory model of one slice (DESIGN.md section 2).
+    """Per-instance serving-time and memory model of one slice (docs/design.md §2).
 
     Both broadcast like numpy over array-like batch sizes ``b`` and padded lengths ``l``;
     ``s`` is the slice length (decode steps), ``None`` for the model's own default.

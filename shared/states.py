@@ -3,7 +3,7 @@
 A request moves ``pending -> running -> pending -> ... -> finished | failed | cancelled``.
 Every state but ``pending`` and ``running`` is terminal; each terminal state carries a
 :class:`FinishReason` so that no accepted request ever ends without a stated reason
-(DESIGN.md invariant 3).
+(docs/design.md §6.3, invariant 3).
 """
 
 from __future__ import annotations

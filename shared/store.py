@@ -1,6 +1,6 @@
 """Atomic operations on the Redis state (one class, sync; the ingest's async side is in
 :mod:`shared.async_store`). Every multi-key change is one Lua script or one MULTI, so the
-invariants of DESIGN.md section 6 hold whatever crashes in between."""
+invariants of docs/design.md §6 hold whatever crashes in between."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The same workloads drive ``scls bench`` (over HTTP, against the real system) and
 ``scls simulate`` (against simulated instances), so both see identical requests for the
-same seed. DESIGN.md section 8: a trace has no prompt text, only lengths; a replay builds
+same seed. docs/design.md §8: a trace has no prompt text, only lengths; a replay builds
 prompts of the given token length and forces the given output length (``max_tokens`` with
 ``ignore_eos``), and the scheduler only ever sees ``max_tokens`` as an upper bound.
 """
@@ -36,7 +36,7 @@ class WorkItem:
 class SyntheticLengths:
     """Log-normal prompt and output lengths, clipped.
 
-    Defaults are fitted to the Azure 2023 conversation trace (DESIGN.md section 8): a
+    Defaults are fitted to the Azure 2023 conversation trace (docs/design.md §8): a
     log-normal with median m and mean u has sigma = sqrt(2 ln(u / m)); prompts median 1,020,
     mean 1,155 -> sigma 0.50; outputs median 129, mean 211 -> sigma 0.99, max 1,000.
     """

@@ -18,7 +18,7 @@ def greedy_reference(
     loaded: LoadedModel, prompt: list[int], max_new_tokens: int, require_full: bool = True
 ) -> list[int]:
     """Greedy tokens from transformers' own ``generate``, the prompt run alone: the output
-    every engine and the whole system must reproduce (DESIGN.md invariant 5)."""
+    every engine and the whole system must reproduce (docs/design.md §6.5, invariant 5)."""
     ids = torch.tensor([prompt])
     out = loaded.model.generate(
         ids,

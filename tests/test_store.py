@@ -1,4 +1,4 @@
-"""The Redis layer's atomic operations against a real Redis (DESIGN.md invariants 1-3)."""
+"""The Redis layer's atomic operations against a real Redis (docs/design.md §6.1-§6.3)."""
 
 from __future__ import annotations
 

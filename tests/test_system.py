@@ -39,7 +39,7 @@ def submit(store: Store, prompt_ids: list[int], **params: object) -> str:
 
 
 def places(store: Store, rid: str) -> int:
-    """How many places hold a request (DESIGN.md invariant 1 says exactly one)."""
+    """How many places hold a request (docs/design.md §6.1, invariant 1, says exactly one)."""
     count = int(store.r.zscore(store.keys.pending, rid) is not None)
     for bid, _ in store.inflight_batches():
         batch = store.get_batch(bid)

@@ -1,5 +1,5 @@
 """One benchmark run per policy: start a fresh deployment (or attach to one), replay the
-workload over HTTP, and compute DESIGN.md section 7's metrics from the client's outcomes
+workload over HTTP, and compute docs/design.md §7's metrics from the client's outcomes
 and the workers' counters in Redis.
 
 Worker-side figures are the deltas of the cumulative stats hashes the workers write at

@@ -1,4 +1,4 @@
-"""The ingest service: OpenAI-compatible HTTP front of scls (DESIGN.md section 4).
+"""The ingest service: OpenAI-compatible HTTP front of scls (docs/design.md §4).
 
 It validates and tokenises a request, applies backpressure (a bounded pending pool answers
 429 with ``Retry-After``), writes the request with one MULTI, then waits on the request's

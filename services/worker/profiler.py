@@ -105,8 +105,8 @@ class ProfileGrid:
 # Seconds for tiny-random; about 2 minutes for smollm2-135m on an idle 2-core CPU.
 QUICK_GRID = ProfileGrid("quick", (1, 2, 4, 8), (8, 16, 32, 64), max_batch_tokens=512)
 # For real use: 36 points, 3 repeats; about 9 minutes for smollm2-135m on an idle 2-core CPU
-# at S = 32 (estimated from ENGINE_NOTES rates). l = 1024 (for b <= 4) covers the long
-# contexts a b*l*l term needs; b*l > 4096 (b=32, l=512: 36 s of prefill) is skipped.
+# at S = 32 (an early estimate; BENCHMARKS.md has a measured run). l = 1024 (for b <= 4)
+# covers the long contexts a b*l*l term needs; b*l > 4096 (b=32, l=512: 36 s of prefill) is skipped.
 FULL_GRID = ProfileGrid(
     "full", (1, 2, 4, 8, 16, 32), (16, 32, 64, 128, 256, 512, 1024), max_batch_tokens=4096
 )

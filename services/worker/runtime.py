@@ -148,7 +148,7 @@ class WorkerRuntime:
         items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,
                                                                          strict=True)]
         counters = slice_counters(stats, busy, self.cost)
-        # DESIGN.md s.7 early-return ratio: requests that finish within their first slice.
+        # docs/design.md §7 early-return ratio: requests that finish within their first slice.
         counters["first_slice_finishes"] = sum(
             1 for rec, out in zip(records, outputs, strict=True)
             if out.finish_reason is not None and rec.slices == 0
@@ -212,7 +212,7 @@ def to_slice_input(rec: RequestRecord) -> SliceInput:
 def slice_counters(
     stats: SliceStats, busy_s: float, cost: CostModel | None = None
 ) -> dict[str, float]:
-    """Counters a commit adds to the global and per-instance stats hashes (DESIGN.md s.7).
+    """Counters a commit adds to the global and per-instance stats hashes (docs/design.md §7).
 
     ``model_busy_s`` is what the instance's own cost model gives the slice that ran (its
     batch size, padded length and the rows of every decode step): ``busy_s / model_busy_s``

@@ -1,4 +1,4 @@
--- Fenced commit of one slice's results (DESIGN.md invariant 2).
+-- Fenced commit of one slice's results (docs/design.md §6.2, invariant 2).
 -- KEYS: pending, inflight, batch, instance_batches, stats, instance_stats, wakeup,
 --       then per request i: req_i, events_i
 -- ARGV: batch_id, now, result_ttl, stats_json, n,
