@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -67,6 +68,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """One tiny-random model for the whole session (imports dominate test time)."""
     torch.set_num_threads(1)
     return load_model("tiny-random", tmp_path_factory.mktemp("models"), device="cpu")
+
+
+# Not a tmp dir: converting the GGUF file takes about 20 s, so the cache is kept across runs.
+SMOLLM2_CACHE = Path.home() / ".cache" / "scls-test-models"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """SmolLM2-135M (float32 on CPU), converted into the shared test cache on first use."""
+    torch.set_num_threads(2)
+    return load_model("smollm2-135m", SMOLLM2_CACHE, device="cpu")
 
 
 @pytest.fixture()

@@ -29,13 +29,6 @@ SMOLLM2_CACHE = Path.home() / ".cache" / "scls-test-models"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> LoadedModel:
-    """SmolLM2-135M, converted into the shared test cache on first use."""
-    torch.set_num_threads(2)
-    return load_model("smollm2-135m", SMOLLM2_CACHE, device="cpu")
-
-
 # ------------------------------------------------------------------------------------------
 # tiny-random
 # ------------------------------------------------------------------------------------------

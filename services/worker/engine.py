@@ -1,9 +1,20 @@
 """The slice engine: run one bounded slice of generation for a static batch of requests.
 
-A slice re-prefills every row's whole context (prompt + tokens generated in earlier slices),
-left-padded into one batch, takes the first token from the prefill logits, then runs at most
-``slice_len - 1`` decode steps against a preallocated ``StaticCache``. Nothing survives a
-slice but the token ids, so any worker can run a request's next slice.
+A slice batch is one left-padded ``StaticCache``. Each row enters it one of two ways:
+
+* **resumed**: the instance's KV pool (:mod:`services.worker.kv_pool`) holds the row's
+  K/V from its previous slice, for exactly its context but the last token. It is copied
+  in and the row feeds only that last token: no prefill.
+* **prefilled**: everything else (a new request, or one whose cache was evicted, lives on
+  another instance or is stale). Prefilled rows are grouped into passes of similar length
+  (:func:`services.worker.kv_cache.prefill_groups`), so padding is computed only where a
+  shared pass is cheaper than another one; a pass yields the row's first token.
+
+Then up to ``slice_len`` decode steps run with an explicit attention mask (zeros over the
+padding) and explicit position ids (each row's true length + step): omitting either gives
+wrong logits for left-padded rows. Finished rows leave the batch at once. Every unfinished
+row's K/V goes back to the pool at exact length, for its next slice. Without a pool
+(retention off) every slice re-prefills every row's whole context.
 """
 
 from __future__ import annotations
@@ -12,8 +23,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
+from services.worker import kv_cache
+from services.worker.kv_pool import KvEntry, KvPool
 from services.worker.sampling import select_tokens
 from shared.models import LoadedModel
 from shared.states import FinishReason
@@ -37,8 +50,15 @@ class SliceInput:
 
     request_id: str
     prompt_ids: list[int]
-    generated_ids: list[int]  # tokens generated in earlier slices (re-prefilled with the prompt)
+    generated_ids: list[int]  # tokens generated in earlier slices
     params: SamplingParams
+    fence: int = 0  # this slice's fence for the request: stored with the K/V it leaves
+    kv_fence: int | None = None  # fence of the retained K/V Redis names here (None: none)
+
+    @property
+    def context(self) -> list[int]:
+        """Prompt plus tokens generated so far."""
+        return self.prompt_ids + self.generated_ids
 
 
 @dataclass
@@ -48,28 +68,34 @@ class SliceOutput:
     request_id: str
     new_ids: list[int]  # tokens generated in THIS slice (an EOS token is never included)
     finish_reason: FinishReason | None  # None = unfinished; STOP or LENGTH otherwise
+    kv_retained: bool = False  # its K/V is in the pool, written at the input's fence
 
 
 @dataclass
 class SliceStats:
     """Measurements of one slice, for the scheduler's cost model and the benchmark."""
 
-    batch_size: int  # rows prefilled
+    batch_size: int  # rows run (prefilled + resumed)
     padded_len: int  # L: longest context (prompt + generated) in the batch
-    steps: int  # tokens produced per surviving row: 1 from prefill + decode steps run
-    prefill_s: float
+    steps: int  # most tokens one row produced: prefill's first + decode steps run
+    prefill_s: float  # prefill passes and cache assembly, until the first decode step
     decode_s: float
-    pad_tokens: int  # B * L - sum(context lengths) computed in prefill
+    pad_tokens: int  # padding computed by the prefill passes
     invalid_tokens: int  # decode positions computed for rows that had already finished
     recomputed_tokens: int  # context tokens re-prefilled for rows that had generated_ids
     generated_tokens: int  # sum of len(new_ids)
     peak_memory_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, None on CPU
     # Rows in the batch at each decode step (finished rows may have been dropped): with
-    # batch_size and padded_len, what the cost model needs to price the slice that ran.
+    # the prefill passes, what the cost model needs to price the slice that ran.
     decode_rows: tuple[int, ...] = ()
+    prefill_passes: tuple[tuple[int, int], ...] = ()  # (rows, padded length) per pass
+    resumed_rows: int = 0  # rows that continued from the KV pool (no prefill)
+    kv_misses: int = 0  # rows with generated tokens that the pool could not resume
+    kv_stored: int = 0  # unfinished rows whose K/V went to the pool
+    kv_evicted: tuple[str, ...] = ()  # request ids evicted from the pool by this slice
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity
 class _Row:
     """Per-row state while a slice runs."""
 
@@ -79,6 +105,9 @@ class _Row:
     new_ids: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     done: bool = False  # finished, or its slice budget is used up
+    entry: KvEntry | None = None  # retained K/V it resumes from
+    cached: int = 0  # context tokens in the cache before the first decode step
+    retained: bool = False  # its K/V went to the pool at the end
 
     @property
     def position(self) -> int:
@@ -92,22 +121,45 @@ class _Batch:
 
     rows: list[_Row]
     cache: StaticCache
+    width: int  # columns before the first decode step
     mask: torch.Tensor  # [b, columns so far] 1 = real token
     positions: torch.Tensor  # [b] position id of each row's last fed token
+    fed: int = 0  # decode steps fed so far
 
 
 class SliceEngine:
     """Runs slices of generation on one loaded model (not thread-safe: one slice at a time)."""
 
-    def __init__(self, loaded: LoadedModel, drop_finished_rows: bool = True) -> None:
-        """Wrap ``loaded``. With ``drop_finished_rows`` finished rows leave the batch at once;
-        without it they keep being computed (and counted as ``invalid_tokens``)."""
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        drop_finished_rows: bool = True,
+        pool: KvPool | None = None,
+        pass_tokens: float = kv_cache.DEFAULT_PASS_TOKENS,
+    ) -> None:
+        """Wrap ``loaded``.
+
+        Args:
+            drop_finished_rows: finished rows leave the batch at once; without it they keep
+                being computed (and counted as ``invalid_tokens``), as static batching does.
+            pool: where unfinished rows' K/V is kept between slices (None: retention off).
+            pass_tokens: a prefill pass's fixed cost in tokens' worth; ``inf`` prefills
+                every row in one padded pass (the profiler's shape).
+        """
         self.loaded = loaded
         self.model = loaded.model
         self.codec = loaded.codec
         self.device = loaded.device
         self.drop_finished_rows = drop_finished_rows
         self.context_limit = loaded.info.context_limit
+        self.pool = pool
+        self.pass_tokens = pass_tokens
+        config = self.model.config.get_text_config(decoder=True)
+        self._heads = int(getattr(config, "num_key_value_heads", None)
+                          or config.num_attention_heads)
+        self._head_dim = int(getattr(config, "head_dim", None)
+                             or config.hidden_size // config.num_attention_heads)
+        self._dtype = next(self.model.parameters()).dtype
 
     # ----------------------------------------------------------------------------------------
     # Public
@@ -138,7 +190,8 @@ class SliceEngine:
         if live:
             stats = self._run(live)
         stats.generated_tokens = sum(len(s.new_ids) for s in states)
-        outputs = [SliceOutput(s.spec.request_id, s.new_ids, s.finish) for s in states]
+        outputs = [SliceOutput(s.spec.request_id, s.new_ids, s.finish, s.retained)
+                   for s in states]
         return outputs, stats
 
     # ----------------------------------------------------------------------------------------
@@ -154,69 +207,140 @@ class SliceEngine:
         state = _Row(index=index, spec=row, budget=min(slice_len, remaining))
         if state.budget <= 0:
             state.done, state.finish = True, FinishReason.LENGTH
+            if self.pool is not None:
+                self.pool.discard(row.request_id)
         elif context == 0:
             raise ValueError(f"request {row.request_id}: no prompt tokens to prefill")
         return state
 
+    def _resume_from_pool(self, live: list[_Row]) -> int:
+        """Attach each row's retained K/V when the pool holds a valid one; count misses."""
+        misses = 0
+        for row in live:
+            context = row.spec.context
+            if self.pool is not None and row.spec.generated_ids:
+                row.entry = self.pool.take(row.spec.request_id, row.spec.kv_fence, context[:-1])
+                misses += row.entry is None
+            row.cached = len(context) - 1 if row.entry is not None else len(context)
+        return misses
+
     def _run(self, live: list[_Row]) -> SliceStats:
-        """Prefill then decode ``live`` rows until each is done; return the slice's stats."""
-        contexts = [r.spec.prompt_ids + r.spec.generated_ids for r in live]
-        padded_len = max(len(c) for c in contexts)
-        steps_needed = max(r.budget for r in live)
+        """Assemble the batch, decode until each row is done; return the slice's stats."""
+        misses = self._resume_from_pool(live)
+        fresh = [r for r in live if r.entry is None]
+        resumed = [r for r in live if r.entry is not None]
         start = time.perf_counter()
-        batch, logits = self._prefill(live, contexts, padded_len, steps_needed)
-        tokens = self._select(batch.rows, logits)
+        batch, passes = self._assemble(live, fresh)
         self._sync()
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        steps, invalid, decode_rows = 1, 0, []
-        while self._accept(batch.rows, tokens):
-            batch, tokens = self._shrink(batch, tokens)
+        # A resumed row's first decode feeds its last generated token; a prefilled row's
+        # feeds the token its prefill drew (already taken).
+        pending = torch.tensor(
+            [r.spec.context[-1] if r.entry is not None else r.new_ids[-1] if r.new_ids else 0
+             for r in batch.rows], dtype=torch.long, device=self.device)
+        for row in resumed:
+            row.entry = None  # copied into the batch: let the pool's tensors go
+        invalid, decode_rows = 0, []
+        while any(not r.done for r in batch.rows):
+            batch, pending = self._shrink(batch, pending)
             invalid += sum(r.done for r in batch.rows)
             decode_rows.append(len(batch.rows))
-            logits = self._decode(batch, tokens)
-            tokens = self._select(batch.rows, logits)
-            steps += 1
+            logits = self._decode(batch, pending)
+            pending = self._select(batch.rows, logits)
+            self._accept(batch.rows, pending)
+        evicted = self._retain(batch, batch.rows)
         self._sync()
+        contexts = [len(r.spec.context) for r in live]
         return SliceStats(
             batch_size=len(live),
-            padded_len=padded_len,
-            steps=steps,
+            padded_len=max(contexts),
+            steps=len(decode_rows) + (1 if fresh else 0),
             prefill_s=prefill_s,
             decode_s=time.perf_counter() - start,
-            pad_tokens=len(live) * padded_len - sum(len(c) for c in contexts),
+            pad_tokens=sum(n * width for n, width in passes)
+            - sum(len(r.spec.context) for r in fresh),
             invalid_tokens=invalid,
-            recomputed_tokens=sum(
-                len(c) for r, c in zip(live, contexts, strict=True) if r.spec.generated_ids
-            ),
+            recomputed_tokens=sum(len(r.spec.context) for r in fresh if r.spec.generated_ids),
             generated_tokens=0,  # filled in by run_slice
             peak_memory_bytes=self._peak_memory(),
             decode_rows=tuple(decode_rows),
+            prefill_passes=tuple(passes),
+            resumed_rows=len(resumed),
+            kv_misses=misses,
+            kv_stored=sum(r.retained for r in live),
+            kv_evicted=tuple(evicted),
         )
 
-    def _prefill(
-        self, live: list[_Row], contexts: list[list[int]], padded_len: int, steps_needed: int
-    ) -> tuple[_Batch, torch.Tensor]:
-        """Left-padded prefill of every context; returns the batch and last-position logits."""
-        ids = torch.full((len(live), padded_len), self.codec.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(live), padded_len), dtype=torch.long)
-        for i, context in enumerate(contexts):
+    def _assemble(
+        self, live: list[_Row], fresh: list[_Row]
+    ) -> tuple[_Batch, list[tuple[int, int]]]:
+        """The batch's cache with every row in place, and the prefill passes run.
+
+        One pass and no resumed row (every slice without retention, most first slices)
+        prefills straight into the batch cache; otherwise each pass prefills into its own
+        cache, whose rows are copied in, and resumed rows are copied from the pool.
+        """
+        width = max(r.cached for r in live)
+        # Decode steps: a resumed row feeds one per token, a prefilled row one fewer.
+        steps = max(r.budget - (r.entry is None) for r in live)
+        cache = StaticCache(config=self.model.config, max_cache_len=width + steps + 1)
+        mask = torch.zeros((len(live), width), dtype=torch.long)
+        for i, row in enumerate(live):
+            mask[i, width - row.cached:] = 1
+        mask = mask.to(self.device)
+        batch = _Batch(rows=list(live), cache=cache, width=width, mask=mask,
+                       positions=(mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -1])
+        where = {id(r): i for i, r in enumerate(live)}
+        groups = kv_cache.prefill_groups([r.cached for r in fresh], self.pass_tokens)
+        if len(groups) == 1 and len(fresh) == len(live):
+            ordered = [fresh[i] for i in groups[0]]
+            batch.rows = ordered  # the pass's row order is the batch's
+            batch.mask = batch.mask[[where[id(r)] for r in ordered]]
+            batch.positions = batch.positions[[where[id(r)] for r in ordered]]
+            self._prefill(ordered, width, cache)
+            return batch, [(len(ordered), width)]
+        if not kv_cache.supports_assembly(cache):
+            raise RuntimeError("this model's cache layers cannot be assembled by hand: run "
+                               "it with SCLS_KV_RETENTION=false")
+        kv_cache.allocate(cache, len(live), self._heads, self._head_dim, self._dtype,
+                          self.device, width)
+        passes = []
+        for group in groups:
+            rows = [fresh[i] for i in group]
+            source = DynamicCache(config=self.model.config)
+            padded = self._prefill(rows, max(r.cached for r in rows), source)
+            kv_cache.write_rows_from(cache, [where[id(r)] for r in rows], source,
+                                     [r.cached for r in rows], width)
+            passes.append((len(rows), padded))
+            del source
+        for row in live:
+            if row.entry is not None:
+                kv_cache.write_row(cache, where[id(row)], row.entry.keys, row.entry.values,
+                                   width)
+        return batch, passes
+
+    def _prefill(self, rows: list[_Row], width: int, cache: StaticCache | DynamicCache) -> int:
+        """One left-padded prefill pass of ``rows`` into ``cache``; takes each row's first
+        token. Returns the pass's padded length."""
+        ids = torch.full((len(rows), width), self.codec.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            context = row.spec.context
             # The mask comes from real lengths: pad == eos for some models, so ids can't tell.
-            ids[i, padded_len - len(context) :] = torch.tensor(context, dtype=torch.long)
-            mask[i, padded_len - len(context) :] = 1
+            ids[i, width - len(context):] = torch.tensor(context, dtype=torch.long)
+            mask[i, width - len(context):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = StaticCache(config=self.model.config, max_cache_len=padded_len + steps_needed + 1)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=position_ids,
+            position_ids=(mask.cumsum(dim=-1) - 1).clamp(min=0),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,  # only the last position: full prefill logits cost gigabytes
         )
-        batch = _Batch(rows=list(live), cache=cache, mask=mask, positions=position_ids[:, -1])
-        return batch, out.logits[:, -1, :]
+        self._accept(rows, self._select(rows, out.logits[:, -1, :]))
+        return width
 
     def _decode(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; returns next-token logits ``[b, vocab]``."""
@@ -230,6 +354,7 @@ class SliceEngine:
             past_key_values=batch.cache,
             use_cache=True,
         )
+        batch.fed += 1
         return out.logits[:, -1, :]
 
     def _select(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
@@ -243,12 +368,11 @@ class SliceEngine:
             positions=[r.position for r in rows],
         )
 
-    def _accept(self, rows: list[_Row], tokens: torch.Tensor) -> bool:
-        """Record each live row's token; True while some row still needs another step."""
+    def _accept(self, rows: list[_Row], tokens: torch.Tensor) -> None:
+        """Record each live row's token."""
         for row, token in zip(rows, tokens.tolist(), strict=True):
             if not row.done:
                 self._take(row, int(token))
-        return any(not r.done for r in rows)
 
     def _take(self, row: _Row, token: int) -> None:
         """Append ``token`` to ``row`` and decide whether the row is finished or done."""
@@ -278,16 +402,37 @@ class SliceEngine:
         return generated >= row.spec.params.max_tokens or context >= self.context_limit
 
     def _shrink(self, batch: _Batch, tokens: torch.Tensor) -> tuple[_Batch, torch.Tensor]:
-        """Drop done rows from the batch (cache, mask, positions, tokens) if configured to."""
+        """Drop done rows from the batch (cache, mask, positions, tokens) if configured to;
+        the unfinished ones among them leave their K/V in the pool first."""
         keep = [i for i, r in enumerate(batch.rows) if not r.done]
         if not self.drop_finished_rows or len(keep) == len(batch.rows):
             return batch, tokens
+        self._retain(batch, [r for r in batch.rows if r.done])
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        _select_cache_rows(batch.cache, index)
+        kv_cache.select_rows(batch.cache, index)
         batch.rows = [batch.rows[i] for i in keep]
         batch.mask = batch.mask.index_select(0, index)
         batch.positions = batch.positions.index_select(0, index)
         return batch, tokens.index_select(0, index)
+
+    def _retain(self, batch: _Batch, rows: list[_Row]) -> list[str]:
+        """Store the K/V of the unfinished ones of ``rows`` in the pool; returns the ids
+        evicted to make room."""
+        if self.pool is None:
+            return []
+        evicted: list[str] = []
+        for row in rows:
+            if row.finish is not None or row.retained or not row.new_ids:
+                continue
+            i = batch.rows.index(row)
+            start, end = batch.width - row.cached, batch.width + batch.fed
+            tokens = row.spec.context + row.new_ids[:-1]  # the last drawn token is unfed
+            assert end - start == len(tokens), "cache columns and tokens disagree"
+            keys, values = kv_cache.read_row(batch.cache, i, start, end)
+            evicted += self.pool.put(row.spec.request_id,
+                                     KvEntry(keys, values, tokens, row.spec.fence))
+            row.retained = self.pool.holds(row.spec.request_id, row.spec.fence)
+        return evicted
 
     # ----------------------------------------------------------------------------------------
     # Helpers
@@ -319,16 +464,3 @@ class SliceEngine:
             peak_memory_bytes=self._peak_memory(),
         )
 
-
-def _select_cache_rows(cache: StaticCache, index: torch.Tensor) -> None:
-    """Keep only batch rows ``index`` of every cache layer.
-
-    ``StaticCache.batch_select_indices`` does not work in transformers 5.23: its StaticLayer
-    does not implement it (only the dynamic layers do). The fill level (``cumulative_length``)
-    is shared by all rows, so it stays as it is.
-    """
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-            layer.batch_size = int(index.numel())

@@ -44,6 +44,7 @@ import fcntl
 import gc
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -330,7 +331,8 @@ def run_profile(
     points = grid.points(loaded.info.context_limit, slice_length)
     if not points:
         raise ValueError(f"grid {grid.name!r} has no point within the context window")
-    engine = SliceEngine(loaded)
+    # One padded prefill pass per slice: the shape the cost model's Tp(b, l) describes.
+    engine = SliceEngine(loaded, pass_tokens=math.inf)
     meter = PeakMeter(loaded.device)
     rng = np.random.default_rng(seed)
     vocab = loaded.info.vocab_size

@@ -1,0 +1,132 @@
+"""Moving rows of K/V in and out of a slice's ``StaticCache``, and grouping prefills.
+
+A slice batch is one left-padded ``StaticCache``: row ``i``'s real tokens occupy the
+columns ``[width - cached_i, width + steps)``, where ``width`` is the longest cached
+context of the batch and ``steps`` the decode steps fed so far (every row in the batch is
+fed at every step). Rows come from a prefill (computed here) or from the KV pool (computed
+by an earlier slice); rows leave as exact-length copies for the pool.
+
+Measured on transformers 5.23: a ``StaticLayer`` writes each update at its
+``cumulative_length`` (shared by all rows), so a cache assembled by hand must set that to
+``width``; attention masks and position ids then come from the caller, per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+#: Prefill passes cost a fixed overhead on top of their tokens; when the cost model does
+#: not say how much (in tokens' worth), assume this.
+DEFAULT_PASS_TOKENS = 32.0
+
+
+def prefill_groups(lengths: Sequence[int], pass_tokens: float) -> list[list[int]]:
+    """Split rows into left-padded prefill passes minimising computed work.
+
+    Each pass costs ``pass_tokens`` (its fixed overhead, in tokens' worth) plus
+    ``rows x longest`` tokens. Rows are taken by length and cut into contiguous runs by an
+    exact dynamic programme (``n <= max batch``, so ``O(n^2)`` is nothing). Returns lists of
+    indices into ``lengths``, each run ordered by length. ``pass_tokens = inf`` gives one
+    pass (a single padded prefill).
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: lengths[i])
+    if not np.isfinite(pass_tokens):
+        return [order]
+    sorted_lens = [lengths[i] for i in order]
+    best = [0.0] + [np.inf] * n  # best[p]: cheapest cover of the p shortest rows
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = sorted_lens[end - 1]
+        for start in range(end):
+            cost = best[start] + pass_tokens + (end - start) * longest
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups = []
+    end = n
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    groups.reverse()
+    return groups
+
+
+def pass_tokens_of(prefill_features: Sequence[str], prefill_coef: Sequence[float]) -> float:
+    """A prefill pass's fixed cost in tokens' worth from a fitted ``Tp``: ``p_1 / p_bl``."""
+    coef = dict(zip(prefill_features, prefill_coef, strict=True))
+    fixed, per_token = coef.get("1", 0.0), coef.get("bl", 0.0)
+    if fixed > 0 and per_token > 0:
+        return fixed / per_token
+    return DEFAULT_PASS_TOKENS
+
+
+def supports_assembly(cache: StaticCache) -> bool:
+    """Whether every layer is a plain full-attention ``StaticLayer`` (sliding-window or
+    indexed layers keep other state and are never assembled by hand)."""
+    return all(type(layer) is StaticLayer for layer in cache.layers)
+
+
+def allocate(
+    cache: StaticCache, rows: int, heads: int, head_dim: int, dtype: torch.dtype,
+    device: torch.device, width: int,
+) -> None:
+    """Allocate every layer's tensors for ``rows`` and mark ``width`` columns as filled."""
+    probe = torch.empty((rows, heads, 1, head_dim), dtype=dtype, device=device)
+    for layer in cache.layers:
+        layer.lazy_initialization(probe, probe)
+        layer.cumulative_length.fill_(width)
+
+
+def write_row(
+    cache: StaticCache, row: int, keys: torch.Tensor, values: torch.Tensor, width: int
+) -> None:
+    """Put one request's ``[layers, heads, n, dim]`` K/V right-aligned at column ``width``."""
+    n = keys.shape[2]
+    for i, layer in enumerate(cache.layers):
+        layer.keys[row, :, width - n:width] = keys[i]
+        layer.values[row, :, width - n:width] = values[i]
+
+
+def write_rows_from(
+    cache: StaticCache, rows: Sequence[int], source: torch.nn.Module | object, lengths:
+    Sequence[int], width: int,
+) -> None:
+    """Copy rows ``0..`` of a prefill cache (left-padded to its own width) into ``rows``.
+
+    Row ``j`` of ``source`` holds its ``lengths[j]`` real tokens at its right end; they
+    go right-aligned at column ``width`` of row ``rows[j]``.
+    """
+    for layer, src in zip(cache.layers, source.layers, strict=True):  # type: ignore[attr-defined]
+        src_width = src.keys.shape[2]
+        for j, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            layer.keys[row, :, width - n:width] = src.keys[j, :, src_width - n:]
+            layer.values[row, :, width - n:width] = src.values[j, :, src_width - n:]
+
+
+def read_row(cache: StaticCache, row: int, start: int, end: int) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """Exact-length copies ``[layers, heads, end - start, dim]`` of one row's K and V."""
+    keys = torch.stack([layer.keys[row, :, start:end] for layer in cache.layers])
+    values = torch.stack([layer.values[row, :, start:end] for layer in cache.layers])
+    return keys, values
+
+
+def select_rows(cache: StaticCache, index: torch.Tensor) -> None:
+    """Keep only batch rows ``index`` of every cache layer.
+
+    ``StaticCache.batch_select_indices`` does not work in transformers 5.23: its StaticLayer
+    does not implement it (only the dynamic layers do). The fill level (``cumulative_length``)
+    is shared by all rows, so it stays as it is.
+    """
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+            layer.batch_size = int(index.numel())
