@@ -184,18 +184,39 @@ class CostModel:
         decode = n * per_step + (d2 + d3 * b_) * (n * l_ + n * (n + 1.0) / 2.0)
         return self.prefill_time(b_, l_) + decode
 
-    def run_time(self, b: int, l: int, decode_rows: Sequence[int]) -> float:  # noqa: E741
-        """Seconds the model gives a slice that actually ran: prefill of ``b`` rows padded
-        to ``l``, then decode step ``j`` with ``decode_rows[j-1]`` rows at context ``l + j``
-        (rows that finished may have been dropped, the slice may have stopped early).
-        Compared with the measured time, it shows how far the instance runs from its
-        profile (contention, thermal limits, a changed machine)."""
+    def resume_time(self, b: ArrayLike, l: ArrayLike, s: ArrayLike | None = None) -> np.ndarray:  # noqa: E741
+        """Seconds of a slice whose rows all resume from retained K/V (no prefill).
+
+        Each row feeds its last token and then its own drafts: ``s`` decode steps, step
+        ``j`` ending with ``l + j - 1`` tokens cached (``l`` = the longest context),
+        ``n*(d0 + d1*b + e*[b>=2]) + (d2 + d3*b) * (n*l + n*(n-1)/2)`` with ``n = s``.
+        """
+        n = np.asarray(self.slice_length if s is None else s, dtype=float)
+        b_ = np.asarray(b, dtype=float)
+        l_ = np.asarray(l, dtype=float)
+        d0, d1, d2, d3 = self.decode_coef
+        per_step = d0 + d1 * b_ + self.decode_batched_extra * (b_ >= 2)
+        return n * per_step + (d2 + d3 * b_) * (n * l_ + n * (n - 1.0) / 2.0)
+
+    def run_time(
+        self, b: int, l: int, decode_rows: Sequence[int],  # noqa: E741
+        prefill_passes: Sequence[tuple[int, int]] | None = None,
+    ) -> float:
+        """Seconds the model gives a slice that actually ran: its prefill passes
+        (``(rows, padded length)`` each; default one pass of ``b`` rows padded to ``l``;
+        none when every row resumed from retained K/V), then decode step ``j`` with
+        ``decode_rows[j-1]`` rows at context ``l + j`` (rows that finished may have been
+        dropped, the slice may have stopped early). Compared with the measured time, it
+        shows how far the instance runs from its profile (contention, thermal limits, a
+        changed machine)."""
         if b < 1:
             return 0.0
+        passes = [(b, l)] if prefill_passes is None else list(prefill_passes)
         rows = np.asarray(decode_rows, dtype=float)
         contexts = l + np.arange(1, len(rows) + 1, dtype=float)
         decode = float(self.decode_step_time(rows, contexts).sum()) if len(rows) else 0.0
-        return float(self.prefill_time(b, l)) + decode
+        prefill = sum(float(self.prefill_time(n, width)) for n, width in passes)
+        return prefill + decode
 
     def iteration_time(self, query_lens: Sequence[int], keys_total: int) -> float:
         """Seconds the model gives one continuous-batching iteration, priced as the

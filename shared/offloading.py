@@ -29,6 +29,9 @@ class Placement:
     busy_s: np.ndarray  # (K,) expected outstanding (queued + running) work, seconds
     requests: np.ndarray  # (K,) queued + running requests
     horizon_s: float
+    # (B,) index of the instance holding the batch's K/V (-1: none); its column of
+    # ``times`` is the resume time there, and it is priced even past the horizon.
+    home: np.ndarray | None = None
 
 
 def _fifo_order(problem: Placement) -> list[int]:
@@ -62,15 +65,24 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     with the smallest expected completion time. That instance's busy time then grows by
     the batch's time. Ties go to the first instance in the stable order. The cursor is
     returned unchanged.
+
+    Affinity is a cost, not a pin: a batch whose K/V an instance retains is priced there
+    without prefill and elsewhere with it, so it moves when its home is loaded enough that
+    re-prefilling elsewhere completes sooner. When its home is past the horizon but would
+    still complete it sooner than any open instance, it waits (stays pending) for its home.
     """
     longest = np.min(problem.times, axis=1)
     loads = _Loads(problem)
+    home = np.full(len(problem.times), -1) if problem.home is None else problem.home
     assign = np.full(len(problem.times), -1)
     for b in np.lexsort((-longest, ~problem.urgent)).tolist():
         if not loads.open_count:
             break  # every instance is past the horizon: nothing else can be placed
         completion = loads.busy + problem.times[b] + loads.closed
         k = int(np.argmin(completion))
+        h = int(home[b])
+        if h >= 0 and loads.closed[h] and loads.busy[h] + problem.times[b, h] <= completion[k]:
+            continue  # its busy home still finishes it first: wait for it
         if completion[k] == np.inf:
             continue  # fits no open instance: stays pending
         assign[b] = k

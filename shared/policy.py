@@ -56,6 +56,32 @@ class SliceCost(Protocol):
         """Estimated peak bytes beyond the weights (KV cache + activations)."""
         ...
 
+    def resume_time(
+        self, b: ArrayLike, l: ArrayLike, s: int | None = None, /  # noqa: E741
+    ) -> np.ndarray:
+        """Estimated seconds of a slice whose rows all resume from retained K/V."""
+        ...
+
+
+@dataclass(frozen=True)
+class ResumeCost:
+    """A cost model seen by batching for rows resuming on their own instance: the same
+    memory, but a slice's time has no prefill (:meth:`SliceCost.resume_time`)."""
+
+    cost: SliceCost
+
+    def slice_time(self, b: ArrayLike, l: ArrayLike, s: int | None = None) -> np.ndarray:  # noqa: E741
+        """Time of a resumed slice."""
+        return self.cost.resume_time(b, l, s)
+
+    def slice_memory(self, b: ArrayLike, l: ArrayLike, s: int | None = None) -> np.ndarray:  # noqa: E741
+        """Memory as for any slice: the batch cache is allocated the same way."""
+        return self.cost.slice_memory(b, l, s)
+
+    def resume_time(self, b: ArrayLike, l: ArrayLike, s: int | None = None) -> np.ndarray:  # noqa: E741
+        """Time of a resumed slice."""
+        return self.cost.resume_time(b, l, s)
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -65,6 +91,9 @@ class Candidate:
     context_len: int  # prompt + tokens generated so far
     remaining_tokens: int  # max_tokens - generated: an upper bound, not a prediction
     arrival: float  # first arrival; kept when the request is re-queued after a slice
+    # The live instance whose KV pool holds this request's K/V for its current context
+    # ("" = none): its next slice there needs no prefill (the caller checks liveness).
+    kv_instance: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,7 @@ class FormedBatch:
     padded_len: int
     slice_length: int
     oldest_arrival: float
+    home: str = ""  # instance holding every row's K/V ("" = none: rows prefill anywhere)
 
 
 @dataclass(frozen=True)
@@ -100,6 +130,7 @@ class BatchPlan:
     slice_length: int
     estimated_s: float
     estimated_bytes: int
+    resumed_rows: int = 0  # rows expected to resume from the instance's KV pool
 
 
 @dataclass(frozen=True)
@@ -237,6 +268,9 @@ class PolicyConfig:
     # instances around 10-15 ms on 2 CPU cores (`scls scheduler-bench`).
     candidate_limit: int = 2048
     rr_cursor: int = 0  # round-robin position, carried from the previous CyclePlan
+    # Price rows on the instance that retains their K/V without prefill (and form their
+    # batches there first); off: every row is priced as re-prefilled anywhere.
+    kv_affinity: bool = True
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
@@ -366,11 +400,14 @@ def plan_cycle(
         return CyclePlan([], never.candidates, config.rr_cursor)
     ref = tightest_instance(insts)
     regular, oversize = runnable.split(fits_alone(runnable, ref, slice_length))
-    batches = BATCHING[config.batching](
+    homed, regular = _split_by_home(regular, insts, config)
+    batches = _home_batches(homed, config, slice_length)
+    batches += BATCHING[config.batching](
         regular, ref.cost, ref.memory_budget_bytes, slice_length, config.max_batch
     )
     batches += single_batching(oversize, ref.cost, 0, slice_length, 1)
     times, memory = _estimates(batches, insts, open_)
+    home = _price_at_home(batches, insts, times, memory)
     arrival = np.array([b.oldest_arrival for b in batches])
     age_limit = -np.inf if now is None else now - config.max_wait_s
     problem = Placement(
@@ -381,6 +418,7 @@ def plan_cycle(
         busy_s=busy,
         requests=np.array([i.queued_requests for i in insts], dtype=np.float64),
         horizon_s=config.horizon_s,
+        home=home,
     )
     assign, cursor = OFFLOADING[config.offloading](problem, config.rr_cursor)
     # Dispatch (and so queue on each instance) urgent batches first, then oldest first.
@@ -391,9 +429,74 @@ def plan_cycle(
         if k < 0:
             unplaced.append(b)
             continue
+        resumed = len(b.request_ids) if k == home[j] else 0
         plans.append(BatchPlan(insts[k].id, b.request_ids, b.padded_len, b.slice_length,
-                               float(times[j, k]), int(memory[j, k])))
+                               float(times[j, k]), int(memory[j, k]), resumed))
     return CyclePlan(plans, never.candidates, cursor, unplaced)
+
+
+def _split_by_home(
+    pool: CandidatePool, insts: Sequence[InstanceView], config: PolicyConfig
+) -> tuple[list[tuple[InstanceView, CandidatePool]], CandidatePool]:
+    """``([(instance, its retained candidates)], the rest)``: candidates whose K/V a live
+    instance holds, grouped by that instance (none with affinity off or whole-generation
+    batching, where nothing is retained)."""
+    if not config.kv_affinity or config.batching in WHOLE_GENERATION:
+        return [], pool
+    homes = [c.kv_instance for c in pool.candidates]
+    if not any(homes):
+        return [], pool
+    keys = np.array(homes)
+    groups, rest = [], np.ones(len(pool), dtype=bool)
+    for inst in insts:
+        mine = keys == inst.id
+        if mine.any():
+            groups.append((inst, pool.take(np.flatnonzero(mine))))
+            rest &= ~mine
+    return groups, pool.take(np.flatnonzero(rest))
+
+
+def _home_batches(
+    homed: Sequence[tuple[InstanceView, CandidatePool]], config: PolicyConfig,
+    slice_length: int,
+) -> list[FormedBatch]:
+    """Batches of each instance's retained candidates, formed with that instance's own
+    model priced without prefill (:class:`ResumeCost`) and its own budget."""
+    batches = []
+    for inst, group in homed:
+        formed = BATCHING[config.batching](
+            group, ResumeCost(inst.cost), inst.memory_budget_bytes, slice_length,
+            config.max_batch,
+        )
+        batches += [replace(b, home=inst.id) for b in formed]
+    return batches
+
+
+def _price_at_home(
+    batches: Sequence[FormedBatch], insts: Sequence[InstanceView], times: np.ndarray,
+    memory: np.ndarray,
+) -> np.ndarray:
+    """Put each homed batch's resume time in its home's column (open or not: the offloader
+    weighs waiting for a busy home against re-prefilling elsewhere); returns the home's
+    index per batch, -1 for none. One vectorised estimate per home instance."""
+    home = np.full(len(batches), -1)
+    index = {inst.id: k for k, inst in enumerate(insts)}
+    by_home: dict[int, list[int]] = {}
+    for j, b in enumerate(batches):
+        if b.home:
+            by_home.setdefault(index[b.home], []).append(j)
+    for k, rows in by_home.items():
+        inst, idx = insts[k], np.array(rows)
+        sizes = np.array([len(batches[j].request_ids) for j in rows])
+        padded = np.array([batches[j].padded_len for j in rows])
+        s = batches[rows[0]].slice_length
+        m = np.asarray(inst.cost.slice_memory(sizes, padded, s), dtype=float)
+        fits = (m <= inst.memory_budget_bytes) & (padded <= inst.context_limit)
+        t = np.asarray(inst.cost.resume_time(sizes, padded, s), dtype=float)
+        times[idx, k] = np.where(fits, t, np.inf)
+        memory[idx, k] = m
+        home[idx] = k
+    return home
 
 
 def with_cursor(config: PolicyConfig, plan: CyclePlan) -> PolicyConfig:

@@ -97,6 +97,33 @@ def test_slice_time_closed_form_equals_step_by_step_sum() -> None:
         assert float(model.slice_time(b, x, s)) == pytest.approx(loop, rel=1e-12)
 
 
+def test_resume_time_closed_form_is_s_decode_steps_from_the_cached_context() -> None:
+    """A resumed row feeds its last token first: s steps, step j ends at l + j - 1 cached."""
+    model = make_model()
+    rng = np.random.default_rng(2)
+    for i in range(100):
+        b, x, s = (int(v) for v in (rng.integers(1, 65), rng.integers(2, 2049),
+                                    rng.integers(1, 129)))
+        b = 1 if i % 4 == 0 else b
+        loop = sum(float(model.decode_step_time(b, x + j - 1)) for j in range(1, s + 1))
+        assert float(model.resume_time(b, x, s)) == pytest.approx(loop, rel=1e-12)
+    # Resuming skips the prefill and pays one more decode step instead.
+    assert float(model.resume_time(8, 500, 32)) == pytest.approx(
+        float(model.slice_time(8, 500, 32)) - float(model.prefill_time(8, 500))
+        + float(model.decode_step_time(8, 500)))
+
+
+def test_run_time_prices_the_prefill_passes_that_ran() -> None:
+    model = make_model()
+    rows = (3, 3, 2)
+    decode = sum(float(model.decode_step_time(r, 100 + j)) for j, r in enumerate(rows, 1))
+    assert model.run_time(3, 100, rows) == pytest.approx(float(model.prefill_time(3, 100))
+                                                          + decode)
+    two = float(model.prefill_time(1, 100)) + float(model.prefill_time(2, 40))
+    assert model.run_time(3, 100, rows, ((1, 100), (2, 40))) == pytest.approx(two + decode)
+    assert model.run_time(3, 100, rows, ()) == pytest.approx(decode)  # every row resumed
+
+
 def test_slice_length_one_is_prefill_only_and_default_is_profiled_s() -> None:
     model = make_model(s=16)
     assert float(model.slice_time(4, 100, 1)) == pytest.approx(float(model.prefill_time(4, 100)))

@@ -61,6 +61,13 @@ class LinearCost:
         b, l = np.asarray(b, dtype=float), np.asarray(l, dtype=float)  # noqa: E741
         return b * (l + s + 1) * self.kv + self.act * b * l
 
+    def resume_time(self, b, l, s=None):  # noqa: E741
+        s = self.default_s if s is None else s
+        b, l = np.asarray(b, dtype=float), np.asarray(l, dtype=float)  # noqa: E741
+        d0, d1, d2, d3 = self.d
+        mid = l + (s - 1) / 2
+        return s * (d0 + d1 * b + d2 * mid + d3 * b * mid)
+
 
 COST = LinearCost()
 FAST = LinearCost(p=(0.01, 5e-4, 1e-5, 2e-6), d=(0.005, 1e-4, 5e-7, 1e-7))

@@ -219,7 +219,7 @@ def slice_counters(
     is how much slower (or faster) the engine runs in service than when it was profiled.
     """
     model_busy = 0.0 if cost is None else cost.run_time(
-        stats.batch_size, stats.padded_len, stats.decode_rows
+        stats.batch_size, stats.padded_len, stats.decode_rows, stats.prefill_passes
     )
     return {
         "slices": 1,

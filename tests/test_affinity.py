@@ -1,0 +1,105 @@
+"""KV affinity in the pure policy: a row is cheaper where its K/V is retained, and moves
+when that instance is loaded or gone (docs/design.md §3.6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.offloading import Placement, max_min
+from shared.policy import Candidate, PolicyConfig, ResumeCost, plan_cycle
+from tests.test_policy import COST, inst
+
+S = 8
+CONFIG = PolicyConfig(slice_length=S, max_batch=8, horizon_s=10.0)
+
+
+def kept(i: int, length: int, home: str) -> Candidate:
+    return Candidate(f"r{i}", length, 64, float(i), kv_instance=home)
+
+
+def fresh_time(b: int, length: int) -> float:
+    return float(COST.slice_time(b, length, S))
+
+
+def resume_time(b: int, length: int) -> float:
+    return float(COST.resume_time(b, length, S))
+
+
+def test_resume_cost_prices_no_prefill_and_keeps_the_memory() -> None:
+    view = ResumeCost(COST)
+    assert float(view.slice_time(4, 300, S)) == resume_time(4, 300) < fresh_time(4, 300)
+    assert float(view.slice_memory(4, 300, S)) == float(COST.slice_memory(4, 300, S))
+
+
+def test_retained_rows_are_batched_at_home_and_priced_without_prefill() -> None:
+    cands = [kept(i, 300 + i, "b") for i in range(4)] + [Candidate("new", 50, 64, 9.0)]
+    plan = plan_cycle(cands, [inst("a"), inst("b")], CONFIG)
+    homed = next(p for p in plan.batches if "r0" in p.request_ids)
+    assert homed.instance_id == "b" and sorted(homed.request_ids) == ["r0", "r1", "r2", "r3"]
+    assert homed.resumed_rows == 4
+    assert homed.estimated_s == pytest.approx(resume_time(4, 303))
+    other = next(p for p in plan.batches if "new" in p.request_ids)
+    assert other.resumed_rows == 0 and other.request_ids == ("new",)
+    assert other.instance_id == "a"  # max-min: b already got the other batch
+
+
+GAP = fresh_time(4, 400) - resume_time(4, 400)  # what a move costs: the batch's prefill
+
+
+@pytest.mark.parametrize(("busy_gaps", "expected"), [
+    (0.0, "b"),  # idle home: stays
+    (0.5, "b"),  # loaded by less than a prefill: re-prefilling elsewhere finishes later
+    (3.0, "a"),  # loaded by more (still below the horizon): moves and pays its prefill
+])
+def test_affinity_is_a_cost_not_a_pin(busy_gaps: float, expected: str) -> None:
+    cands = [kept(i, 400, "b") for i in range(4)]
+    assert GAP > 0
+    plan = plan_cycle(cands, [inst("a"), inst("b", busy=busy_gaps * GAP)], CONFIG)
+    assert [p.instance_id for p in plan.batches] == [expected]
+    moved = plan.batches[0]
+    assert moved.resumed_rows == (4 if expected == "b" else 0)
+    assert moved.estimated_s == pytest.approx(
+        resume_time(4, 400) if expected == "b" else fresh_time(4, 400))
+
+
+def test_a_busy_home_past_the_horizon_is_waited_for_when_still_cheaper() -> None:
+    cands = [kept(i, 400, "b") for i in range(4)]
+    config = PolicyConfig(slice_length=S, max_batch=8, horizon_s=GAP / 4)
+    # b is past the horizon by a little: waiting for it beats re-prefilling on idle a.
+    waits = plan_cycle(cands, [inst("a"), inst("b", busy=GAP / 2)], config)
+    assert waits.batches == [] and len(waits.unplaced) == 1
+    # b is far behind: the batch moves to a.
+    moves = plan_cycle(cands, [inst("a"), inst("b", busy=3 * GAP)], config)
+    assert [p.instance_id for p in moves.batches] == ["a"]
+
+
+def test_dead_home_or_affinity_off_means_plain_batches() -> None:
+    cands = [kept(i, 400, "gone") for i in range(3)]
+    plan = plan_cycle(cands, [inst("a")], CONFIG)  # "gone" is no live instance
+    assert plan.batches[0].resumed_rows == 0
+    assert plan.batches[0].estimated_s == pytest.approx(fresh_time(3, 400))
+    cands = [kept(i, 400, "a") for i in range(3)]
+    off = plan_cycle(cands, [inst("a")], PolicyConfig(slice_length=S, kv_affinity=False))
+    assert off.batches[0].resumed_rows == 0
+    whole = plan_cycle(cands, [inst("a")], PolicyConfig.preset("sls", max_gen_length=64))
+    assert all(p.resumed_rows == 0 for p in whole.batches)
+
+
+def test_home_batches_respect_the_home_budget() -> None:
+    cands = [kept(i, 1000, "b") for i in range(6)]
+    one_row = float(COST.slice_memory(1, 1000, S))
+    plan = plan_cycle(cands, [inst("a"), inst("b", budget=2.5 * one_row)], CONFIG)
+    homed = [p for p in plan.batches if p.instance_id == "b"]
+    assert homed and all(len(p.request_ids) <= 2 for p in homed)
+    assert sorted(r for p in plan.batches for r in p.request_ids) == [f"r{i}" for i in range(6)]
+
+
+def test_max_min_without_homes_is_unchanged() -> None:
+    times = np.array([[2.0, 2.0], [1.0, 1.0]])
+    base = dict(times=times, sizes=np.array([1, 1]), arrival=np.zeros(2),
+                urgent=np.zeros(2, bool), busy_s=np.array([0.0, 0.5]),
+                requests=np.zeros(2), horizon_s=10.0)
+    plain, _ = max_min(Placement(**base), 0)
+    no_home, _ = max_min(Placement(**base, home=np.array([-1, -1])), 0)
+    assert plain.tolist() == no_home.tolist() == [0, 1]
