@@ -76,6 +76,21 @@ class Settings(BaseSettings):
     max_queued_batches: int = Field(
         2, ge=1, description="batches queued or running per instance before dispatch pauses"
     )
+    kv_retention: bool = Field(
+        True,
+        description="keep each unfinished request's K/V in its instance's pool between "
+        "slices (false: every slice re-prefills the whole context, as before)",
+    )
+    kv_pool_bytes: int | None = Field(
+        None, ge=0,
+        description="bytes of an instance's memory budget reserved for retained K/V; the "
+        "batch budget the scheduler plans with shrinks by as much (unset: kv_pool_share)",
+    )
+    kv_pool_share: float = Field(
+        0.5, ge=0, lt=1,
+        description="share of the instance's memory budget for retained K/V when "
+        "kv_pool_bytes is unset",
+    )
 
     # --- liveness and recovery --------------------------------------------------
     heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
@@ -125,6 +140,15 @@ class Settings(BaseSettings):
         "auto", description="auto = console on a terminal, JSON otherwise"
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    def kv_pool_capacity(self, memory_budget_bytes: int) -> int:
+        """Bytes of an instance's ``memory_budget_bytes`` kept for retained K/V (0 with
+        retention off); the rest is the batch budget."""
+        if not self.kv_retention:
+            return 0
+        if self.kv_pool_bytes is not None:
+            return min(self.kv_pool_bytes, memory_budget_bytes)
+        return int(memory_budget_bytes * self.kv_pool_share)
 
     @model_validator(mode="after")
     def _check_prefix(self) -> Settings:
