@@ -14,6 +14,7 @@ key                                    type      holds
 ``scls:instance:<id>``                 hash      device, budget, model facts (TTL heartbeat)
 ``scls:instance:<id>:batches``         zset      batch id -> estimated s (queued/running)
 ``scls:instance:<id>:stats``           hash      the instance's cumulative counters
+``scls:instance:<id>:kv_drop``         set       request ids whose retained K/V it should drop
 ``scls:scheduler:leader``              string    the active scheduler (SET NX PX)
 ``scls:scheduler:wakeup``              list      nudges that wake the scheduler early
 ``scls:stats``                         hash      cumulative counters (slices, tokens, ...)
@@ -66,6 +67,18 @@ class Keys:
     def instance_batches(self, instance_id: str) -> str:
         """Zset of the batches queued on or running at one instance."""
         return f"{self.prefix}instance:{instance_id}:batches"
+
+    def kv_drop(self, instance_id: str) -> str:
+        """Set of request ids whose K/V the instance should drop from its pool (they ended
+        or moved); the worker empties it before each slice."""
+        head, tail = self.kv_drop_parts
+        return f"{head}{instance_id}{tail}"
+
+    @property
+    def kv_drop_parts(self) -> tuple[str, str]:
+        """``(head, tail)`` of :meth:`kv_drop` keys, for Lua scripts that name the set of
+        an instance they read from a request hash (``head .. instance .. tail``)."""
+        return f"{self.prefix}instance:", ":kv_drop"
 
     def instance_stats(self, instance_id: str) -> str:
         """Hash of one instance's cumulative counters (kept when the instance dies)."""

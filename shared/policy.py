@@ -301,6 +301,15 @@ class PolicyConfig:
         return self.max_gen_length if self.batching in WHOLE_GENERATION else self.slice_length
 
 
+def retains_kv(policy: str, batching: str | None = None) -> bool:
+    """Whether instances serving preset ``policy`` (or its ``batching`` override) keep
+    requests' K/V between slices: only slice batching does; whole-generation batches
+    (SLS) and continuous batching (ILS) leave nothing unfinished to keep."""
+    if policy not in POLICIES:
+        return False
+    return (batching or POLICIES[policy][0]) not in WHOLE_GENERATION
+
+
 def select_candidates(candidates: Sequence[Candidate], limit: int) -> list[Candidate]:
     """The ``limit`` oldest candidates in arrival order (ties keep the given order).
 

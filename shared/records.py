@@ -70,6 +70,11 @@ class RequestRecord:
     first_claimed_at: float | None = None
     first_slice_at: float | None = None
     finished_at: float | None = None
+    # Where this request's K/V is retained, written by the commit that left it there:
+    # the instance, that slice's fence and the worker's boot (its ``started_at``).
+    kv_instance: str = ""
+    kv_fence: int = 0
+    kv_boot: str = ""
 
     @property
     def context_len(self) -> int:
@@ -128,6 +133,9 @@ class RequestRecord:
             first_claimed_at=opt_float("first_claimed_at"),
             first_slice_at=opt_float("first_slice_at"),
             finished_at=opt_float("finished_at"),
+            kv_instance=raw.get("kv_instance", ""),
+            kv_fence=int(raw.get("kv_fence") or 0),
+            kv_boot=raw.get("kv_boot", ""),
         )
 
 
@@ -180,6 +188,7 @@ class CommitItem:
     finish_reason: FinishReason | None
     delta_text: str
     final_text: str = ""
+    kv_retained: bool = False  # the worker's pool keeps its K/V, written at ``fence``
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,14 @@ class InstanceInfo:
     profile: str  # the instance's CostModel as JSON (shared.costmodel)
     mode: str = "slice"  # slice | ils (continuous batching)
     state: str = "ready"  # ready | draining
+    kv_pool_bytes: int = 0  # capacity of its KV pool (outside memory_budget_bytes)
+    kv_pool_used_bytes: int = 0  # held by retained K/V at the last heartbeat
+
+    @property
+    def boot(self) -> str:
+        """Identifies this run of the worker: a restart under the same id has an empty
+        pool, so K/V locations recorded under another boot are void."""
+        return repr(self.started_at)
 
     def to_hash(self) -> dict[str, str | int | float]:
         """Fields for HSET."""
@@ -219,6 +236,8 @@ class InstanceInfo:
             profile=raw.get("profile", ""),
             mode=raw.get("mode", "slice"),
             state=raw.get("state", "ready"),
+            kv_pool_bytes=int(raw.get("kv_pool_bytes") or 0),
+            kv_pool_used_bytes=int(raw.get("kv_pool_used_bytes") or 0),
         )
 
 

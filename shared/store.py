@@ -27,8 +27,15 @@ from shared.states import FinishReason
 
 @cache
 def lua_source(name: str) -> str:
-    """Text of ``shared/lua/<name>.lua``."""
-    return resources.files("shared").joinpath("lua", f"{name}.lua").read_text()
+    """Text of ``shared/lua/<name>.lua``, with each ``-- @include <prelude>`` line replaced
+    by ``shared/lua/<prelude>.lua`` (shared functions; Redis scripts cannot import)."""
+    text = resources.files("shared").joinpath("lua", f"{name}.lua").read_text()
+    lines = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("-- @include "):
+            line = lua_source(line.removeprefix("-- @include ").strip())
+        lines.append(line)
+    return "".join(lines)
 
 
 def submit_call(
@@ -59,7 +66,7 @@ def cancel_call(keys: Keys, request_id: str, reason: str, ttl_s: int) -> tuple[l
                                                                               list[Any]]:
     """KEYS and ARGV of ``lua/cancel.lua`` (for the sync store and the asyncio ingest)."""
     return ([keys.pending, keys.request(request_id), keys.events(request_id)],
-            [request_id, repr(now()), ttl_s, reason])
+            [request_id, repr(now()), ttl_s, reason, *keys.kv_drop_parts])
 
 
 def cancel_outcome(reply: Sequence[Any]) -> tuple[CancelOutcome, str]:
@@ -69,7 +76,8 @@ def cancel_outcome(reply: Sequence[Any]) -> tuple[CancelOutcome, str]:
     return _CANCEL_CODES[int(code)], text
 
 
-_LENGTH_FIELDS = ("prompt_tokens", "completion_tokens", "max_tokens", "arrival")
+_LENGTH_FIELDS = ("prompt_tokens", "completion_tokens", "max_tokens", "arrival",
+                  "kv_instance", "kv_boot")
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class CandidateLengths:
     context_len: int  # prompt + generated so far
     remaining_tokens: int  # max_tokens - generated
     arrival: float
+    kv_instance: str = ""  # where its K/V is retained ("" = nowhere), as last committed
+    kv_boot: str = ""  # the boot of that instance's worker when it kept it
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ class Store:
         self._release_leader = client.register_script(lua_source("release_leader"))
         self._submit = client.register_script(lua_source("submit"))
         self._cancel = client.register_script(lua_source("cancel"))
+        self._kv_evicted = client.register_script(lua_source("kv_evicted"))
 
     # --- requests ---------------------------------------------------------------
     def submit(self, record: RequestRecord, max_pending: int = 0) -> bool:
@@ -160,18 +171,20 @@ class Store:
         for rid in ids:
             pipe.hmget(self.keys.request(rid), _LENGTH_FIELDS)
         out = []
-        for rid, (prompt, done, max_tokens, arrival) in zip(ids, pipe.execute(), strict=True):
+        for rid, row in zip(ids, pipe.execute(), strict=True):
+            prompt, done, max_tokens, arrival, kv_instance, kv_boot = row
             if arrival is None:  # expired between ZRANGE and HMGET
                 continue
             out.append(CandidateLengths(
-                rid, int(prompt) + int(done), int(max_tokens) - int(done), float(arrival)
+                rid, int(prompt) + int(done), int(max_tokens) - int(done), float(arrival),
+                kv_instance or "", kv_boot or "",
             ))
         return out
 
     def fail_pending(self, request_id: str, reason: FinishReason, error: str, ttl_s: int) -> bool:
         """Fail a still-pending request with a stated reason. False if it was not pending."""
         keys = [self.keys.pending, self.keys.request(request_id), self.keys.events(request_id)]
-        args = [request_id, repr(now()), reason.value, error, ttl_s]
+        args = [request_id, repr(now()), reason.value, error, ttl_s, *self.keys.kv_drop_parts]
         return bool(self._fail_pending(keys=keys, args=args))
 
     # --- batches ----------------------------------------------------------------
@@ -220,8 +233,12 @@ class Store:
         items: Sequence[CommitItem],
         stats: dict[str, float],
         result_ttl_s: int,
+        kv_boot: str = "",
     ) -> int:
         """Commit a slice's results, fenced. Returns how many requests finished.
+
+        Items with ``kv_retained`` record that the batch's instance (run ``kv_boot``) keeps
+        their K/V at their fence; every other item forgets where its K/V was.
 
         Raises :class:`CommitRejected` (and changes nothing) when the batch is no longer in
         flight or a request's batch/fence does not match.
@@ -235,7 +252,8 @@ class Store:
             self.keys.instance_stats(batch.instance),
             self.keys.wakeup,
         ]
-        args: list[str | int] = [batch.id, repr(now()), result_ttl_s, json.dumps(stats), len(items)]
+        args: list[str | int] = [batch.id, repr(now()), result_ttl_s, json.dumps(stats),
+                                 len(items), kv_boot, *self.keys.kv_drop_parts]
         for item in items:
             keys += [self.keys.request(item.request_id), self.keys.events(item.request_id)]
             args += [
@@ -245,6 +263,7 @@ class Store:
                 item.finish_reason.value if item.finish_reason else "",
                 item.delta_text,
                 item.final_text,
+                int(item.kv_retained),
             ]
         ok, detail = self._commit(keys=keys, args=args)
         if int(ok) != 1:
@@ -274,7 +293,7 @@ class Store:
             keys += [self.keys.request(rid), self.keys.events(rid)]
         args = [
             batch.id, repr(now()), reason, max_retries, result_ttl_s, int(count_retry),
-            *batch.request_ids,
+            *self.keys.kv_drop_parts, *batch.request_ids,
         ]
         requeued, failed = self._requeue(keys=keys, args=args)
         return None if int(requeued) < 0 else (int(requeued), int(failed))
@@ -309,6 +328,23 @@ class Store:
             )
         return loads
 
+    # --- retained K/V ---------------------------------------------------------------
+    def forget_kv(self, instance_id: str, request_ids: Sequence[str]) -> int:
+        """Clear the K/V location of requests an instance evicted, where it still names
+        that instance. Returns how many were cleared."""
+        if not request_ids:
+            return 0
+        keys = [self.keys.request(rid) for rid in request_ids]
+        return int(self._kv_evicted(keys=keys, args=[instance_id]))
+
+    def take_kv_drops(self, instance_id: str) -> list[str]:
+        """Empty the instance's drop set: requests whose K/V it should no longer keep."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.smembers(self.keys.kv_drop(instance_id))
+        pipe.delete(self.keys.kv_drop(instance_id))
+        members, _ = pipe.execute()
+        return sorted(members)
+
     # --- instances ----------------------------------------------------------------
     def register_instance(self, info: InstanceInfo, ttl_s: float) -> None:
         """Publish (or refresh) an instance; its hash expires unless heartbeats renew it."""
@@ -318,12 +354,16 @@ class Store:
         pipe.pexpire(self.keys.instance(info.id), int(ttl_s * 1000))
         pipe.execute()
 
-    def heartbeat(self, instance_id: str, ttl_s: float, state: str = "ready") -> bool:
-        """Renew an instance's TTL; False if it had expired (the caller re-registers)."""
+    def heartbeat(
+        self, instance_id: str, ttl_s: float, state: str = "ready",
+        extra: dict[str, int | float | str] | None = None,
+    ) -> bool:
+        """Renew an instance's TTL (and refresh ``extra`` fields, e.g. its KV pool's use);
+        False if it had expired (the caller re-registers)."""
         key = self.keys.instance(instance_id)
         pipe = self.r.pipeline(transaction=True)
         pipe.exists(key)
-        pipe.hset(key, mapping={"heartbeat_at": repr(now()), "state": state})
+        pipe.hset(key, mapping={"heartbeat_at": repr(now()), "state": state, **(extra or {})})
         pipe.pexpire(key, int(ttl_s * 1000))
         exists, _, _ = pipe.execute()
         if not exists:

@@ -170,7 +170,8 @@ def test_request_that_never_fits_fails_at_once(
     """Invariant 3/4: a request too big for every instance fails with the numbers."""
     _, (probe,) = make_cluster(settings, tiny)
     budget = int(probe.runtime.cost.slice_memory(1, 100, settings.slice_length))
-    s = settings.model_copy(update={"memory_budget_bytes": budget})
+    # The whole budget for batches (no KV pool carved out of it): the numbers stay exact.
+    s = settings.model_copy(update={"memory_budget_bytes": budget, "kv_pool_bytes": 0})
     sched, _ = make_cluster(s, tiny)
     small = submit(store, [5] * 4, max_tokens=4)
     huge = submit(store, [5] * 2000, max_tokens=4)
@@ -189,7 +190,8 @@ def test_batches_respect_the_memory_budget(
     cost = probe.runtime.cost
     budget = int(cost.slice_memory(3, 40, settings.slice_length)) + 1
     assert cost.slice_memory(4, 40, settings.slice_length) > budget
-    s = settings.model_copy(update={"memory_budget_bytes": budget, "max_batch_size": 8,
+    s = settings.model_copy(update={"memory_budget_bytes": budget, "kv_pool_bytes": 0,
+                                    "max_batch_size": 8,
                                     "max_queued_batches": 8, "horizon_s": 1e9})
     sched, workers = make_cluster(s, tiny)
     rids = [submit(store, [7] * 40, max_tokens=2) for _ in range(7)]

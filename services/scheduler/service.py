@@ -68,6 +68,7 @@ def policy_config(settings: Settings) -> PolicyConfig:
         horizon_s=settings.horizon_s,
         max_wait_s=settings.max_wait_s,
         candidate_limit=settings.candidate_limit,
+        kv_affinity=settings.kv_retention,
     )
     overrides = {k: v for k, v in (("batching", settings.batching),
                                    ("offloading", settings.offloading)) if v}
@@ -116,7 +117,8 @@ class Scheduler:
         views = self._instance_views(instances)
         if not views:
             return report
-        candidates = self._candidates()
+        boots = {inst.id: inst.boot for inst in instances if inst.state == "ready"}
+        candidates = self._candidates(boots)
         report.candidates = len(candidates)
         if not candidates:
             return report
@@ -170,9 +172,12 @@ class Scheduler:
                                        self.settings.ils_max_concurrency)
         return caps.apply(batches, views)
 
-    def _candidates(self) -> list[Candidate]:
+    def _candidates(self, boots: dict[str, str]) -> list[Candidate]:
+        """The oldest pending requests; a request's K/V location counts only while its
+        instance is ready and still the run of the worker that kept it (``boots``)."""
         return [
-            Candidate(c.id, c.context_len, c.remaining_tokens, c.arrival)
+            Candidate(c.id, c.context_len, c.remaining_tokens, c.arrival,
+                      c.kv_instance if boots.get(c.kv_instance) == c.kv_boot else "")
             for c in self.store.candidate_lengths(self.settings.candidate_limit)
         ]
 
@@ -212,6 +217,7 @@ class Scheduler:
                 "estimated_bytes": plan.estimated_bytes,
                 "policy": self.settings.policy,
                 "drop_finished": int(self.config.batching != "fcfs-fixed"),
+                "resumed_rows": plan.resumed_rows,
             },
             estimated_s=plan.estimated_s,
         )

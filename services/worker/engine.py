@@ -91,7 +91,7 @@ class SliceStats:
     prefill_passes: tuple[tuple[int, int], ...] = ()  # (rows, padded length) per pass
     resumed_rows: int = 0  # rows that continued from the KV pool (no prefill)
     kv_misses: int = 0  # rows with generated tokens that the pool could not resume
-    kv_stored: int = 0  # unfinished rows whose K/V went to the pool
+    kv_stored: int = 0  # unfinished rows whose K/V is in the pool at the end
     kv_evicted: tuple[str, ...] = ()  # request ids evicted from the pool by this slice
 
 
@@ -190,6 +190,11 @@ class SliceEngine:
         if live:
             stats = self._run(live)
         stats.generated_tokens = sum(len(s.new_ids) for s in states)
+        # Asked after every row was stored: a later row's entry may have evicted an earlier.
+        for s in states:
+            s.retained = s.retained and self.pool is not None and self.pool.holds(
+                s.spec.request_id, s.spec.fence)
+        stats.kv_stored = sum(s.retained for s in states)
         outputs = [SliceOutput(s.spec.request_id, s.new_ids, s.finish, s.retained)
                    for s in states]
         return outputs, stats
@@ -268,7 +273,6 @@ class SliceEngine:
             prefill_passes=tuple(passes),
             resumed_rows=len(resumed),
             kv_misses=misses,
-            kv_stored=sum(r.retained for r in live),
             kv_evicted=tuple(evicted),
         )
 
@@ -431,7 +435,7 @@ class SliceEngine:
             keys, values = kv_cache.read_row(batch.cache, i, start, end)
             evicted += self.pool.put(row.spec.request_id,
                                      KvEntry(keys, values, tokens, row.spec.fence))
-            row.retained = self.pool.holds(row.spec.request_id, row.spec.fence)
+            row.retained = True  # if it is still there at the end (run_slice checks)
         return evicted
 
     # ----------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceOutput, SliceStats
+from services.worker.kv_cache import pass_tokens_of
+from services.worker.kv_pool import KvPool
 from shared.costmodel import CostModel
 from shared.logging import bound, get_logger
 from shared.models import LoadedModel, TextCodec
@@ -71,16 +73,23 @@ class WorkerRuntime:
         instance_id: str,
         cost: CostModel,
         memory_budget_bytes: int,
+        kv_pool_bytes: int = 0,
     ) -> None:
+        """``memory_budget_bytes`` is what batches may use; ``kv_pool_bytes`` (retention on,
+        0 off) is kept beside it for requests' K/V between their slices."""
         self.settings = settings
         self.store = store
         self.loaded = loaded
         self.instance_id = instance_id
         self.cost = cost
         self.memory_budget_bytes = memory_budget_bytes
-        # SCLS drops finished rows at once; SLS batches (drop_finished=0) keep computing
-        # them, as static batching does, and count those tokens as invalid.
-        self.engines = {True: SliceEngine(loaded), False: SliceEngine(loaded, False)}
+        self.pool = KvPool(kv_pool_bytes) if kv_pool_bytes > 0 else None
+        pass_tokens = pass_tokens_of(cost.prefill_features, cost.prefill_coef)
+        # SCLS drops finished rows at once and keeps unfinished rows' K/V; SLS batches
+        # (drop_finished=0) run whole generations, keep computing finished rows as static
+        # batching does (counted as invalid tokens) and have nothing to retain.
+        self.engines = {True: SliceEngine(loaded, pool=self.pool, pass_tokens=pass_tokens),
+                        False: SliceEngine(loaded, False, pass_tokens=pass_tokens)}
         self.started_at = now()
         # This runtime's own registry: several workers may live in one (test) process.
         self.metrics = WorkerMetrics(loaded.device)
@@ -116,7 +125,18 @@ class WorkerRuntime:
             profile=self.cost.to_json(),
             mode=self.mode,
             state=state,
+            kv_pool_bytes=self.pool.capacity_bytes if self.pool else 0,
+            kv_pool_used_bytes=self.pool.used_bytes if self.pool else 0,
         )
+
+    @property
+    def boot(self) -> str:
+        """This run of the worker (K/V locations recorded under another are void)."""
+        return repr(self.started_at)
+
+    def heartbeat_fields(self) -> dict[str, int]:
+        """What each heartbeat refreshes besides liveness: the KV pool's use."""
+        return {"kv_pool_used_bytes": self.pool.used_bytes if self.pool else 0}
 
     # --- one job ----------------------------------------------------------------------
     def run_batch(self, batch_id: str) -> dict[str, float | int | str]:
@@ -124,6 +144,7 @@ class WorkerRuntime:
         with bound(batch_id=batch_id, instance=self.instance_id):
             batch = self.store.get_batch(batch_id)
             deadline = now() + self.settings.slice_timeout_s
+            self._drop_released_kv()
             if batch is None or not self.store.start_batch(batch_id, deadline):
                 log.warning("batch_gone", reason="swept or expired before it started")
                 return {"status": "skipped"}
@@ -132,6 +153,8 @@ class WorkerRuntime:
             except Exception as exc:
                 reason = f"{type(exc).__name__} on {self.instance_id}: {exc}"
                 log.exception("slice_failed", reason=reason)
+                if self.pool is not None:  # whatever it stored is under a dead fence
+                    self.pool.discard_all(batch.request_ids)
                 self.store.requeue_batch(
                     batch, reason, self.settings.max_retries, self.settings.result_ttl_s
                 )
@@ -141,13 +164,15 @@ class WorkerRuntime:
         records = self._held_records(batch)
         if not records:
             return {"status": "empty"}
-        rows = [to_slice_input(rec) for rec in records]
+        rows = [to_slice_input(rec, batch.fences[rec.id], self._kv_fence(rec))
+                for rec in records]
         started = time.perf_counter()
         outputs, stats = self.engines[batch.drop_finished].run_slice(rows, batch.slice_length)
         busy = time.perf_counter() - started
         items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,
                                                                          strict=True)]
         counters = slice_counters(stats, busy, self.cost)
+        counters["kv_evictions"] = len(stats.kv_evicted)
         # docs/design.md §7 early-return ratio: requests that finish within their first slice.
         counters["first_slice_finishes"] = sum(
             1 for rec, out in zip(records, outputs, strict=True)
@@ -155,17 +180,34 @@ class WorkerRuntime:
         )
         try:
             finished = self.store.commit_slice(
-                batch, items, counters, self.settings.result_ttl_s
+                batch, items, counters, self.settings.result_ttl_s, self.boot
             )
         except CommitRejected as exc:
             log.warning("commit_rejected", reason=str(exc))
             self.metrics.rejected.inc()
+            if self.pool is not None:  # kept under fences Redis no longer holds
+                self.pool.discard_all(batch.request_ids)
             return {"status": "rejected", "reason": str(exc)}
+        # Evictions are cleared after the commit, which may itself have recorded (or
+        # forgotten) the location of an evicted request of this very batch.
+        self.store.forget_kv(self.instance_id, stats.kv_evicted)
         # Counted only once committed, so the exporter agrees with the stats hashes.
         self.metrics.observe_commit(counters, finished, busy, batch.estimated_s)
         log.info("slice_committed", size=len(items), finished=finished, steps=stats.steps,
-                 busy_s=round(busy, 4))
+                 resumed=stats.resumed_rows, busy_s=round(busy, 4))
         return {"status": "committed", "finished": finished, "busy_s": busy}
+
+    def _kv_fence(self, rec: RequestRecord) -> int | None:
+        """The fence of the K/V Redis says this worker keeps for ``rec`` (None: none)."""
+        if self.pool is None or rec.kv_instance != self.instance_id or rec.kv_boot != self.boot:
+            return None
+        return rec.kv_fence
+
+    def _drop_released_kv(self) -> None:
+        """Drop the K/V of requests that ended or moved since the last slice."""
+        if self.pool is not None:
+            dropped = self.store.take_kv_drops(self.instance_id)
+            self.pool.discard_all(dropped)
 
     def _held_records(self, batch: BatchRecord) -> list[RequestRecord]:
         """The batch's requests that this batch still holds (same batch id and fence)."""
@@ -192,11 +234,13 @@ class WorkerRuntime:
             delta_text=text_delta(codec, rec.generated_ids, generated,
                                   final=out.finish_reason is not None),
             final_text=final_text,
+            kv_retained=out.kv_retained,
         )
 
 
-def to_slice_input(rec: RequestRecord) -> SliceInput:
-    """The engine's view of a stored request."""
+def to_slice_input(rec: RequestRecord, fence: int = 0, kv_fence: int | None = None) -> SliceInput:
+    """The engine's view of a stored request, run at ``fence``; ``kv_fence`` is the fence
+    of the K/V this worker keeps for it (None: none)."""
     p = rec.params
     return SliceInput(
         request_id=rec.id,
@@ -206,6 +250,8 @@ def to_slice_input(rec: RequestRecord) -> SliceInput:
             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
             stop=p.stop, ignore_eos=p.ignore_eos,
         ),
+        fence=fence,
+        kv_fence=kv_fence,
     )
 
 
@@ -228,6 +274,8 @@ def slice_counters(
         "pad_tokens": stats.pad_tokens,
         "invalid_tokens": stats.invalid_tokens,
         "recomputed_tokens": stats.recomputed_tokens,
+        "kv_hits": stats.resumed_rows,
+        "kv_misses": stats.kv_misses,
         "prefill_s": stats.prefill_s,
         "decode_s": stats.decode_s,
         "busy_s": busy_s,

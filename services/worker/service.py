@@ -28,6 +28,7 @@ from shared.costmodel import CostModel
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.models import LoadedModel, load_model
+from shared.policy import ILS_PRESET, retains_kv
 from shared.prometheus import WorkerMetrics
 from shared.settings import Settings
 from shared.states import BatchStatus
@@ -111,7 +112,8 @@ class WorkerService:
     def _beat(self) -> None:
         state = "draining" if self._draining.is_set() else "ready"
         try:
-            alive = self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, state)
+            alive = self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, state,
+                                         self.runtime.heartbeat_fields())
             if not alive and state == "ready":
                 # We were presumed dead (e.g. a long GC pause): come back as new.
                 self.store.register_instance(
@@ -231,6 +233,12 @@ def create_worker(
     budget = instance_memory_budget(loaded, settings, cost)
     store = Store(connect(url), Keys(settings.key_prefix))
     iid = instance_id or settings.instance_id or default_instance_id()
-    runtime_class = IlsRuntime if settings.policy == "ils" else WorkerRuntime
-    runtime = runtime_class(settings, store, loaded, iid, cost, budget)
+    if settings.policy == ILS_PRESET:
+        runtime: WorkerRuntime = IlsRuntime(settings, store, loaded, iid, cost, budget)
+    else:
+        # The KV pool comes out of the instance's budget: batches get the rest, so the
+        # memory model still bounds everything the instance holds (docs/design.md §2).
+        pool = settings.kv_pool_capacity(budget) if retains_kv(
+            settings.policy, settings.batching) else 0
+        runtime = WorkerRuntime(settings, store, loaded, iid, cost, budget - pool, pool)
     return WorkerService(settings, runtime, redis.Redis.from_url(url))

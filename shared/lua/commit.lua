@@ -1,19 +1,25 @@
 -- Fenced commit of one slice's results (docs/design.md §6.2, invariant 2).
 -- KEYS: pending, inflight, batch, instance_batches, stats, instance_stats, wakeup,
 --       then per request i: req_i, events_i
--- ARGV: batch_id, now, result_ttl, stats_json, n,
---       then per request i (6 each): rid, fence, new_ids_csv, finish_reason ('' = unfinished),
---                                    delta_text, final_text
+-- ARGV: batch_id, now, result_ttl, stats_json, n, kv_boot, kv_drop_head, kv_drop_tail,
+--       then per request i (7 each): rid, fence, new_ids_csv, finish_reason ('' = unfinished),
+--                                    delta_text, final_text, kv_retained ('1' / '0')
 -- All or nothing: if the batch is no longer in flight or any request's batch/fence/status
 -- differs, nothing is written and {0, reason} is returned. Otherwise {1, finished_count}.
 -- An unfinished request whose cancellation was asked (cancel.lua) ends cancelled here.
+-- An unfinished request whose K/V the worker kept records where it lives (this instance,
+-- this slice's fence, the worker's boot); any other outcome forgets the old location.
+-- @include _kv
 local batch_id, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local n = tonumber(ARGV[5])
+local kv_boot, drop_head, drop_tail = ARGV[6], ARGV[7], ARGV[8]
+local instance = redis.call('HGET', KEYS[3], 'instance')
+local W, B = 7, 8  -- ARGV per request, ARGV before the first request
 if not redis.call('ZSCORE', KEYS[2], batch_id) then
   return {0, 'batch ' .. batch_id .. ' is not in flight'}
 end
 for i = 1, n do
-  local a = 5 + (i - 1) * 6
+  local a = B + (i - 1) * W
   local cur = redis.call('HMGET', KEYS[6 + 2 * i], 'batch', 'fence', 'status')
   if cur[1] ~= batch_id or cur[2] ~= ARGV[a + 2] or cur[3] ~= 'running' then
     return {0, 'fence mismatch for request ' .. ARGV[a + 1]}
@@ -21,10 +27,11 @@ for i = 1, n do
 end
 local finished = 0
 for i = 1, n do
-  local a = 5 + (i - 1) * 6
+  local a = B + (i - 1) * W
   local req, events = KEYS[6 + 2 * i], KEYS[7 + 2 * i]
   local rid, new_ids, reason = ARGV[a + 1], ARGV[a + 3], ARGV[a + 4]
   local delta, final_text = ARGV[a + 5], ARGV[a + 6]
+  local kv_kept = ARGV[a + 7] == '1' and reason == ''
   local gen = redis.call('HGET', req, 'generated_ids')
   local added = 0
   if new_ids ~= '' then
@@ -42,6 +49,7 @@ for i = 1, n do
       'text', final_text)
     redis.call('XADD', events, '*', 'kind', 'final', 'delta', delta, 'tokens', added,
       'status', status, 'finish_reason', reason)
+    kv_forget(req, rid, drop_head, drop_tail, instance)  -- this worker keeps nothing of it
     redis.call('EXPIRE', req, ttl)
     redis.call('EXPIRE', events, ttl)
     finished = finished + 1
@@ -54,7 +62,21 @@ for i = 1, n do
         'status', 'cancelled', 'finish_reason', 'cancelled', 'error', cancel)
       redis.call('EXPIRE', req, ttl)
       redis.call('EXPIRE', events, ttl)
+      if kv_kept then
+        redis.call('SADD', drop_head .. instance .. drop_tail, rid)
+      end
+      kv_forget(req, rid, drop_head, drop_tail, '')
     else
+      if kv_kept then
+        local was = redis.call('HGET', req, 'kv_instance')
+        if was and was ~= '' and was ~= instance then
+          redis.call('SADD', drop_head .. was .. drop_tail, rid)
+        end
+        redis.call('HSET', req, 'kv_instance', instance, 'kv_fence', ARGV[a + 2],
+          'kv_boot', kv_boot)
+      else
+        kv_forget(req, rid, drop_head, drop_tail, instance)
+      end
       redis.call('HSET', req, 'status', 'pending')
       redis.call('ZADD', KEYS[1], redis.call('HGET', req, 'arrival'), rid)
       redis.call('XADD', events, '*', 'kind', 'slice', 'delta', delta, 'tokens', added,

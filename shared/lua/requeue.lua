@@ -1,11 +1,14 @@
 -- Hand a batch's requests back to pending (worker error, dead worker, missed deadline).
 -- KEYS: pending, inflight, batch, instance_batches, wakeup, then per request i: req_i, events_i
--- ARGV: batch_id, now, reason, max_retries, result_ttl, count_retry (1/0), rid_1..rid_n
+-- ARGV: batch_id, now, reason, max_retries, result_ttl, count_retry (1/0), kv_drop_head,
+--       kv_drop_tail, rid_1..rid_n
 -- A hand-back at a clean shutdown passes count_retry=0: it is not the request's fault.
 -- Each request still held by this batch gets a new fence (a late commit is then rejected)
 -- and goes back to pending with its arrival time, or fails with the reason once it has been
 -- requeued more than max_retries times; one whose cancellation was asked ends cancelled.
+-- Whatever happens to a request, the K/V its instance may keep is forgotten (it re-prefills).
 -- Returns {requeued, failed}, or {-1, 0} if the batch was no longer in flight.
+-- @include _kv
 local batch_id, now, reason = ARGV[1], ARGV[2], ARGV[3]
 local max_retries, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local count_retry = ARGV[6] == '1'
@@ -16,8 +19,11 @@ local requeued, failed = 0, 0
 local n = (#KEYS - 5) / 2
 for i = 1, n do
   local req, events = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
-  local rid = ARGV[6 + i]
+  local rid = ARGV[8 + i]
   local cur = redis.call('HMGET', req, 'batch', 'status')
+  if cur[1] == batch_id and cur[2] == 'running' then
+    kv_forget(req, rid, ARGV[7], ARGV[8], '')
+  end
   local cancel = redis.call('HGET', req, 'cancel_requested')
   if cur[1] == batch_id and cur[2] == 'running' and cancel then
     -- withdrawn while its batch ran: it ends cancelled rather than going back to pending
