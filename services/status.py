@@ -31,9 +31,11 @@ from shared.store import Store, connect
 
 #: Global counters a snapshot reports (cumulative since the deployment's Redis was new).
 TOTAL_FIELDS = ("requests_finished", "generated_tokens", "slices", "busy_s",
-                "first_slice_finishes", "pad_tokens", "invalid_tokens", "recomputed_tokens")
+                "first_slice_finishes", "pad_tokens", "invalid_tokens", "recomputed_tokens",
+                "kv_hits", "kv_misses", "kv_evictions")
 #: Per-instance counters a snapshot reports.
-INSTANCE_FIELDS = ("slices", "generated_tokens", "requests_finished", "busy_s", "model_busy_s")
+INSTANCE_FIELDS = ("slices", "generated_tokens", "requests_finished", "busy_s", "model_busy_s",
+                   "kv_hits", "kv_misses", "kv_evictions")
 
 
 def snapshot(store: Store) -> dict[str, Any]:
@@ -53,6 +55,9 @@ def snapshot(store: Store) -> dict[str, Any]:
             # engine seconds over its profile's for the same work: > 1 runs slower than
             # profiled (contention, throttling); None before anything was priced
             "engine_time_ratio": _ratio(stats.get("busy_s", 0.0), stats.get("model_busy_s", 0.0)),
+            # the KV pool's use at the last heartbeat, and its capacity (0: retention off)
+            "kv_pool_used_bytes": inst.kv_pool_used_bytes,
+            "kv_pool_bytes": inst.kv_pool_bytes,
         })
     totals = store.stats()
     return {
@@ -117,7 +122,7 @@ def render(snap: dict[str, Any], rate: dict[str, float] | None) -> Group:
     table = Table(title=f"instances ({len(snap['instances'])} live)", title_justify="left")
     for header in ("instance", "mode", "device", "state", "heartbeat", "queued batches",
                    "queued requests", "est. work", "slices", "tokens", "finished",
-                   "vs profile"):
+                   "vs profile", "KV pool", "KV hit/miss"):
         table.add_column(header, justify="left" if header in ("instance", "mode", "device",
                                                               "state") else "right")
     for row in snap["instances"]:
@@ -128,8 +133,16 @@ def render(snap: dict[str, Any], rate: dict[str, float] | None) -> Group:
             f"{row['queued_estimated_s']:.2f} s", str(row["slices"]),
             str(row["generated_tokens"]), str(row["requests_finished"]),
             "-" if row["engine_time_ratio"] is None else f"{row['engine_time_ratio']:.2f}x",
+            _pool(row), f"{row['kv_hits']}/{row['kv_misses']}",
         )
     return Group(summary, table)
+
+
+def _pool(row: dict[str, Any]) -> str:
+    """``used / capacity MiB`` of an instance's KV pool, ``off`` without one."""
+    if not row["kv_pool_bytes"]:
+        return "off"
+    return f"{row['kv_pool_used_bytes'] / 2**20:.0f}/{row['kv_pool_bytes'] / 2**20:.0f} MiB"
 
 
 def _fail(message: str) -> typer.Exit:

@@ -24,7 +24,7 @@ import numpy as np
 WORKER_COUNTERS = (
     "slices", "batch_size_sum", "generated_tokens", "pad_tokens", "invalid_tokens",
     "recomputed_tokens", "busy_s", "first_slice_finishes", "requests_finished",
-    "concurrency_s", "model_busy_s",
+    "concurrency_s", "model_busy_s", "kv_hits", "kv_misses", "kv_evictions",
 )
 
 
@@ -159,6 +159,11 @@ def summarize(
         "pad_tokens": int(counters.get("pad_tokens", 0)),
         "invalid_tokens": int(counters.get("invalid_tokens", 0)),
         "recomputed_tokens": int(counters.get("recomputed_tokens", 0)),
+        # rows that resumed from their instance's KV pool / that had generated tokens but
+        # re-prefilled (evicted, moved, stale) / pool entries evicted to make room
+        "kv_hits": int(counters.get("kv_hits", 0)),
+        "kv_misses": int(counters.get("kv_misses", 0)),
+        "kv_evictions": int(counters.get("kv_evictions", 0)),
         "busy_s_total": float(counters.get("busy_s", 0.0)),
         # measured engine time / the instances' own cost models for the same slices: how
         # much slower than profiled the engines ran (contention); NaN if nothing was priced
@@ -207,6 +212,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("pad_tokens", "pad tok", "{:.0f}"),
     ("invalid_tokens", "invalid tok", "{:.0f}"),
     ("recomputed_tokens", "recomputed tok", "{:.0f}"),
+    ("kv_hits", "KV hits", "{:.0f}"),
+    ("kv_misses", "KV misses", "{:.0f}"),
     ("imbalance_busy_std", "busy std s", "{:.2f}"),
     ("imbalance_busy_max_mean", "busy max/mean", "{:.2f}"),
     ("imbalance_ect_std", "ECT std s", "{:.2f}"),

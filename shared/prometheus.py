@@ -13,7 +13,7 @@ from __future__ import annotations
 import resource
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
@@ -240,6 +240,12 @@ _SLICE_COUNTERS = {
                      "(busy / model busy: how far the engine runs from its profile)"),
     "first_slice_finishes": ("scls_worker_early_returns_total",
                              "Requests finished within their first slice"),
+    "kv_hits": ("scls_worker_kv_hits_total",
+                "Rows that resumed from this instance's KV pool (no prefill)"),
+    "kv_misses": ("scls_worker_kv_misses_total",
+                  "Rows with generated tokens that re-prefilled (evicted, moved or stale)"),
+    "kv_evictions": ("scls_worker_kv_evictions_total",
+                     "Retained K/V entries evicted (least recently used) to make room"),
 }
 
 
@@ -274,6 +280,19 @@ class WorkerMetrics:
             registry=r,
         )
         self.memory_peak.set_function(lambda: peak_memory_bytes(device))
+        self.kv_pool_used = Gauge(
+            "scls_worker_kv_pool_used_bytes",
+            "Bytes of retained K/V in this instance's pool (read at scrape)", registry=r,
+        )
+        self.kv_pool_capacity = Gauge(
+            "scls_worker_kv_pool_capacity_bytes",
+            "Capacity of this instance's KV pool (0: retention off)", registry=r,
+        )
+
+    def watch_pool(self, used: Callable[[], float], capacity: float) -> None:
+        """Export a KV pool: ``used()`` is read at each scrape."""
+        self.kv_pool_used.set_function(used)
+        self.kv_pool_capacity.set(capacity)
 
     def observe_commit(
         self, counters: Mapping[str, float], finished: int, actual_s: float, estimated_s: float

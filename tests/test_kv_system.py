@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client import generate_latest
+
 from services.worker.service import WorkerService
 from shared.models import LoadedModel, load_codec
 from shared.records import CommitItem
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus
 from shared.store import Store
-from tests.helpers import greedy_reference
+from tests.helpers import greedy_reference, metric
 from tests.test_system import drive, make_cluster, submit
 
 BOOT = "1234.5"
@@ -126,8 +128,13 @@ def test_retention_on_and_off_give_generate_and_on_recomputes_nothing(
         assert _texts(store, rids) == expected
         stats[on] = store.stats()
         pools = [w.runtime.pool for w in cluster]
+        pages = [generate_latest(w.metrics.registry).decode() for w in cluster]
+        for name, key in (("scls_worker_kv_hits_total", "kv_hits"),
+                          ("scls_worker_kv_misses_total", "kv_misses")):
+            assert sum(metric(p, name) for p in pages) == stats[on].get(key, 0)
         if on:
             assert all(p is not None and len(p) == 0 for p in pools)  # finished: nothing kept
+            assert all(metric(p, "scls_worker_kv_pool_capacity_bytes") > 0 for p in pages)
         else:
             assert pools == [None, None]
     assert stats[True]["kv_hits"] > 0 and stats[True]["recomputed_tokens"] == 0

@@ -74,6 +74,9 @@ def test_status_json_reports_both_instances_idle(deployment: LocalDeployment) ->
         assert 0 <= row["heartbeat_age_s"] < deployment.settings.instance_ttl_s
         assert row["queued_batches"] == 0 and row["queued_requests"] == 0
         assert row["engine_time_ratio"] is None  # nothing run, nothing priced yet
+        # half the budget (SCLS_KV_POOL_SHARE) is the KV pool, empty while idle
+        assert row["kv_pool_bytes"] > 0 and row["kv_pool_used_bytes"] == 0
+        assert row["kv_hits"] == 0 and row["kv_misses"] == 0
     assert snap["pending"] == 0 and snap["inflight_batches"] == 0
     assert snap["leader"]  # the scheduler child holds the lock
     assert snap["throughput"] is None  # --window 0: cumulative counters only

@@ -93,6 +93,9 @@ class WorkerRuntime:
         self.started_at = now()
         # This runtime's own registry: several workers may live in one (test) process.
         self.metrics = WorkerMetrics(loaded.device)
+        if self.pool is not None:
+            pool = self.pool
+            self.metrics.watch_pool(lambda: pool.used_bytes, pool.capacity_bytes)
 
     def start(self) -> None:
         """Start background parts (none for slices; the ILS engine overrides this)."""
@@ -125,8 +128,8 @@ class WorkerRuntime:
             profile=self.cost.to_json(),
             mode=self.mode,
             state=state,
-            kv_pool_bytes=self.pool.capacity_bytes if self.pool else 0,
-            kv_pool_used_bytes=self.pool.used_bytes if self.pool else 0,
+            kv_pool_bytes=self.pool.capacity_bytes if self.pool is not None else 0,
+            kv_pool_used_bytes=self.pool.used_bytes if self.pool is not None else 0,
         )
 
     @property
@@ -136,7 +139,7 @@ class WorkerRuntime:
 
     def heartbeat_fields(self) -> dict[str, int]:
         """What each heartbeat refreshes besides liveness: the KV pool's use."""
-        return {"kv_pool_used_bytes": self.pool.used_bytes if self.pool else 0}
+        return {"kv_pool_used_bytes": self.pool.used_bytes if self.pool is not None else 0}
 
     # --- one job ----------------------------------------------------------------------
     def run_batch(self, batch_id: str) -> dict[str, float | int | str]:
