@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 
 def slice_cost_matrix(
-    sorted_lens: np.ndarray, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
+    sorted_lens: np.ndarray, cost: SliceCost, capacity: int, slice_length: int, max_batch: int,
+    group_start: np.ndarray | None = None, resumed: np.ndarray | None = None,
 ) -> np.ndarray:
     """Estimated time of every candidate batch of ``sorted_lens`` (ascending), ``inf`` if none.
 
@@ -27,6 +28,11 @@ def slice_cost_matrix(
     largest batch that fits at all are dropped, so a tight memory budget also shrinks the
     dynamic programme's work. The memory model must not decrease with ``b`` (more rows
     never need less memory), so the fitting sizes of each row are ``1..largest``.
+
+    ``group_start[j]`` (optional) is the first position of ``j``'s group: batches never
+    cross a group boundary (lengths then ascend within each group, not overall).
+    ``resumed`` (optional, per position) marks rows whose batches resume from retained K/V:
+    they are priced with ``cost.resume_time`` (a group is all resumed or all not).
     """
     n = len(sorted_lens)
     if n == 0:
@@ -36,8 +42,13 @@ def slice_cost_matrix(
     width = max(1, int(largest.max()))
     sizes = np.arange(1, width + 1)
     times = np.asarray(cost.slice_time(sizes[None, :], lens[:, None], slice_length))
+    if resumed is not None and resumed.any():
+        times = np.array(times, dtype=float)  # writable
+        times[resumed] = cost.resume_time(sizes[None, :], lens[resumed][:, None], slice_length)
     # A batch of k ending at j must fit memory and must not start before request 0.
     limit = np.minimum(largest, np.arange(1, n + 1))
+    if group_start is not None:
+        limit = np.minimum(limit, np.arange(1, n + 1) - group_start)
     return np.where(sizes[None, :] > limit[:, None], np.inf, times)
 
 

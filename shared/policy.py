@@ -409,14 +409,10 @@ def plan_cycle(
         return CyclePlan([], never.candidates, config.rr_cursor)
     ref = tightest_instance(insts)
     regular, oversize = runnable.split(fits_alone(runnable, ref, slice_length))
-    homed, regular = _split_by_home(regular, insts, config)
-    batches = _home_batches(homed, config, slice_length)
-    batches += BATCHING[config.batching](
-        regular, ref.cost, ref.memory_budget_bytes, slice_length, config.max_batch
-    )
+    batches = _affine_batches(regular, insts, config, slice_length, ref)
     batches += single_batching(oversize, ref.cost, 0, slice_length, 1)
     times, memory = _estimates(batches, insts, open_)
-    home = _price_at_home(batches, insts, times, memory)
+    home = _price_at_home(batches, insts, times, memory, open_)
     arrival = np.array([b.oldest_arrival for b in batches])
     age_limit = -np.inf if now is None else now - config.max_wait_s
     problem = Placement(
@@ -444,50 +440,59 @@ def plan_cycle(
     return CyclePlan(plans, never.candidates, cursor, unplaced)
 
 
-def _split_by_home(
-    pool: CandidatePool, insts: Sequence[InstanceView], config: PolicyConfig
-) -> tuple[list[tuple[InstanceView, CandidatePool]], CandidatePool]:
-    """``([(instance, its retained candidates)], the rest)``: candidates whose K/V a live
-    instance holds, grouped by that instance (none with affinity off or whole-generation
-    batching, where nothing is retained)."""
-    if not config.kv_affinity or config.batching in WHOLE_GENERATION:
-        return [], pool
-    homes = [c.kv_instance for c in pool.candidates]
-    if not any(homes):
-        return [], pool
-    keys = np.array(homes)
-    groups, rest = [], np.ones(len(pool), dtype=bool)
-    for inst in insts:
-        mine = keys == inst.id
-        if mine.any():
-            groups.append((inst, pool.take(np.flatnonzero(mine))))
-            rest &= ~mine
-    return groups, pool.take(np.flatnonzero(rest))
-
-
-def _home_batches(
-    homed: Sequence[tuple[InstanceView, CandidatePool]], config: PolicyConfig,
-    slice_length: int,
+def _affine_batches(
+    pool: CandidatePool, insts: Sequence[InstanceView], config: PolicyConfig,
+    slice_length: int, ref: InstanceView,
 ) -> list[FormedBatch]:
-    """Batches of each instance's retained candidates, formed with that instance's own
-    model priced without prefill (:class:`ResumeCost`) and its own budget."""
-    batches = []
-    for inst, group in homed:
-        formed = BATCHING[config.batching](
-            group, ResumeCost(inst.cost), inst.memory_budget_bytes, slice_length,
-            config.max_batch,
-        )
-        batches += [replace(b, home=inst.id) for b in formed]
-    return batches
+    """Batches of ``pool`` where candidates whose K/V a live instance keeps are batched
+    only with others of the same instance, priced without prefill (:class:`ResumeCost`);
+    the others as usual. With affinity off (or whole-generation batching) this is just
+    the configured batching.
+
+    SCLS batching solves every group in one dynamic programme on the reference (tightest)
+    instance, as it does without affinity: instances serve one model, so the partition is
+    theirs too, and one programme costs a fraction of one per instance (offloading then
+    prices each batch on its home's own model). Other batchings run once per group.
+    """
+    batching = BATCHING[config.batching]
+    if not config.kv_affinity or config.batching in WHOLE_GENERATION:
+        return batching(pool, ref.cost, ref.memory_budget_bytes, slice_length, config.max_batch)
+    index = {inst.id: k for k, inst in enumerate(insts)}
+    none = len(insts)  # the group of candidates kept nowhere (sorted last)
+    home = np.array([index.get(c.kv_instance, none) for c in pool.candidates], dtype=np.int64)
+    if not len(pool) or (home == none).all():
+        return batching(pool, ref.cost, ref.memory_budget_bytes, slice_length, config.max_batch)
+    if config.batching != "scls":
+        batches = []
+        for k in np.unique(home).tolist():
+            group = pool.take(np.flatnonzero(home == k))
+            inst = ref if k == none else insts[k]
+            cost = ref.cost if k == none else ResumeCost(inst.cost)
+            formed = batching(group, cost, inst.memory_budget_bytes, slice_length,
+                              config.max_batch)
+            batches += formed if k == none else [replace(b, home=inst.id) for b in formed]
+        return batches
+    order = np.lexsort((pool.lens, home))  # by group, then length (stable: then arrival)
+    ordered, home = pool.take(order), home[order]
+    firsts = np.flatnonzero(np.r_[True, home[1:] != home[:-1]])
+    group_start = np.repeat(firsts, np.diff(np.r_[firsts, len(home)]))
+    costs = slice_cost_matrix(ordered.lens, ref.cost, ref.memory_budget_bytes, slice_length,
+                              config.max_batch, group_start, resumed=home < none)
+    parts = optimal_partition(costs)
+    starts = np.concatenate([[0], np.cumsum(parts)[:-1]]).tolist()
+    return [replace(b, home=insts[home[i]].id) if home[i] < none else b
+            for b, i in zip(_batches(ordered, parts, slice_length), starts, strict=True)]
 
 
 def _price_at_home(
     batches: Sequence[FormedBatch], insts: Sequence[InstanceView], times: np.ndarray,
-    memory: np.ndarray,
+    memory: np.ndarray, open_: np.ndarray,
 ) -> np.ndarray:
     """Put each homed batch's resume time in its home's column (open or not: the offloader
     weighs waiting for a busy home against re-prefilling elsewhere); returns the home's
-    index per batch, -1 for none. One vectorised estimate per home instance."""
+    index per batch, -1 for none. One vectorised estimate per home instance; an open
+    home's fit was already checked by :func:`_estimates` (memory does not depend on
+    resuming)."""
     home = np.full(len(batches), -1)
     index = {inst.id: k for k, inst in enumerate(insts)}
     by_home: dict[int, list[int]] = {}
@@ -499,11 +504,13 @@ def _price_at_home(
         sizes = np.array([len(batches[j].request_ids) for j in rows])
         padded = np.array([batches[j].padded_len for j in rows])
         s = batches[rows[0]].slice_length
-        m = np.asarray(inst.cost.slice_memory(sizes, padded, s), dtype=float)
-        fits = (m <= inst.memory_budget_bytes) & (padded <= inst.context_limit)
-        t = np.asarray(inst.cost.resume_time(sizes, padded, s), dtype=float)
-        times[idx, k] = np.where(fits, t, np.inf)
-        memory[idx, k] = m
+        if open_[k]:
+            fits = np.isfinite(times[idx, k])
+        else:
+            memory[idx, k] = inst.cost.slice_memory(sizes, padded, s)
+            fits = (memory[idx, k] <= inst.memory_budget_bytes) & (padded <= inst.context_limit)
+        resume = np.asarray(inst.cost.resume_time(sizes, padded, s), dtype=float)
+        times[idx, k] = np.where(fits, resume, np.inf)
         home[idx] = k
     return home
 

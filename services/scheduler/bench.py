@@ -89,17 +89,23 @@ def sample_lengths(
 
 
 def synthetic_candidates(
-    n: int, rng: np.random.Generator, slice_length: int, trace: Path | None = None
+    n: int, rng: np.random.Generator, slice_length: int, trace: Path | None = None,
+    instances: int = 0, retained: float = 0.0,
 ) -> list[Candidate]:
-    """``n`` pending requests: prompts like the trace, some already a few slices in."""
+    """``n`` pending requests: prompts like the trace, some already a few slices in; a
+    ``retained`` share of those have their K/V kept on one of ``instances`` instances."""
     prompt, generated = sample_lengths(n, rng, trace)
     # Re-queued requests carry the slices they already ran; new ones have none.
     slices_done = np.floor(rng.random(n) * np.ceil(generated / slice_length)).astype(np.int64)
     so_far = np.minimum(slices_done * slice_length, generated)
     arrival = rng.uniform(0.0, 60.0, n)  # shuffled: the policy must find the oldest
+    kept = (so_far > 0) & (rng.random(n) < retained) & (instances > 0)
+    home = rng.integers(0, max(instances, 1), n)
     return [
-        Candidate(f"r{i}", int(p + g), int(max(1, 1024 - g)), float(a))
-        for i, (p, g, a) in enumerate(zip(prompt, so_far, arrival, strict=True))
+        Candidate(f"r{i}", int(p + g), int(max(1, 1024 - g)), float(a),
+                  f"gpu-{h:04d}" if k else "")
+        for i, (p, g, a, k, h) in enumerate(zip(prompt, so_far, arrival, kept, home,
+                                               strict=True))
     ]
 
 
@@ -133,6 +139,10 @@ def scheduler_bench_command(
         int | None, typer.Option(min=1, help="requests the batcher sees (default: policy's)")
     ] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    retained: Annotated[
+        float, typer.Option(min=0.0, max=1.0,
+                            help="share of re-queued requests whose K/V an instance keeps")
+    ] = 1.0,
 ) -> None:
     """Time one scheduling cycle (batching + offloading) on synthetic load; no Redis."""
     if policy not in POLICIES:
@@ -140,7 +150,7 @@ def scheduler_bench_command(
     limit = candidate_limit or PolicyConfig().candidate_limit
     config = PolicyConfig.preset(policy, candidate_limit=limit)
     rng = np.random.default_rng(seed)
-    cands = synthetic_candidates(pending, rng, config.slice_length, trace)
+    cands = synthetic_candidates(pending, rng, config.slice_length, trace, instances, retained)
     views = synthetic_instances(instances, rng, config.horizon_s)
     plan = plan_cycle(cands, views, config, now=60.0)  # warm-up, and the plan to report
     times_ms = []
@@ -151,15 +161,19 @@ def scheduler_bench_command(
     median, p90 = statistics.median(times_ms), float(np.percentile(times_ms, 90))
     seen = min(pending, limit)
     formed = len(plan.batches) + len(plan.unplaced)
+    homed = sum(1 for c in cands if c.kv_instance)
+    resumed = sum(p.resumed_rows for p in plan.batches)
     typer.echo(
-        f"plan_cycle [{policy}]: {pending} pending ({seen} seen by the batcher), "
-        f"{instances} instances -> {formed} batches, {len(plan.batches)} placed\n"
+        f"plan_cycle [{policy}]: {pending} pending ({seen} seen by the batcher, {homed} with "
+        f"retained K/V), {instances} instances -> {formed} batches, {len(plan.batches)} "
+        f"placed ({resumed} rows resume at home)\n"
         f"  median {median:.2f} ms, p90 {p90:.2f} ms per cycle over {repeat} repeats"
     )
     if json_file is not None:
         result = {
             "median_ms": median, "p90_ms": p90, "pending": pending, "instances": instances,
             "candidates_seen": seen, "policy": policy, "repeat": repeat,
-            "batches": formed, "placed": len(plan.batches),
+            "batches": formed, "placed": len(plan.batches), "retained_share": retained,
+            "candidates_with_kv": homed, "rows_resumed": resumed,
         }
         json_file.write_text(json.dumps(result, indent=2) + "\n")
