@@ -56,8 +56,9 @@ def test_hand_computed_two_instances_three_batches() -> None:
     # and (400,400) 1.7 s. Max-min: 400s -> a (tie, first id), 200s -> b, 100s -> b
     # (completion 1.5 + 1.4 = 2.9 < 1.7 + 1.4 = 3.1). Dispatch (so queue) order is oldest
     # first, formed order for equal arrivals: b runs the 100s, then the 200s.
+    # Retention off: every slice re-prefills (tests/test_simulator_kv.py has it on).
     wl = items([100, 100, 200, 200, 400, 400], [1, 1, 2, 1, 6, 2])
-    res = simulate(wl, instances(2), settings())
+    res = simulate(wl, instances(2), settings(kv_retention=False))
     out = by_index(res)
     # b: the 100s, prefill only (outputs of 1 token): 1.1 s, early return.
     assert out[0].e2e_s == pytest.approx(1.1) and out[1].e2e_s == pytest.approx(1.1)
@@ -123,9 +124,23 @@ def test_simulator_calls_the_shared_policy_functions(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(policy.BATCHING, "scls", counting_batching)
     monkeypatch.setattr(DispatchCaps, "apply", counting_apply)
     wl = with_arrivals(synthetic_workload(60, 1, length_scale=0.05), "poisson", 5.0, seed=1)
-    res = simulate(wl, instances(2), settings())
+    res = simulate(wl, instances(2), settings(kv_retention=False))
     assert res.metrics["completed"] == 60
     assert calls["batching"] == calls["caps"] == res.metrics["cycles"] > 0
+    # With retention, plan_cycle partitions retained requests by home (the same exact DP,
+    # shared.batching.optimal_partition, at least once a cycle).
+    real_partition = policy.optimal_partition
+    partitions = []
+
+    def counting_partition(*args):  # noqa: ANN002, ANN202
+        partitions.append(1)
+        return real_partition(*args)
+
+    monkeypatch.setattr(policy, "optimal_partition", counting_partition)
+    calls.update(batching=0, caps=0)
+    res = simulate(wl, instances(2), settings())
+    assert res.metrics["completed"] == 60 and res.metrics["kv_hits"] > 0
+    assert len(partitions) >= calls["caps"] == res.metrics["cycles"] > 0
 
 
 def test_dispatch_caps_and_busy_rule() -> None:
@@ -147,14 +162,18 @@ def test_sls_reservation_beyond_budget_fails_never_fits_scls_has_no_oom() -> Non
     sls = simulate(wl, instances(2, budget=150), settings("sls")).metrics
     assert sls["failed"] == 5 and sls["failure_reasons"] == {"never_fits": 5}
     assert sls["oom_events"] == 0
-    scls = simulate(wl, instances(2, budget=150), settings("scls")).metrics
+    scls = simulate(wl, instances(2, budget=150), settings("scls", kv_retention=False)).metrics
     assert scls["completed"] == 5 and scls["oom_events"] == 0
+    # Retention keeps half the budget for the KV pool: 75 bytes left for batches.
+    kept = simulate(wl, instances(2, budget=150), settings("scls")).metrics
+    assert kept["failure_reasons"] == {"never_fits": 5}
 
 
 def test_truth_memory_above_estimate_is_an_oom_then_a_failure() -> None:
     truth = replace(ROUND, kv_bytes_per_token=2)  # the engine needs twice the estimate
     wl = items([100] * 3, [3] * 3)
-    res = simulate(wl, instances(1, budget=150, truth=truth), settings(max_retries=1))
+    res = simulate(wl, instances(1, budget=150, truth=truth),
+                   settings(max_retries=1, kv_retention=False))
     m = res.metrics
     assert m["failed"] == 3 and m["failure_reasons"] == {"oom": 3}
     assert m["oom_events"] == 6  # 3 batches of 1 (2 do not fit 150 B), each tried twice

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 from services.worker import kv_cache
 from services.worker.kv_pool import KvEntry, KvPool
@@ -281,50 +281,47 @@ class SliceEngine:
     ) -> tuple[_Batch, list[tuple[int, int]]]:
         """The batch's cache with every row in place, and the prefill passes run.
 
-        One pass and no resumed row (every slice without retention, most first slices)
-        prefills straight into the batch cache; otherwise each pass prefills into its own
-        cache, whose rows are copied in, and resumed rows are copied from the pool.
+        Rows are ordered pass by pass, then the resumed ones, so each pass's rows are
+        contiguous: a pass prefills straight into its window of the batch cache (its rows,
+        its last ``padded`` columns), and nothing but the batch cache ever holds K/V. With
+        one pass and no resumed row that window is the whole cache.
         """
-        width = max(r.cached for r in live)
+        groups = kv_cache.prefill_groups([r.cached for r in fresh], self.pass_tokens)
+        passes = [[fresh[i] for i in group] for group in groups]
+        rows = [r for rows in passes for r in rows] + [r for r in live if r.entry is not None]
+        width = max(r.cached for r in rows)
         # Decode steps: a resumed row feeds one per token, a prefilled row one fewer.
-        steps = max(r.budget - (r.entry is None) for r in live)
+        steps = max(r.budget - (r.entry is None) for r in rows)
         cache = StaticCache(config=self.model.config, max_cache_len=width + steps + 1)
-        mask = torch.zeros((len(live), width), dtype=torch.long)
-        for i, row in enumerate(live):
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
             mask[i, width - row.cached:] = 1
         mask = mask.to(self.device)
-        batch = _Batch(rows=list(live), cache=cache, width=width, mask=mask,
+        batch = _Batch(rows=rows, cache=cache, width=width, mask=mask,
                        positions=(mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -1])
-        where = {id(r): i for i, r in enumerate(live)}
-        groups = kv_cache.prefill_groups([r.cached for r in fresh], self.pass_tokens)
-        if len(groups) == 1 and len(fresh) == len(live):
-            ordered = [fresh[i] for i in groups[0]]
-            batch.rows = ordered  # the pass's row order is the batch's
-            batch.mask = batch.mask[[where[id(r)] for r in ordered]]
-            batch.positions = batch.positions[[where[id(r)] for r in ordered]]
-            self._prefill(ordered, width, cache)
-            return batch, [(len(ordered), width)]
+        if len(passes) == 1 and len(fresh) == len(live):
+            self._prefill(rows, width, cache)  # the cache allocates itself, as generate's
+            return batch, [(len(rows), width)]
         if not kv_cache.supports_assembly(cache):
             raise RuntimeError("this model's cache layers cannot be assembled by hand: run "
                                "it with SCLS_KV_RETENTION=false")
-        kv_cache.allocate(cache, len(live), self._heads, self._head_dim, self._dtype,
+        kv_cache.allocate(cache, len(rows), self._heads, self._head_dim, self._dtype,
                           self.device, width)
-        passes = []
-        for group in groups:
-            rows = [fresh[i] for i in group]
-            source = DynamicCache(config=self.model.config)
-            padded = self._prefill(rows, max(r.cached for r in rows), source)
-            kv_cache.write_rows_from(cache, [where[id(r)] for r in rows], source,
-                                     [r.cached for r in rows], width)
-            passes.append((len(rows), padded))
-            del source
-        for row in live:
-            if row.entry is not None:
-                kv_cache.write_row(cache, where[id(row)], row.entry.keys, row.entry.values,
-                                   width)
-        return batch, passes
+        shapes, first = [], 0
+        for pass_rows in passes:
+            padded = max(r.cached for r in pass_rows)
+            window = kv_cache.window(cache, self.model.config, first, first + len(pass_rows),
+                                     width - padded, width)
+            self._prefill(pass_rows, padded, window)
+            shapes.append((len(pass_rows), padded))
+            first += len(pass_rows)
+        for i in range(first, len(rows)):
+            entry = rows[i].entry
+            assert entry is not None
+            kv_cache.write_row(cache, i, entry.keys, entry.values, width)
+        return batch, shapes
 
-    def _prefill(self, rows: list[_Row], width: int, cache: StaticCache | DynamicCache) -> int:
+    def _prefill(self, rows: list[_Row], width: int, cache: StaticCache) -> int:
         """One left-padded prefill pass of ``rows`` into ``cache``; takes each row's first
         token. Returns the pass's padded length."""
         ids = torch.full((len(rows), width), self.codec.pad_id, dtype=torch.long)
@@ -432,6 +429,11 @@ class SliceEngine:
             start, end = batch.width - row.cached, batch.width + batch.fed
             tokens = row.spec.context + row.new_ids[:-1]  # the last drawn token is unfed
             assert end - start == len(tokens), "cache columns and tokens disagree"
+            # Evict before copying, so the pool never holds more than its capacity.
+            room = self.pool.make_room(len(tokens) * self.loaded.info.kv_bytes_per_token)
+            if room is None:
+                continue  # larger than the whole pool: it will re-prefill
+            evicted += room
             keys, values = kv_cache.read_row(batch.cache, i, start, end)
             evicted += self.pool.put(row.spec.request_id,
                                      KvEntry(keys, values, tokens, row.spec.fence))

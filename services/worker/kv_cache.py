@@ -14,6 +14,7 @@ Measured on transformers 5.23: a ``StaticLayer`` writes each update at its
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,20 +95,22 @@ def write_row(
         layer.values[row, :, width - n:width] = values[i]
 
 
-def write_rows_from(
-    cache: StaticCache, rows: Sequence[int], source: torch.nn.Module | object, lengths:
-    Sequence[int], width: int,
-) -> None:
-    """Copy rows ``0..`` of a prefill cache (left-padded to its own width) into ``rows``.
-
-    Row ``j`` of ``source`` holds its ``lengths[j]`` real tokens at its right end; they
-    go right-aligned at column ``width`` of row ``rows[j]``.
-    """
-    for layer, src in zip(cache.layers, source.layers, strict=True):  # type: ignore[attr-defined]
-        src_width = src.keys.shape[2]
-        for j, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-            layer.keys[row, :, width - n:width] = src.keys[j, :, src_width - n:]
-            layer.values[row, :, width - n:width] = src.values[j, :, src_width - n:]
+def window(
+    cache: StaticCache, config: Any, first: int, last: int, start: int, end: int
+) -> StaticCache:
+    """A cache whose layers are views of rows ``first..last-1`` and columns ``start..end-1``
+    of ``cache``'s (allocated) layers, empty: a prefill pass of those rows writes its K/V
+    straight into the batch cache, left-padded to ``end``."""
+    view = StaticCache(config=config, max_cache_len=end - start)
+    for big, small in zip(cache.layers, view.layers, strict=True):
+        small.keys = big.keys[first:last, :, start:end]
+        small.values = big.values[first:last, :, start:end]
+        small.dtype, small.device = big.keys.dtype, big.keys.device
+        small.batch_size, small.num_heads = last - first, big.keys.shape[1]
+        small.k_head_dim, small.v_head_dim = big.keys.shape[3], big.values.shape[3]
+        small.cumulative_length = torch.zeros((), dtype=torch.long, device=big.keys.device)
+        small.is_initialized = True
+    return view
 
 
 def read_row(cache: StaticCache, row: int, start: int, end: int) -> tuple[torch.Tensor,

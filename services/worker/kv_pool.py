@@ -115,17 +115,27 @@ class KvPool:
         :meth:`holds` then says False and the caller records no location for it.
         """
         self.discard(request_id, count=False)
-        if entry.nbytes > self.capacity_bytes:
-            self.counters.rejected += 1
+        evicted = self.make_room(entry.nbytes)
+        if evicted is None:
             return []
+        self._entries[request_id] = entry
+        self._used += entry.nbytes
+        return evicted
+
+    def make_room(self, nbytes: int) -> list[str] | None:
+        """Evict least recently used entries until ``nbytes`` more fit; the ids evicted,
+        or None (nothing evicted, counted as rejected) when ``nbytes`` exceeds the whole
+        capacity. Called before an entry's tensors are copied, so that the pool's memory
+        never exceeds its capacity even for a moment."""
+        if nbytes > self.capacity_bytes:
+            self.counters.rejected += 1
+            return None
         evicted = []
-        while self._used + entry.nbytes > self.capacity_bytes:
+        while self._used + nbytes > self.capacity_bytes:
             victim, old = self._entries.popitem(last=False)
             self._used -= old.nbytes
             self.counters.evictions += 1
             evicted.append(victim)
-        self._entries[request_id] = entry
-        self._used += entry.nbytes
         return evicted
 
     def holds(self, request_id: str, fence: int) -> bool:
