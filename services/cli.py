@@ -190,6 +190,7 @@ def _register_tools() -> None:
     from services.simulator.command import simulate_command
     from services.simulator.fidelity import fidelity_command
     from services.status import status_command
+    from services.worker.kv_memory import kv_memory_command
     from services.worker.profile_cmd import profile_command
 
     app.command("profile")(profile_command)
@@ -198,6 +199,7 @@ def _register_tools() -> None:
     app.command("simulate")(simulate_command)
     app.command("fidelity")(fidelity_command)
     app.command("status")(status_command)
+    app.command("kv-memory")(kv_memory_command)
 
 
 _register_tools()

@@ -1,0 +1,140 @@
+"""``scls kv-memory``: the memory model still bounds every slice when the KV pool is full.
+
+With retention on, an instance holds two things beside its weights: the KV pool (at most
+its capacity, enforced by LRU eviction before any copy) and the running slice (bounded by
+the memory model ``M(b, l)`` that batching keeps within the batch budget). This command
+fills a pool to capacity with real requests, then runs slices of every kind over it:
+all rows resuming from the pool, half resuming and half prefilled, all prefilled. For each
+it measures the peak bytes the slice allocates beyond the level before it (the pool's
+bytes included in that level: torch's CPU allocator events, or CUDA's peak counter) and
+compares it with ``M(b, l)``. An estimate/measured ratio of at least 1 at every point, with
+the pool never above its capacity, is what "0 OOM" rests on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+
+from services.worker.engine import SamplingParams, SliceEngine, SliceInput
+from services.worker.kv_cache import pass_tokens_of
+from services.worker.kv_pool import KvPool
+from services.worker.profiler import AllocatorPeak, PeakMeter, load_or_profile
+from shared.models import LoadedModel, load_model
+from shared.settings import Settings
+
+KINDS = ("resumed", "mixed", "fresh")
+
+
+class _Requests:
+    """Requests of one length driven slice by slice through an engine with a pool."""
+
+    def __init__(self, engine: SliceEngine, vocab: int, seed: int) -> None:
+        self.engine = engine
+        self.vocab = vocab
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+
+    def new(self, n: int, length: int, max_tokens: int) -> list[SliceInput]:
+        rows = []
+        for _ in range(n):
+            self.count += 1
+            prompt = self.rng.integers(3, self.vocab, size=length).tolist()
+            rows.append(SliceInput(f"m{self.count}", prompt, [],
+                                   SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                   fence=1))
+        return rows
+
+    def advance(self, rows: list[SliceInput], s: int) -> list[SliceInput]:
+        """Run one slice of ``rows``; the same requests ready for their next slice."""
+        outputs, _ = self.engine.run_slice(rows, s)
+        return [SliceInput(r.request_id, r.prompt_ids, r.generated_ids + o.new_ids, r.params,
+                           fence=r.fence + 1, kv_fence=r.fence if o.kv_retained else None)
+                for r, o in zip(rows, outputs, strict=True)]
+
+
+def _peak(device: torch.device, block: Any) -> int:
+    """Peak bytes ``block`` allocates beyond the level before it."""
+    if device.type == "cuda":
+        meter = PeakMeter(device)
+        meter.start()
+        block()
+        return int(meter.peak() or 0)
+    return AllocatorPeak.measure(block)
+
+
+def measure(
+    loaded: LoadedModel, settings: Settings, pool_bytes: int, points: list[tuple[int, int]],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fill a pool of ``pool_bytes`` and measure each ``(b, l)`` point of each kind."""
+    cost = load_or_profile(loaded, settings)
+    s = settings.slice_length
+    pool = KvPool(pool_bytes)
+    engine = SliceEngine(loaded, pool=pool,
+                         pass_tokens=pass_tokens_of(cost.prefill_features, cost.prefill_coef))
+    reqs = _Requests(engine, int(loaded.model.config.vocab_size), seed)
+    filler_len = max(16, points[0][1])
+    while pool.used_bytes < 0.9 * pool_bytes:  # fill it with requests in mid-generation
+        reqs.advance(reqs.new(4, filler_len, 10 * s), s)
+    rows = []
+    for b, length in points:
+        for kind in KINDS:
+            resumed = {"resumed": b, "mixed": b // 2, "fresh": 0}[kind]
+            # The resumed rows' first slices (fresh), stored in the full pool (evicting).
+            warm = reqs.advance(reqs.new(resumed, length - s, 10 * s), s) if resumed else []
+            batch = warm + reqs.new(b - resumed, length, 10 * s)
+            padded = max(len(r.prompt_ids) + len(r.generated_ids) for r in batch)
+            peak = _peak(loaded.device, lambda batch=batch: engine.run_slice(batch, s))
+            estimate = float(cost.slice_memory(b, padded, s))
+            rows.append({
+                "b": b, "l": padded, "kind": kind, "resumed_rows": resumed,
+                "measured_bytes": peak, "estimate_bytes": estimate,
+                "ratio": estimate / peak if peak else float("inf"),
+                "pool_used_bytes": pool.used_bytes,
+            })
+            assert pool.used_bytes <= pool_bytes, "the pool exceeded its capacity"
+    ratios = [r["ratio"] for r in rows]
+    return {
+        "model": loaded.info.name, "device": str(loaded.device), "slice_length": s,
+        "pool_bytes": pool_bytes, "evictions": pool.counters.evictions,
+        "hits": pool.counters.hits, "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "points": rows,
+    }
+
+
+def kv_memory_command(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-random or a model dir")]
+    = "tiny-random",
+    slice_length: Annotated[int, typer.Option(min=1, help="S")] = 16,
+    pool_mib: Annotated[float, typer.Option(min=0.1, help="KV pool capacity, MiB")] = 32.0,
+    profile_mode: Annotated[str, typer.Option(help="auto, full, quick, cached, analytic")]
+    = "cached",
+    points: Annotated[str, typer.Option(help="b:l grid points, comma-separated")]
+    = "2:64,4:128,8:256,16:128",
+    json_file: Annotated[Path | None, typer.Option("--json", help="write results here")]
+    = None,
+) -> None:
+    """Check the memory model against measured slice peaks with the KV pool full."""
+    try:
+        grid = [(int(b), int(x)) for b, x in (p.split(":") for p in points.split(","))]
+    except ValueError:
+        raise typer.BadParameter("use b:l pairs, e.g. 2:64,8:256", param_hint="--points") from None
+    settings = Settings(model=model, slice_length=slice_length, profile_mode=profile_mode)
+    loaded = load_model(settings.model, settings.cache_dir, settings.device)
+    result = measure(loaded, settings, int(pool_mib * 2**20), grid)
+    typer.echo(f"{result['model']} on {result['device']}, S={slice_length}, pool "
+               f"{pool_mib:g} MiB full ({result['evictions']} evictions, {result['hits']} hits)")
+    typer.echo(f"{'b':>3} {'l':>5} {'kind':>8} {'measured MiB':>13} {'estimate MiB':>13} "
+               f"{'ratio':>6}")
+    for r in result["points"]:
+        typer.echo(f"{r['b']:>3} {r['l']:>5} {r['kind']:>8} {r['measured_bytes'] / 2**20:>13.2f} "
+                   f"{r['estimate_bytes'] / 2**20:>13.2f} {r['ratio']:>6.3f}")
+    typer.echo(f"estimate/measured: min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f}")
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=2) + "\n")
