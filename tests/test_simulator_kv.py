@@ -78,9 +78,11 @@ def test_resumed_slice_is_priced_and_run_without_prefill(monkeypatch: pytest.Mon
     prices it there with resume_time (0.4 s for 4 steps, vs 1.704 s re-prefilled) and places
     it on a; the slice feeds its last token and runs 2 decode steps, no prefill."""
     plans: list[policy.CyclePlan] = []
+    budgets: set[int] = set()
 
-    def spy(*args, **kw):  # noqa: ANN002, ANN003, ANN202
-        plans.append(policy.plan_cycle(*args, **kw))
+    def spy(cands, views, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        budgets.update(v.memory_budget_bytes for v in views)
+        plans.append(policy.plan_cycle(cands, views, *args, **kw))
         return plans[-1]
 
     monkeypatch.setattr(sim_engine, "plan_cycle", spy)
@@ -97,8 +99,9 @@ def test_resumed_slice_is_priced_and_run_without_prefill(monkeypatch: pytest.Mon
     m = res.metrics
     assert m["recomputed_tokens"] == 0 and m["kv_hits"] == 1 and m["kv_misses"] == 0
     assert m["completed"] == 6 and m["generated_tokens"] == 13
-    # Half the budget is the pool: the batch budget the policy plans with is the rest.
     assert m["kv_evictions"] == 0 and m["instances"][0]["kv_hits"] == 1
+    # Half the budget is the pool: the batch budget the policy plans with is the rest.
+    assert budgets == {10**9 - Settings().kv_pool_capacity(10**9)} == {5 * 10**8}
 
 
 def test_retention_recomputes_far_fewer_tokens() -> None:
@@ -207,3 +210,14 @@ def test_cli_reports_both_ils_variants_and_kv_counters(tmp_path) -> None:  # noq
     assert off.exit_code == 0, off.output
     doc = json.loads((tmp_path / "off.json").read_text())
     assert doc["meta"]["settings"]["kv_retention"] is False and doc["scls"]["kv_hits"] == 0
+
+
+def test_fidelity_whole_budget_from_published_figures() -> None:
+    from services.simulator.fidelity import whole_budget
+
+    on = Settings()
+    assert whole_budget(("p", 600, 4096, "slice", 400), on) == (1000, 400)  # pool recorded
+    assert whole_budget(("p", 500, 4096, "slice"), on) == (1000, 500)  # share 0.5 assumed
+    assert whole_budget(("p", 500, 4096, "slice"), Settings(kv_pool_bytes=300)) == (800, 300)
+    assert whole_budget(("p", 500, 4096, "ils"), on) == (500, 0)
+    assert whole_budget(("p", 500, 4096, "slice"), Settings(kv_retention=False)) == (500, 0)

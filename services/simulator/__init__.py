@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.simulator.engine import (
+    SIM_POLICIES,
+    VLLM_POLICY,
     LoadTimeline,
     SimInstance,
     SimOptions,
@@ -23,8 +25,8 @@ from shared.costmodel import CostModel
 from shared.settings import Settings
 from shared.workload import WorkItem
 
-__all__ = ["LoadTimeline", "SimInstance", "SimOptions", "SimResult", "simulate",
-           "simulate_metrics", "uniform_instances"]
+__all__ = ["SIM_POLICIES", "VLLM_POLICY", "LoadTimeline", "SimInstance", "SimOptions",
+           "SimResult", "simulate", "simulate_metrics", "uniform_instances"]
 
 
 def uniform_instances(
@@ -34,14 +36,16 @@ def uniform_instances(
     context_limit: int | Sequence[int],
     truths: StepCost | Sequence[StepCost] | None = None,
     prefix: str = "sim",
+    kv_pool_bytes: int | Sequence[int | None] | None = None,
 ) -> list[SimInstance]:
     """``count`` instances ``<prefix>-0000``...; each argument is one value for all or one
-    per instance."""
+    per instance. ``memory_budget_bytes`` is the whole budget (batches and KV pool);
+    ``kv_pool_bytes`` None: the pool the settings give it."""
     def pick(value: Any, k: int) -> Any:
         return value[k] if isinstance(value, list | tuple) else value
 
     return [SimInstance(f"{prefix}-{k:04d}", pick(costs, k), int(pick(memory_budget_bytes, k)),
-                        int(pick(context_limit, k)), pick(truths, k))
+                        int(pick(context_limit, k)), pick(truths, k), pick(kv_pool_bytes, k))
             for k in range(count)]
 
 
@@ -55,6 +59,7 @@ def simulate_metrics(
     context_limit: int | Sequence[int] = 4096,
     settings: Settings | None = None,
     options: SimOptions | None = None,
+    kv_pool_bytes: int | Sequence[int | None] | None = None,
 ) -> dict[str, Any]:
     """The metrics dict of :func:`shared.metrics.summarize` (plus the simulator's extras)
     for ``workload`` served by ``instances`` instances under preset ``policy``.
@@ -62,11 +67,14 @@ def simulate_metrics(
     ``costs`` are the profiles the policy plans with (one for all or one per instance),
     ``truths`` what the engines really do (default: ``costs``). ``settings`` supplies the
     scheduler knobs (S, G, max batch, horizon, caps, candidate limit, retries); its
-    ``policy`` is replaced by ``policy`` and, when ``memory_budget_bytes`` is None, its
-    ``memory_budget_bytes`` is every instance's budget.
+    ``policy`` is replaced by ``policy`` (a preset or ``ils-vllm``) and, when
+    ``memory_budget_bytes`` is None, its ``memory_budget_bytes`` is every instance's
+    budget. The budget is the whole one: with K/V retention the instance's pool
+    (``kv_pool_bytes``, None: ``settings.kv_pool_capacity(budget)``) comes out of it.
     """
     base = settings if settings is not None else Settings()
     run_settings = base.model_copy(update={"policy": policy})
     budget = base.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
-    specs = uniform_instances(instances, costs, budget, context_limit, truths)
+    specs = uniform_instances(instances, costs, budget, context_limit, truths,
+                              kv_pool_bytes=kv_pool_bytes)
     return simulate(workload, specs, run_settings, options or SimOptions()).metrics

@@ -11,11 +11,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
-from services.simulator.engine import SimOptions, SimResult, simulate
+from services.simulator.engine import KV_COUNTERS, SIM_POLICIES, SimOptions, SimResult, simulate
 from services.simulator.profiles import BUILTIN, Profile, load_profile
 from services.simulator.workloads import at_rate, build_workload
-from shared.policy import POLICIES
 from shared.report import Run, rich_table, write_load_plot, write_report, write_results
 from shared.settings import Settings
 from shared.workload import WorkItem, describe
@@ -32,7 +32,9 @@ def _floats(text: str | None, hint: str) -> list[float]:
 
 
 def simulate_command(
-    policies: Annotated[str, typer.Option(help=f"comma-separated presets: {', '.join(POLICIES)}")]
+    policies: Annotated[str, typer.Option(
+        help=f"comma-separated: {', '.join(SIM_POLICIES)} (ils-vllm: ILS engines bounded by "
+             "paged-KV memory, with preemption by recompute)")]
     = "scls,sls,ils",
     instances: Annotated[int, typer.Option(min=1, help="simulated instances")] = 4,
     profile: Annotated[str, typer.Option(
@@ -59,6 +61,10 @@ def simulate_command(
     = None,
     max_batch: Annotated[int | None, typer.Option(min=1, help="max batch (default: settings)")]
     = None,
+    kv_retention: Annotated[bool | None, typer.Option(
+        "--kv-retention/--no-kv-retention",
+        help="slice instances keep unfinished requests' K/V in a pool between slices "
+             "(default: settings, on)")] = None,
     memory_budget: Annotated[int | None, typer.Option(
         min=1, help="bytes per instance beyond the weights (default: the profile's)")] = None,
     context_limit: Annotated[int | None, typer.Option(
@@ -75,13 +81,13 @@ def simulate_command(
 ) -> None:
     """Simulate the scheduler with each policy on simulated GPU instances and compare."""
     names = [p.strip() for p in policies.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICIES]
+    unknown = [p for p in names if p not in SIM_POLICIES]
     if unknown or not names:
-        raise typer.BadParameter(f"unknown {unknown}; choose from {', '.join(POLICIES)}",
+        raise typer.BadParameter(f"unknown {unknown}; choose from {', '.join(SIM_POLICIES)}",
                                  param_hint="--policies")
     if trace is not None and synthetic:
         raise typer.BadParameter("give --trace or --synthetic, not both", param_hint="--trace")
-    settings = _settings(slice_length, max_batch)
+    settings = _settings(slice_length, max_batch, kv_retention)
     plan_prof, truth_prof = _profiles(profile, truth_profile, settings, memory_budget,
                                       context_limit)
     base = build_workload(trace, requests, length_scale, time_scale, seed)
@@ -107,6 +113,7 @@ def simulate_command(
     baseline = "scls" if "scls" in names else names[0]
     title = f"scls simulate: {instances} x {plan_prof.name}"
     Console().print(rich_table(runs, baseline, title))
+    Console().print(kv_table(runs))
     if json_file is not None:
         write_results(json_file, runs, meta)
         console.print(f"wrote {json_file}")
@@ -114,14 +121,54 @@ def simulate_command(
         written = write_report(out, runs, meta, baseline, title)
         plot = write_load_plot(out, timelines)
         with (out / "report.md").open("a") as fh:
-            fh.write(f"![{plot.stem}]({plot.name})\n")
+            fh.write(f"![{plot.stem}]({plot.name})\n\n{kv_markdown(runs)}\n")
         console.print(f"wrote {', '.join(str(p) for p in [*written, plot])}")
 
 
-def _settings(slice_length: int | None, max_batch: int | None) -> Settings:
+#: The recomputation and KV columns: (metric, label).
+KV_COLUMNS = (("req_per_s", "req/s"), ("latency_mean_s", "E2E mean s"),
+              ("recomputed_tokens", "recomputed tok"), ("kv_hits", "KV hits"),
+              ("kv_misses", "KV misses"), ("kv_evictions", "KV evictions"),
+              ("preemptions", "preemptions"))
+
+
+def _kv_rows(runs: list[Run]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        m = run.metrics
+        rate = "" if run.rate is None else f" @ {run.rate:g}"
+        rows.append([run.policy + rate, *(f"{m.get(k, 0):.3f}" if k == "req_per_s" else
+                                          f"{m.get(k, 0):.2f}" if k.endswith("_s") else
+                                          f"{int(m.get(k, 0)):,}" for k, _ in KV_COLUMNS)])
+    return rows
+
+
+def kv_table(runs: list[Run]) -> Table:
+    """Recomputed tokens and the KV counters (:data:`KV_COUNTERS`) per run."""
+    assert set(KV_COUNTERS) <= {k for k, _ in KV_COLUMNS}
+    table = Table(title="recomputation and KV retention")
+    for i, (_, label) in enumerate((("policy", "policy"), *KV_COLUMNS)):
+        table.add_column(label, justify="left" if i == 0 else "right")
+    for row in _kv_rows(runs):
+        table.add_row(*row)
+    return table
+
+
+def kv_markdown(runs: list[Run]) -> str:
+    """The same as :func:`kv_table`, as a markdown section of ``report.md``."""
+    header = ["policy", *(label for _, label in KV_COLUMNS)]
+    lines = ["## Recomputation and KV retention", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in _kv_rows(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def _settings(slice_length: int | None, max_batch: int | None,
+              kv_retention: bool | None = None) -> Settings:
     from services.cli import build_settings
 
-    return build_settings(slice_length=slice_length, max_batch_size=max_batch)
+    return build_settings(slice_length=slice_length, max_batch_size=max_batch,
+                          kv_retention=kv_retention)
 
 
 def _profiles(profile: str, truth: str | None, settings: Settings, memory_budget: int | None,
@@ -157,7 +204,8 @@ def _meta(plan: Profile, truth: Profile, settings: Settings, instances: int,
         "truth_profile": truth.name,
         "settings": {k: getattr(settings, k) for k in (
             "slice_length", "max_gen_length", "max_batch_size", "horizon_s", "max_wait_s",
-            "candidate_limit", "max_queued_batches", "ils_max_concurrency", "max_retries")},
+            "candidate_limit", "max_queued_batches", "ils_max_concurrency", "max_retries",
+            "kv_retention", "kv_pool_bytes", "kv_pool_share")},
         "cycle_overhead_s": cycle_overhead,
         "slice_overhead_s": slice_overhead,
         "seed": seed,

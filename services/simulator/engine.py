@@ -17,6 +17,13 @@ Optional latencies model what the real system spends outside the engines:
 next cycle starts, that much later; events meanwhile are coalesced) and
 ``slice_overhead_s`` (per slice: the worker's commit and next-job fetch, during which it
 computes nothing; for ILS the commit delay of each finished request).
+
+K/V retention (``settings.kv_retention``, slice policies that are not whole-generation):
+each slice instance keeps a :class:`~services.simulator.kv.SimKvPool` beside its batch
+budget; the simulator tracks which instance holds each request's K/V and gives it to the
+policy as ``Candidate.kv_instance`` (affinity: ``PolicyConfig.kv_affinity`` follows
+retention, as in the scheduler service). ``ils-vllm`` (:data:`VLLM_POLICY`) is the ``ils``
+preset on vLLM-like engines that admit and preempt by paged-KV memory.
 """
 
 from __future__ import annotations
@@ -25,27 +32,34 @@ import heapq
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from services.scheduler.service import policy_config
-from services.simulator.instances import (
-    IlsInstance,
-    InstanceBase,
-    QueuedBatch,
-    SliceInstance,
-    StepCost,
+from services.simulator.ils import IlsInstance, VllmInstance, total_blocks
+from services.simulator.instances import InstanceBase, QueuedBatch, SliceInstance
+from services.simulator.kv import KvDirectory
+from services.simulator.results import (
+    KV_COUNTERS,
+    SIM_POLICIES,
+    VLLM_POLICY,
+    LoadTimeline,
+    SimInstance,
+    SimOptions,
+    SimResult,
+    kv_metrics,
+    outcomes_of,
+    usage_of,
 )
 from services.simulator.state import DONE, FAILED, INFLIGHT, PENDING, PendingPool, RequestTable
-from shared.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome, summarize
+from shared.metrics import summarize
 from shared.policy import (
     ILS_PRESET,
+    WHOLE_GENERATION,
     Candidate,
     DispatchCaps,
     InstanceView,
-    SliceCost,
     expected_busy,
     plan_cycle,
     with_cursor,
@@ -53,65 +67,18 @@ from shared.policy import (
 from shared.settings import Settings
 from shared.workload import WorkItem
 
+__all__ = ["KV_COUNTERS", "SIM_POLICIES", "VLLM_POLICY", "LoadTimeline", "SimInstance",
+           "SimOptions", "SimResult", "simulate"]
+
 # Event kinds, in the order events at the same time are handled.
 _DELIVER, _SLICE_DONE, _ILS_EVENT, _ILS_COMMIT, _SCHED = range(5)
-
-
-@dataclass(frozen=True)
-class SimInstance:
-    """One simulated instance: the policy's cost model and what really happens."""
-
-    id: str
-    cost: SliceCost  # the published profile the policy plans with
-    memory_budget_bytes: int
-    context_limit: int
-    truth: StepCost | None = None  # the engine's real behaviour; None: ``cost`` itself
-
-
-@dataclass(frozen=True)
-class SimOptions:
-    """Simulator knobs that the real system's settings do not have."""
-
-    cycle_overhead_s: float = 0.0  # simulated seconds per scheduler cycle
-    slice_overhead_s: float = 0.0  # per slice: commit + next job fetch on the worker
-    max_tokens: int | None = None  # None: forced output lengths (max_tokens = output)
-    ect_max_samples: int = 512  # bound on kept load samples (halved when reached)
-    ect_interval_s: float = 1.0  # first sampling interval of the load (simulated s)
-
-    def __post_init__(self) -> None:
-        if self.cycle_overhead_s < 0 or self.slice_overhead_s < 0:
-            raise ValueError("overheads must be >= 0")
-        if self.ect_max_samples < 2 or not self.ect_interval_s > 0:
-            raise ValueError("need ect_max_samples >= 2 and ect_interval_s > 0")
-
-
-@dataclass
-class LoadTimeline:
-    """Per-instance expected completion time (s of estimated work) sampled over time."""
-
-    instance_ids: list[str]
-    times: list[float] = field(default_factory=list)
-    loads: list[np.ndarray] = field(default_factory=list)
-
-
-@dataclass
-class SimResult:
-    """Everything one simulation produced; ``metrics`` is :func:`summarize`'s dict plus
-    ``oom_events``, ``events``, ``events_per_s``, ``sim_wall_s``, ``cycles``,
-    ``simulated_s`` and ``max_running``."""
-
-    metrics: dict[str, Any]
-    outcomes: list[RequestOutcome]
-    usage: list[InstanceUsage]
-    counters: dict[str, float]
-    timeline: LoadTimeline
 
 
 def simulate(
     workload: Sequence[WorkItem],
     instances: Sequence[SimInstance],
     settings: Settings,
-    options: SimOptions = SimOptions(),
+    options: SimOptions | None = None,
 ) -> SimResult:
     """Simulate serving ``workload`` on ``instances`` under ``settings`` (policy, S, G,
     batch size, horizon, caps, candidate limit, retries).
@@ -123,7 +90,7 @@ def simulate(
         raise ValueError("need at least one instance")
     if len({s.id for s in instances}) != len(instances):
         raise ValueError("instance ids must be unique")
-    return _Simulation(workload, instances, settings, options).run()
+    return _Simulation(workload, instances, settings, options or SimOptions()).run()
 
 
 class _Simulation:
@@ -133,15 +100,31 @@ class _Simulation:
                  settings: Settings, options: SimOptions) -> None:
         self.settings = settings
         self.options = options
-        self.config = policy_config(settings)
-        self.policy = settings.policy
-        self.caps = DispatchCaps.for_policy(settings.policy, settings.max_queued_batches,
+        self.vllm = settings.policy == VLLM_POLICY
+        # The scheduler's view: ils-vllm is the ils preset (its engines differ).
+        self.policy = ILS_PRESET if self.vllm else settings.policy
+        base = settings.model_copy(update={"policy": self.policy}) if self.vllm else settings
+        # The scheduler's own config (kv_affinity follows kv_retention there).
+        self.config = policy_config(base)
+        self.caps = DispatchCaps.for_policy(self.policy, settings.max_queued_batches,
                                             settings.ils_max_concurrency)
+        if self.vllm:
+            # Memory, not a count, bounds a vLLM engine: every request inside one holds at
+            # least one KV block, so a request cap of the largest block count never binds
+            # before memory does (requests beyond what memory admits wait in the engine).
+            self.caps = DispatchCaps(max(total_blocks(s.memory_budget_bytes, s.engine
+                                                      .kv_bytes_per_token) for s in specs),
+                                     count_requests=True)
         self.drop_finished = self.config.batching != "fcfs-fixed"  # as Scheduler._dispatch
+        # Slice workers keep unfinished requests' K/V between slices (whole-generation
+        # batching finishes its requests in one go: nothing to keep).
+        self.retention = (settings.kv_retention and self.policy != ILS_PRESET
+                          and self.config.batching not in WHOLE_GENERATION)
         self.reqs = RequestTable(workload, options.max_tokens)
         self.pending = PendingPool(self.reqs.n)
         self.specs = list(specs)
         self.insts = [self._instance(k, s) for k, s in enumerate(specs)]
+        self.kv = KvDirectory(self.reqs.n, [getattr(i, "pool", None) for i in self.insts])
         self.by_id = {inst.id: inst for inst in self.insts}
         self.views = [self._view(inst) for inst in self.insts]
         self.open = {k for k in range(len(self.insts)) if self._is_open(k)}
@@ -159,18 +142,30 @@ class _Simulation:
         self.next_sample = -math.inf
 
     # --- set-up ---------------------------------------------------------------------
+    def _pool_bytes(self, spec: SimInstance) -> int:
+        """KV pool capacity of ``spec``'s instance (0 without retention)."""
+        if not self.retention:
+            return 0
+        if spec.kv_pool_bytes is not None:
+            return min(spec.kv_pool_bytes, spec.memory_budget_bytes)
+        return self.settings.kv_pool_capacity(spec.memory_budget_bytes)
+
     def _instance(self, k: int, spec: SimInstance) -> InstanceBase:
-        truth = spec.truth if spec.truth is not None else spec.cost
+        truth = spec.engine
+        if self.vllm:
+            return VllmInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit)
         if self.policy == ILS_PRESET:
             return IlsInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit,
-                               self.settings.ils_max_concurrency)  # type: ignore[arg-type]
-        return SliceInstance(k, spec.id, truth, spec.memory_budget_bytes,  # type: ignore[arg-type]
-                             spec.context_limit, self.options.slice_overhead_s)
+                               self.settings.ils_max_concurrency)
+        pool = self._pool_bytes(spec)
+        # The batch budget is what the pool leaves (what a worker publishes).
+        return SliceInstance(k, spec.id, truth, spec.memory_budget_bytes - pool,
+                             spec.context_limit, self.options.slice_overhead_s, pool)
 
     def _view(self, inst: InstanceBase) -> InstanceView:
         spec = self.specs[inst.position]
         return InstanceView(
-            id=inst.id, cost=spec.cost, memory_budget_bytes=spec.memory_budget_bytes,
+            id=inst.id, cost=spec.cost, memory_budget_bytes=inst.budget_bytes,
             context_limit=spec.context_limit,
             expected_busy_s=expected_busy(self.policy, inst.estimated_s),
             queued_requests=inst.requests, queued_batches=inst.batches,
@@ -259,8 +254,9 @@ class _Simulation:
         if cand is None:
             reqs = self.reqs
             gen = int(reqs.generated[i])
+            home = int(self.kv.home[i])
             cand = Candidate(str(i), int(reqs.prompt[i]) + gen, int(reqs.max_tokens[i]) - gen,
-                             float(reqs.arrival[i]))
+                             float(reqs.arrival[i]), self.insts[home].id if home >= 0 else "")
             self.cands[i] = cand
         return cand
 
@@ -281,6 +277,7 @@ class _Simulation:
             idx = np.array([int(r) for r in bp.request_ids], dtype=np.int64)
             batch = QueuedBatch(idx, bp.slice_length, bp.estimated_s, self.drop_finished)
             inst = self.by_id[bp.instance_id]
+            self.kv.claimed(idx, inst.position)
             inst.claimed(batch)
             self._refresh(inst)
             self.pending.remove(idx)
@@ -299,6 +296,7 @@ class _Simulation:
     def _never_fits(self, i: int, context_len: int, t: float) -> None:
         self.pending.remove(i)
         self.cands.pop(i, None)
+        self.kv.forget(i)  # it ends: its K/V goes
         self.reqs.fail(i, t, f"never_fits: a slice of {context_len} context tokens fits no "
                              "instance even alone")
 
@@ -323,6 +321,8 @@ class _Simulation:
         reqs, idx = self.reqs, batch.idx
         for i in idx.tolist():
             self.cands.pop(i, None)
+        for i in self.kv.after_slice(inst.position, idx, out.stored, out.evicted):
+            self.cands.pop(i, None)  # pending, and no longer retained anywhere
         if out.oom:
             self._requeue_oom(idx, inst, t)
             return
@@ -414,8 +414,8 @@ class _Simulation:
         reqs = self.reqs
         for i in np.flatnonzero((reqs.status != DONE) & (reqs.status != FAILED)).tolist():
             reqs.fail(i, self.last_t, "stuck: never dispatched before the simulation ended")
-        usage, counters = self._usage()
-        outcomes = self._outcomes()
+        usage, counters = usage_of(self.insts)
+        outcomes = outcomes_of(reqs)
         done = reqs.status == DONE
         first = float(reqs.arrival.min()) if reqs.n else 0.0
         last = float(reqs.finish[done].max()) if done.any() else first
@@ -431,43 +431,5 @@ class _Simulation:
             "simulated_s": self.last_t,
             "max_running": max((getattr(i, "max_running", 0) for i in self.insts), default=0),
         })
+        kv_metrics(metrics, counters, usage)
         return SimResult(metrics, outcomes, usage, counters, self.timeline)
-
-    def _usage(self) -> tuple[list[InstanceUsage], dict[str, float]]:
-        usage, total = [], dict.fromkeys(WORKER_COUNTERS, 0.0)
-        for inst in self.insts:
-            counters = dict(inst.counters)
-            if isinstance(inst, IlsInstance):
-                counters["busy_s"] = inst.busy_s
-                counters["concurrency_s"] = inst.concurrency_s
-            for key, value in counters.items():
-                total[key] = total.get(key, 0.0) + value
-            usage.append(InstanceUsage(inst.id, counters.get("busy_s", 0.0),
-                                       int(counters.get("slices", 0)),
-                                       int(counters.get("generated_tokens", 0)), counters))
-        return usage, total
-
-    def _outcomes(self) -> list[RequestOutcome]:
-        reqs = self.reqs
-        ok = (reqs.status == DONE).tolist()
-        e2e = (reqs.finish - reqs.arrival).tolist()
-        ttft = (reqs.first_commit - reqs.arrival).tolist()
-        queue = (reqs.first_claim - reqs.arrival).tolist()
-        out = []
-        for i, (index, sent, prompt, gen, slices) in enumerate(zip(
-                reqs.index.tolist(), reqs.arrival.tolist(), reqs.prompt.tolist(),
-                reqs.generated.tolist(), reqs.slices.tolist(), strict=True)):
-            if ok[i]:
-                out.append(RequestOutcome(index, True, sent, e2e[i], ttft[i],
-                                          _finite(queue[i]), prompt, gen, slices,
-                                          reqs.reason.get(i, "length")))
-            else:
-                error = reqs.error.get(i, "error: unknown")
-                out.append(RequestOutcome(index, False, sent, prompt_tokens=prompt,
-                                          slices=slices, finish_reason=error.split(":", 1)[0],
-                                          error=error))
-        return out
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None

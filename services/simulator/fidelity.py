@@ -26,6 +26,7 @@ import json
 import math
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,9 +56,11 @@ def simulate_like(real: dict[str, Any], policy: str, items: list[WorkItem],
                   settings: Settings) -> dict[str, Any]:
     """Simulate ``items`` on instances shaped like the real run's workers."""
     profiles = list(real["instance_profiles"].values())
-    costs = [CostModel.from_json(profile) for profile, _budget, _ctx, _mode in profiles]
-    budgets = [int(budget) for _p, budget, _ctx, _mode in profiles]
-    contexts = [int(ctx) for _p, _b, ctx, _mode in profiles]
+    costs = [CostModel.from_json(entry[0]) for entry in profiles]
+    split = [whole_budget(entry, settings) for entry in profiles]
+    budgets = [budget for budget, _pool in split]
+    pools = [pool for _budget, pool in split]
+    contexts = [int(entry[2]) for entry in profiles]
     slowdown = engine_slowdowns(real)
     ids = list(real["instance_profiles"])
     truths = [cost.time_scaled(slowdown.get(iid, 1.0)) for iid, cost in zip(ids, costs,
@@ -67,7 +70,26 @@ def simulate_like(real: dict[str, Any], policy: str, items: list[WorkItem],
                          cycle_overhead_s=overheads.get("reaction_s", 0.0))
     return simulate_metrics(items, policy, len(costs), costs, truths=truths,
                             memory_budget_bytes=budgets, context_limit=contexts,
-                            settings=settings, options=options)
+                            settings=settings, options=options, kv_pool_bytes=pools)
+
+
+def whole_budget(entry: Sequence[Any], settings: Settings) -> tuple[int, int]:
+    """``(whole memory budget, KV pool bytes)`` of a real instance from its published
+    ``(profile, memory_budget_bytes, context_limit, mode[, kv_pool_bytes])``.
+
+    A worker publishes its *batch* budget, its pool beside it; the simulator takes the
+    whole budget and the pool. A run that did not record the pool gets the one the
+    settings give a slice worker with retention on (``kv_pool_capacity`` of the whole
+    budget, solved for it from the batch budget)."""
+    batch = int(entry[1])
+    if len(entry) > 4 and entry[4] is not None:
+        return batch + int(entry[4]), int(entry[4])
+    if (len(entry) > 3 and entry[3] != "slice") or not settings.kv_retention:
+        return batch, 0
+    if settings.kv_pool_bytes is not None:
+        return batch + settings.kv_pool_bytes, settings.kv_pool_bytes
+    whole = int(batch / (1.0 - settings.kv_pool_share))
+    return whole, whole - batch
 
 
 def engine_slowdowns(real: dict[str, Any]) -> dict[str, float]:

@@ -1,21 +1,22 @@
-"""Simulated instances: a slice worker (one batch at a time, FIFO queue) and an ILS engine.
+"""Simulated instances: a slice worker (one batch at a time, FIFO queue, a KV pool).
 
-Both execute with the *truth* cost model and the requests' true output lengths, which the
-policy never sees. Token accounting mirrors :mod:`services.worker.engine` (slices) and
-:mod:`services.worker.ils_runtime` (ILS); docs/simulator.md gives the definitions.
+Both kinds of instance (slice workers here, continuous-batching engines in
+:mod:`services.simulator.ils`) execute with the *truth* cost model and the requests' true
+output lengths, which the policy never sees. Token accounting mirrors
+:mod:`services.worker.engine` (slices) and :mod:`services.worker.ils_runtime` (ILS);
+docs/simulator.md gives the definitions.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from services.simulator.kv import SimKvPool
 from services.simulator.state import RequestTable
 
 
@@ -47,21 +48,50 @@ class SliceOutcome:
     eos: np.ndarray  # bool per row: finished by EOS ("stop"), else by length
     oom: bool
     counters: dict[str, float] = field(default_factory=dict)
+    # Rows (batch positions) whose K/V goes to the pool when the slice ends, in the order
+    # the engine stores them (rows done earlier leave the batch earlier), and their bytes.
+    retain: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    retain_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # Filled when the slice ends (SliceInstance.complete): requests whose entry the pool
+    # now holds, and requests evicted to make room (any request, in eviction order).
+    stored: list[int] = field(default_factory=list)
+    evicted: list[int] = field(default_factory=list)
+
+
+def _resume_rows(reqs: RequestTable, idx: np.ndarray, live: np.ndarray,
+                 pool: SimKvPool | None) -> np.ndarray:
+    """Per row: whether it resumes from ``pool`` (taking its entry out, as the engine's
+    ``KvPool.take`` does at slice start). Rows with nothing left to generate drop theirs."""
+    resumed = np.zeros(len(idx), dtype=bool)
+    if pool is None:
+        return resumed
+    gen = reqs.generated[idx]
+    for r, i in enumerate(idx.tolist()):
+        if not live[r]:
+            pool.discard(i)
+        elif gen[r] > 0:
+            resumed[r] = pool.take(i)
+    return resumed
 
 
 def run_slice(
     reqs: RequestTable, idx: np.ndarray, slice_length: int, drop_finished: bool,
-    truth: StepCost, budget_bytes: int, context_limit: int,
+    truth: StepCost, budget_bytes: int, context_limit: int, pool: SimKvPool | None = None,
 ) -> SliceOutcome:
     """One slice of requests ``idx`` as :meth:`SliceEngine.run_slice` would run it.
 
     Each row may produce ``min(S, max_tokens - generated, context room)`` tokens; a row
     whose true output ends first emits EOS (not returned) one step later, unless the
-    output is forced. Prefill yields the first token, then decode steps run until every
-    row is done (early return). With ``drop_finished`` finished rows leave the batch;
-    without it (SLS) they stay and are counted as invalid tokens. Time is the truth
-    model's prefill plus each decode step at its own batch size and context; memory is
-    its ``slice_memory`` for the static cache the engine allocates (longest budget).
+    output is forced. Rows whose entry is in ``pool`` (this instance's) **resume**: no
+    prefill, they feed their last token, so all their tokens come from decode steps. The
+    others **prefill** (one pass, padded to the longest of them), which yields their first
+    token. Decode steps run until every row is done (early return): a resumed row needs as
+    many steps as it draws tokens, a prefilled row one fewer. With ``drop_finished``
+    finished rows leave the batch; without it (SLS) they stay and are counted as invalid
+    tokens. Time is the truth model's prefill plus each decode step at its own batch size
+    and context (the cache's width, i.e. the longest cached context, plus the step); memory
+    is its ``slice_memory`` for the static cache the engine allocates (longest budget)
+    against ``budget_bytes``, the instance's batch budget (its pool is outside it).
     """
     ctx = reqs.context(idx)
     gen = reqs.generated[idx]
@@ -72,35 +102,55 @@ def run_slice(
     eos = live & (left < allowed) & (not reqs.forced)
     tokens = np.where(live, np.where(eos, left, allowed), 0)
     finished = ~live | eos | (gen + tokens >= max_tokens) | (ctx + tokens >= context_limit)
+    resumed = _resume_rows(reqs, idx, live, pool)
     if not live.any():
         return SliceOutcome(0.0, tokens, finished, eos, False, {})
-    done_step = np.where(eos, left + 1, allowed)[live]
+    res = resumed[live]
     live_ctx = ctx[live]
-    b, padded, steps = len(live_ctx), int(live_ctx.max()), int(done_step.max())
-    prefill = float(truth.prefill_time(b, padded))
+    # Tokens each row draws (an EOS draw included), then the decode steps that takes.
+    need = np.where(eos, left + 1, allowed)[live] - (~res)
+    b, padded, steps = len(live_ctx), int(live_ctx.max()), int(need.max())
+    pre = ~res
+    prefill, pad = 0.0, 0
+    if pre.any():
+        longest = int(live_ctx[pre].max())
+        prefill = float(truth.prefill_time(int(pre.sum()), longest))
+        pad = int(pre.sum()) * longest - int(live_ctx[pre].sum())
     memory = float(truth.slice_memory(b, padded, int(allowed[live].max())))
     if memory > budget_bytes:
         return SliceOutcome(prefill, np.zeros_like(tokens), np.zeros_like(finished), eos, True)
-    ks = np.arange(1, steps)
+    width = int((live_ctx - res).max())  # a resumed row's cache lacks its last token
+    ks = np.arange(1, steps + 1)
     if drop_finished:
-        rows = b - np.searchsorted(np.sort(done_step), ks, side="right")
+        rows = b - np.searchsorted(np.sort(need), ks, side="left")  # rows with need >= k
         invalid = 0
     else:
         rows = np.full(len(ks), b)
-        invalid = int((steps - done_step).sum())
-    decode = float(np.sum(truth.decode_step_time(rows, padded + ks))) if len(ks) else 0.0
+        invalid = int((steps - need).sum())
+    decode = float(np.sum(truth.decode_step_time(rows, width + ks))) if steps else 0.0
     counters = {
         "slices": 1.0,
         "batch_size_sum": float(b),
         "generated_tokens": float(tokens.sum()),
-        "pad_tokens": float(b * padded - live_ctx.sum()),
+        "pad_tokens": float(pad),
         "invalid_tokens": float(invalid),
-        "recomputed_tokens": float(ctx[live & (gen > 0)].sum()),
+        "recomputed_tokens": float(ctx[live & ~resumed & (gen > 0)].sum()),
         "prefill_s": prefill,
         "decode_s": decode,
         "busy_s": prefill + decode,
     }
-    return SliceOutcome(prefill + decode, tokens, finished, eos, False, counters)
+    out = SliceOutcome(prefill + decode, tokens, finished, eos, False, counters)
+    if pool is not None:
+        counters["kv_hits"] = float(resumed.sum())
+        counters["kv_misses"] = float((live & ~resumed & (gen > 0)).sum())
+        # Unfinished rows leave their K/V (exact length: context but the last token),
+        # those done earlier first: the engine stores a row as it leaves the batch.
+        full_need = np.zeros(len(idx), np.int64)
+        full_need[live] = need
+        keep = np.flatnonzero(live & ~finished)
+        out.retain = keep[np.argsort(full_need[keep], kind="stable")]
+        out.retain_bytes = (ctx + tokens - 1)[out.retain] * int(truth.kv_bytes_per_token)
+    return out
 
 
 @dataclass
@@ -152,11 +202,14 @@ class SliceInstance(InstanceBase):
     """A slice worker: runs its queue's batches one at a time, in order (an RQ queue)."""
 
     def __init__(self, position: int, inst_id: str, truth: StepCost, budget_bytes: int,
-                 context_limit: int, overhead_s: float) -> None:
+                 context_limit: int, overhead_s: float, pool_bytes: int = 0) -> None:
+        """``budget_bytes`` is the batch budget; ``pool_bytes`` (0: retention off) the KV
+        pool's capacity beside it, as a worker splits its memory budget."""
         super().__init__(position, inst_id, truth, budget_bytes, context_limit)
         self.overhead_s = overhead_s
         self.queue: deque[QueuedBatch] = deque()
         self.running: tuple[QueuedBatch, SliceOutcome] | None = None
+        self.pool = SimKvPool(pool_bytes) if pool_bytes > 0 else None
 
     def deliver(self, batch: QueuedBatch, t: float, reqs: RequestTable) -> float | None:
         """Enqueue ``batch`` at ``t``; the time its slice ends if it starts now, else None."""
@@ -167,8 +220,10 @@ class SliceInstance(InstanceBase):
         if not self.queue:
             return None
         batch = self.queue.popleft()
+        # SLS batches (drop_finished off) run whole generations: nothing to retain.
+        pool = self.pool if batch.drop_finished else None
         out = run_slice(reqs, batch.idx, batch.slice_length, batch.drop_finished, self.truth,
-                        self.budget_bytes, self.context_limit)
+                        self.budget_bytes, self.context_limit, pool)
         self.running = (batch, out)
         # The worker is occupied by the compute and the commit/next-job latency.
         return t + out.compute_s + self.overhead_s
@@ -184,137 +239,18 @@ class SliceInstance(InstanceBase):
             self.oom_events += 1
         else:
             self.add_counters(out.counters)
+            self._retain(batch, out)
+        # The next slice starts after this one's K/V is stored: it may resume from it.
         return batch, out, self._start(t, reqs)
 
+    def _retain(self, batch: QueuedBatch, out: SliceOutcome) -> None:
+        """Store the unfinished rows' K/V in the pool (evicting LRU entries for room)."""
+        if self.pool is None or not len(out.retain):
+            return
+        rows = batch.idx[out.retain].tolist()
+        for i, nbytes in zip(rows, out.retain_bytes.tolist(), strict=True):
+            out.evicted += self.pool.put(i, nbytes)
+        out.stored = [i for i in rows if i in self.pool]
+        self.add_counters({"kv_evictions": float(len(out.evicted))})
 
-@dataclass
-class _Running:
-    """Requests inside an ILS engine: positions, iterations done and needed, prompts."""
 
-    idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    done: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    need: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    prompt: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
-class IlsInstance(InstanceBase):
-    """Continuous batching, simulated iteration by iteration with event skipping.
-
-    Between two changes of the running set (an admission or a departure) every iteration
-    runs the same requests, so the iterations up to the next departure are costed at once
-    (one vectorised call, each iteration at its own context) and only the boundary is an
-    event. An iteration costs ``Td(b, c)`` for the ``b`` running requests, with ``c`` their
-    *mean* context (a paged cache has no padding: attention work follows the summed KV),
-    plus ``Tp(1, l)`` for each request admitted in it; a request leaves after its last
-    token. At most ``cap`` requests are inside the engine; more wait in a FIFO.
-    """
-
-    def __init__(self, position: int, inst_id: str, truth: StepCost, budget_bytes: int,
-                 context_limit: int, cap: int) -> None:
-        super().__init__(position, inst_id, truth, budget_bytes, context_limit)
-        self.cap = cap
-        self.waiting: deque[int] = deque()
-        self.run = _Running()
-        self.seg_start = 0.0
-        self.seg_ends = np.zeros(0)  # absolute end time of each iteration of the segment
-        self.event_at = math.inf  # the boundary the engine stops at next
-        self.new_in_segment = 0  # admitted at the segment's first iteration
-        self.max_running = 0
-        self.busy_s = 0.0
-        self.concurrency_s = 0.0
-
-    def deliver(self, batch: QueuedBatch, t: float, reqs: RequestTable,
-                fail: Callable[[int, float, str], None]) -> float | None:
-        """Admit ``batch``'s requests at ``t``; the engine's next event time if it changed."""
-        for i in batch.idx.tolist():
-            self.waiting.append(i)
-        if not len(self.run.idx):
-            return self._segment(t, reqs, fail)
-        if len(self.run.idx) >= self.cap:
-            return None
-        # Join at the first iteration boundary at or after t.
-        j = int(np.searchsorted(self.seg_ends, t, side="left"))
-        boundary = float(self.seg_ends[min(j, len(self.seg_ends) - 1)])
-        if boundary < self.event_at:
-            self.event_at = boundary
-            return boundary
-        return None
-
-    def boundary(self, t: float, reqs: RequestTable, fail: Callable[[int, float, str], None]
-                 ) -> tuple[list[int], float | None]:
-        """The engine reached its event at ``t``: ``(departed requests, next event time)``."""
-        iters = int(np.searchsorted(self.seg_ends, t, side="right"))
-        run = self.run
-        span = t - self.seg_start
-        self.busy_s += span
-        self.concurrency_s += span * len(run.idx)
-        run.done = run.done + iters
-        kv = float(np.sum(run.prompt + run.done)) * self.truth.kv_bytes_per_token
-        if kv > self.budget_bytes:
-            self.oom_events += 1  # the real engine would preempt (and later recompute)
-        leave = run.done >= run.need
-        departed = run.idx[leave].tolist()
-        reqs.generated[run.idx[leave]] = run.tokens[leave]
-        keep = ~leave
-        self.run = _Running(run.idx[keep], run.done[keep], run.need[keep], run.tokens[keep],
-                            run.prompt[keep])
-        return departed, self._segment(t, reqs, fail)
-
-    def _segment(self, t: float, reqs: RequestTable,
-                 fail: Callable[[int, float, str], None]) -> float | None:
-        """Admit waiting requests and plan the iterations up to the next departure."""
-        new = self._admit(t, reqs, fail)
-        run = self.run
-        self.seg_start = t
-        if not len(run.idx):
-            self.seg_ends = np.zeros(0)
-            self.event_at = math.inf
-            return None
-        self.max_running = max(self.max_running, len(run.idx))
-        b = len(run.idx)
-        old = run.done > 0
-        m = int((run.need - run.done).min())
-        first = 0.0
-        if old.any():
-            ctx_old = float(np.mean(run.prompt[old] + run.done[old]))
-            first += float(self.truth.decode_step_time(int(old.sum()), ctx_old))
-        if len(new):
-            first += float(np.sum(self.truth.prefill_time(1, reqs.prompt[new])))
-        base = float(np.mean(run.prompt + run.done))
-        rest = self.truth.decode_step_time(b, base + np.arange(1, m)) if m > 1 else np.zeros(0)
-        self.seg_ends = t + np.cumsum(np.concatenate([[first], rest]))
-        self.event_at = float(self.seg_ends[-1])
-        return self.event_at
-
-    def _admit(self, t: float, reqs: RequestTable,
-               fail: Callable[[int, float, str], None]) -> np.ndarray:
-        """Move waiting requests into the engine up to the cap; returns those admitted."""
-        room = self.cap - len(self.run.idx)
-        admitted: list[int] = []
-        while self.waiting and room > 0:
-            i = self.waiting.popleft()
-            prompt = int(reqs.prompt[i])
-            max_new = min(int(reqs.max_tokens[i] - reqs.generated[i]),
-                          self.context_limit - prompt)
-            kv = (prompt + max_new) * self.truth.kv_bytes_per_token
-            if kv > self.budget_bytes:
-                fail(i, t, f"never_fits: needs {kv} bytes of KV cache, the budget is "
-                           f"{self.budget_bytes}")
-                continue
-            admitted.append(i)
-            room -= 1
-        new = np.array(admitted, dtype=np.int64)
-        if len(new):
-            target = reqs.target[new]
-            max_new = np.minimum(reqs.max_tokens[new], self.context_limit - reqs.prompt[new])
-            eos = (target < max_new) & (not reqs.forced)
-            tokens = np.where(eos, target, max_new)
-            need = np.maximum(1, np.where(eos, target + 1, max_new))
-            r = self.run
-            self.run = _Running(np.concatenate([r.idx, new]),
-                                np.concatenate([r.done, np.zeros(len(new), np.int64)]),
-                                np.concatenate([r.need, need]),
-                                np.concatenate([r.tokens, tokens]),
-                                np.concatenate([r.prompt, reqs.prompt[new]]))
-        return new
