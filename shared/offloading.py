@@ -66,16 +66,20 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     the batch's time. Ties go to the first instance in the stable order. The cursor is
     returned unchanged.
 
-    Affinity is a cost, not a pin: a batch whose K/V an instance retains is priced there
-    without prefill and elsewhere with it, so it moves when its home is loaded enough that
-    re-prefilling elsewhere completes sooner. When its home is past the horizon but would
-    still complete it sooner than any open instance, it waits (stays pending) for its home.
+    Affinity is a cost, not a pin: a batch whose K/V an instance retains is placed before
+    the other batches of its urgency, priced there without prefill and elsewhere with it,
+    so it moves when its home is loaded enough that re-prefilling elsewhere completes
+    sooner. When its home is past the horizon but would still complete it sooner than any
+    open instance, it waits (stays pending) for its home.
     """
     longest = np.min(problem.times, axis=1)
     loads = _Loads(problem)
     home = np.full(len(problem.times), -1) if problem.home is None else problem.home
     assign = np.full(len(problem.times), -1)
-    for b in np.lexsort((-longest, ~problem.urgent)).tolist():
+    # Urgent first, then batches resuming retained K/V (requests already started, holding
+    # pool memory: serving them first keeps their entries from being evicted by requests
+    # started after them, which would have to re-prefill), then longest first.
+    for b in np.lexsort((-longest, home < 0, ~problem.urgent)).tolist():
         if not loads.open_count:
             break  # every instance is past the horizon: nothing else can be placed
         completion = loads.busy + problem.times[b] + loads.closed

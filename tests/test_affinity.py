@@ -103,3 +103,21 @@ def test_max_min_without_homes_is_unchanged() -> None:
     plain, _ = max_min(Placement(**base), 0)
     no_home, _ = max_min(Placement(**base, home=np.array([-1, -1])), 0)
     assert plain.tolist() == no_home.tolist() == [0, 1]
+
+
+def test_resuming_batches_are_placed_before_fresh_ones_of_the_same_urgency() -> None:
+    """Started requests hold pool memory: in overload they go first, so the requests
+    started after them cannot evict their K/V before their next slice."""
+    times = np.array([[5.0], [1.0], [3.0]])  # the resuming batch is the shortest
+    base = dict(times=times, sizes=np.ones(3), arrival=np.zeros(3),
+                busy_s=np.zeros(1), requests=np.zeros(1), horizon_s=0.5)
+    # Room for one batch: without a home the longest goes; with one, the resuming batch.
+    plain, _ = max_min(Placement(**base, urgent=np.zeros(3, bool)), 0)
+    assert plain.tolist() == [0, -1, -1]
+    homed, _ = max_min(Placement(**base, urgent=np.zeros(3, bool),
+                                 home=np.array([-1, 0, -1])), 0)
+    assert homed.tolist() == [-1, 0, -1]
+    # Urgency still comes first.
+    urgent, _ = max_min(Placement(**base, urgent=np.array([False, False, True]),
+                                  home=np.array([-1, 0, -1])), 0)
+    assert urgent.tolist() == [-1, -1, 0]
