@@ -90,7 +90,8 @@ class Scheduler:
         self.rq_connection = rq_connection
         self.config = policy_config(settings)
         self.holder_id = holder_id or f"{socket.gethostname()}-{os.getpid()}"
-        self._costs: dict[str, tuple[str, CostModel]] = {}  # parsed profiles, by instance
+        # parsed profiles by instance (None: unreadable, skipped)
+        self._costs: dict[str, tuple[str, CostModel | None]] = {}
         self._last_sweep = 0.0
         self._stop = threading.Event()
         self.metrics = SchedulerMetrics(store)  # this scheduler's own registry
@@ -132,21 +133,30 @@ class Scheduler:
                 report.dispatched_requests += len(batch.request_ids)
         return report
 
-    def _cost_of(self, inst: InstanceInfo) -> CostModel:
-        """The instance's published cost model, parsed once per profile."""
+    def _cost_of(self, inst: InstanceInfo) -> CostModel | None:
+        """The instance's published cost model, parsed once per profile; None (logged once
+        per profile) when this scheduler cannot read it, e.g. a newer schema published by
+        a worker during a rolling upgrade: that instance is skipped, the others served."""
         cached = self._costs.get(inst.id)
         if cached is None or cached[0] != inst.profile:
-            cached = (inst.profile, CostModel.from_json(inst.profile))
+            try:
+                model: CostModel | None = CostModel.from_json(inst.profile)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("profile_unreadable", instance=inst.id,
+                          error=f"{type(exc).__name__}: {exc}")
+                model = None
+            cached = (inst.profile, model)
             self._costs[inst.id] = cached
         return cached[1]
 
     def _instance_views(self, instances: list[InstanceInfo]) -> list[InstanceView]:
-        ready = [inst for inst in instances if inst.state == "ready" and inst.profile]
+        ready = [inst for inst in instances if inst.state == "ready" and inst.profile
+                 and self._cost_of(inst) is not None]
         loads = self.store.instance_loads([inst.id for inst in ready])
         return [
             InstanceView(
                 id=inst.id,
-                cost=self._cost_of(inst),
+                cost=self._costs[inst.id][1],  # type: ignore[arg-type]  # checked above
                 memory_budget_bytes=inst.memory_budget_bytes,
                 context_limit=inst.context_limit,
                 expected_busy_s=self._busy_estimate(loads[inst.id]),
@@ -282,8 +292,8 @@ class Scheduler:
             while not self._stop.is_set():
                 try:
                     report = self.cycle()
-                except redis.ConnectionError as exc:
-                    log.error("redis_unavailable", error=str(exc))
+                except redis.RedisError as exc:  # down, read timeout, a Redis error reply
+                    log.error("redis_unavailable", error=f"{type(exc).__name__}: {exc}")
                     self._stop.wait(1.0)
                     continue
                 if report.leader != was_leader:

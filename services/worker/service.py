@@ -120,8 +120,10 @@ class WorkerService:
                     self.runtime.instance_info(), self.settings.instance_ttl_s
                 )
                 log.warning("instance_reregistered", instance=self.instance_id)
-        except redis.ConnectionError as exc:
-            log.error("heartbeat_failed", error=str(exc))
+        except redis.RedisError as exc:  # connection lost, read timeout, a Redis error
+            log.error("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception:  # a beat must never end the heartbeat thread silently
+            log.exception("heartbeat_failed")
 
     def _stop_heartbeating(self) -> None:
         """Stop the heartbeat thread and wait for it: a beat still in progress after the

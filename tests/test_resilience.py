@@ -1,0 +1,85 @@
+"""Long-running loops survive Redis errors and unreadable profiles (issue: a read timeout
+killed the scheduler loop and silently ended the worker heartbeat). Real Redis; the error
+is injected into one call at a time."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import redis
+
+from shared.costmodel import SCHEMA_VERSION
+from shared.models import LoadedModel
+from shared.settings import Settings
+from shared.store import Store
+from tests.test_system import make_cluster, submit
+
+
+def _failing(real, times: int, exc: Exception):  # noqa: ANN001, ANN202
+    """``real`` that raises ``exc`` on its first ``times`` calls."""
+    calls = {"n": 0}
+
+    def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise exc
+        return real(*args, **kwargs)
+
+    return call, calls
+
+
+def test_the_scheduler_loop_survives_redis_timeouts(
+    settings: Settings, tiny: LoadedModel, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched, _ = make_cluster(settings, tiny)
+    failing, calls = _failing(sched.store.candidate_lengths, 2,
+                              redis.TimeoutError("Timeout reading from socket"))
+    monkeypatch.setattr(sched.store, "candidate_lengths", failing)
+    rid = submit(store, [5, 6, 7], max_tokens=4)
+    loop = threading.Thread(target=sched.run, daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 15
+        while store.get_request(rid).status.value == "pending" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert calls["n"] > 2  # it failed twice and went on
+        assert store.get_request(rid).status.value == "running"  # and dispatched
+        assert loop.is_alive()
+    finally:
+        sched.stop()
+        loop.join(timeout=10)
+
+
+def test_an_unreadable_profile_skips_that_instance_only(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    sched, _ = make_cluster(settings, tiny, n_workers=2)
+    newer = json.dumps({"version": SCHEMA_VERSION + 1})  # a rolling upgrade's newer schema
+    store.r.hset(store.keys.instance("w0"), "profile", newer)
+    rids = [submit(store, [5, 6, 7 + i], max_tokens=4) for i in range(6)]
+    report = sched.cycle()
+    assert report.batches
+    assert {store.get_batch(b).instance for b in report.batches} == {"w1"}
+    assert all(store.get_request(r).status.value == "running" for r in rids)
+
+
+def test_the_heartbeat_survives_redis_errors(
+    settings: Settings, tiny: LoadedModel, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = settings.model_copy(update={"heartbeat_interval_s": 0.1})
+    _, (worker,) = make_cluster(s, tiny)
+    failing, calls = _failing(worker.store.heartbeat, 3, redis.TimeoutError("stalled"))
+    monkeypatch.setattr(worker.store, "heartbeat", failing)
+    worker.register()
+    try:
+        deadline = time.monotonic() + 10
+        while calls["n"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert calls["n"] >= 6  # kept beating after three failures
+        beat = float(store.r.hget(store.keys.instance("w0"), "heartbeat_at"))
+        assert time.time() - beat < 2
+    finally:
+        worker._stop_heartbeating()
