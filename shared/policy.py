@@ -437,7 +437,70 @@ def plan_cycle(
         resumed = len(b.request_ids) if k == home[j] else 0
         plans.append(BatchPlan(insts[k].id, b.request_ids, b.padded_len, b.slice_length,
                                float(times[j, k]), int(memory[j, k]), resumed))
+    if config.kv_affinity:
+        plans, unplaced = join_resumed(plans, unplaced, insts, config.max_batch)
     return CyclePlan(plans, never.candidates, cursor, unplaced)
+
+
+def join_resumed(
+    plans: Sequence[BatchPlan], unplaced: Sequence[FormedBatch],
+    instances: Sequence[InstanceView], max_batch: int,
+) -> tuple[list[BatchPlan], list[FormedBatch]]:
+    """Let fresh batches join a resuming batch on the same instance, as continuous
+    batching lets new requests join running ones.
+
+    A resuming batch (its rows' K/V at home) runs ``S`` decode steps whatever else it
+    holds; fresh rows joining it pay their prefill and share those steps, which cost
+    little more for more rows. So a fresh batch placed on the same instance joins when
+    ``Tp(fresh) + T_resume(both)`` is below the two batches' times apart, and a fresh
+    batch left unplaced (every instance past the horizon) joins when what it adds is no
+    more than its own time there (it would otherwise wait for a later cycle). Oldest
+    fresh batches are tried first; memory and ``max_batch`` bound the joined batch.
+    """
+    by_id = {inst.id: inst for inst in instances}
+    out = list(plans)
+    waiting = sorted(unplaced, key=lambda b: b.oldest_arrival)
+    for h, host in enumerate(out):
+        if not host.resumed_rows:
+            continue
+        inst = by_id[host.instance_id]
+        guests: list[tuple[int, BatchPlan | FormedBatch]] = [
+            (j, p) for j, p in enumerate(out) if not p.resumed_rows and p.instance_id == inst.id
+        ] + [(-1, b) for b in waiting if not b.home]
+        for j, guest in guests:
+            joined = _joined(out[h], guest, inst, max_batch)
+            if joined is None:
+                continue
+            added = joined.estimated_s - out[h].estimated_s
+            own = guest.estimated_s if isinstance(guest, BatchPlan) else float(
+                inst.cost.slice_time(len(guest.request_ids), guest.padded_len,
+                                     guest.slice_length))
+            if added < own:
+                out[h] = joined
+                if j >= 0:
+                    out[j] = replace(guest, request_ids=())  # emptied; dropped below
+                else:
+                    waiting.remove(guest)  # type: ignore[arg-type]
+    return [p for p in out if p.request_ids], waiting
+
+
+def _joined(
+    host: BatchPlan, guest: BatchPlan | FormedBatch, inst: InstanceView, max_batch: int
+) -> BatchPlan | None:
+    """``host`` with ``guest``'s (fresh) rows, priced on ``inst``; None if it won't fit."""
+    b = len(host.request_ids) + len(guest.request_ids)
+    width = max(host.padded_len, guest.padded_len)
+    s = host.slice_length
+    if not guest.request_ids or b > max_batch or width > inst.context_limit:
+        return None
+    memory = float(inst.cost.slice_memory(b, width, s))
+    if memory > inst.memory_budget_bytes:
+        return None
+    # The guests' prefill (a slice of length 1 is its prefill), then S shared steps.
+    seconds = float(inst.cost.slice_time(len(guest.request_ids), guest.padded_len, 1)) + float(
+        inst.cost.resume_time(b, width, s))
+    return replace(host, request_ids=host.request_ids + guest.request_ids, padded_len=width,
+                   estimated_s=seconds, estimated_bytes=int(memory))
 
 
 def _affine_batches(

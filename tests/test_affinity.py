@@ -121,3 +121,29 @@ def test_resuming_batches_are_placed_before_fresh_ones_of_the_same_urgency() -> 
     urgent, _ = max_min(Placement(**base, urgent=np.array([False, False, True]),
                                   home=np.array([-1, 0, -1])), 0)
     assert urgent.tolist() == [-1, -1, 0]
+
+
+def test_fresh_rows_join_a_resuming_batch_on_its_instance() -> None:
+    """As in continuous batching, new requests join the running ones: their prefill, then
+    the resuming batch's S steps shared."""
+    cands = [kept(0, 300, "b"), kept(1, 301, "b"), Candidate("n0", 280, 64, 5.0),
+             Candidate("n1", 281, 64, 6.0)]
+    plan = plan_cycle(cands, [inst("b")], CONFIG)
+    assert len(plan.batches) == 1
+    joined = plan.batches[0]
+    assert sorted(joined.request_ids) == ["n0", "n1", "r0", "r1"]
+    assert joined.resumed_rows == 2 and joined.padded_len == 301
+    expected = float(COST.slice_time(2, 281, 1)) + resume_time(4, 301)
+    assert joined.estimated_s == pytest.approx(expected)
+    assert expected < resume_time(2, 301) + fresh_time(2, 281)  # cheaper than apart
+
+
+def test_joining_respects_memory_and_the_batch_cap() -> None:
+    cands = [kept(0, 300, "b"), Candidate("n0", 280, 64, 5.0)]
+    two = float(COST.slice_memory(2, 300, S))
+    tight = plan_cycle(cands, [inst("b", budget=two - 1)], CONFIG)
+    assert sorted(len(p.request_ids) for p in tight.batches + tight.unplaced) == [1, 1]
+    capped = plan_cycle(cands, [inst("b")], PolicyConfig(slice_length=S, max_batch=1))
+    assert all(len(p.request_ids) == 1 for p in capped.batches)
+    off = plan_cycle(cands, [inst("b")], PolicyConfig(slice_length=S, kv_affinity=False))
+    assert len(off.batches) == 1 and off.batches[0].resumed_rows == 0
