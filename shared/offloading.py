@@ -67,10 +67,13 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     returned unchanged.
 
     Affinity is a cost, not a pin: a batch whose K/V an instance retains is placed before
-    the other batches of its urgency, priced there without prefill and elsewhere with it,
-    so it moves when its home is loaded enough that re-prefilling elsewhere completes
-    sooner. When its home is past the horizon but would still complete it sooner than any
-    open instance, it waits (stays pending) for its home.
+    the other batches of its urgency, priced there without prefill and elsewhere with it.
+    While its home is open (below the horizon) it goes home: the home's queue is bounded
+    by the horizon, and a move would spend a re-prefill that, under load, displaces new
+    work the other instance would have run. Once its home is overloaded (past the
+    horizon) it waits for it if the home still completes it first, and otherwise moves to
+    the open instance where it completes soonest, paying its prefill there. A dead or
+    restarted home is no home (the caller drops it).
     """
     longest = np.min(problem.times, axis=1)
     loads = _Loads(problem)
@@ -85,8 +88,11 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
         completion = loads.busy + problem.times[b] + loads.closed
         k = int(np.argmin(completion))
         h = int(home[b])
-        if h >= 0 and loads.closed[h] and loads.busy[h] + problem.times[b, h] <= completion[k]:
-            continue  # its busy home still finishes it first: wait for it
+        if h >= 0 and np.isfinite(problem.times[b, h]):
+            if not loads.closed[h]:
+                k = h  # its home is open: a move would only trade a prefill for balance
+            elif loads.busy[h] + problem.times[b, h] <= completion[k]:
+                continue  # its overloaded home still finishes it first: wait for it
         if completion[k] == np.inf:
             continue  # fits no open instance: stays pending
         assign[b] = k

@@ -47,15 +47,18 @@ def test_retained_rows_are_batched_at_home_and_priced_without_prefill() -> None:
 GAP = fresh_time(4, 400) - resume_time(4, 400)  # what a move costs: the batch's prefill
 
 
-@pytest.mark.parametrize(("busy_gaps", "expected"), [
-    (0.0, "b"),  # idle home: stays
-    (0.5, "b"),  # loaded by less than a prefill: re-prefilling elsewhere finishes later
-    (3.0, "a"),  # loaded by more (still below the horizon): moves and pays its prefill
+@pytest.mark.parametrize(("busy_gaps", "horizon_gaps", "expected"), [
+    (0.0, 100, "b"),  # idle home: stays
+    (0.5, 100, "b"),  # loaded by less than a prefill: stays
+    (3.0, 100, "b"),  # loaded by more, but open (below the horizon): stays, no re-prefill
+    (3.0, 2, "a"),  # overloaded (past the horizon) and a would finish first: moves
 ])
-def test_affinity_is_a_cost_not_a_pin(busy_gaps: float, expected: str) -> None:
+def test_affinity_is_a_cost_not_a_pin(busy_gaps: float, horizon_gaps: float,
+                                      expected: str) -> None:
     cands = [kept(i, 400, "b") for i in range(4)]
     assert GAP > 0
-    plan = plan_cycle(cands, [inst("a"), inst("b", busy=busy_gaps * GAP)], CONFIG)
+    config = PolicyConfig(slice_length=S, max_batch=8, horizon_s=horizon_gaps * GAP)
+    plan = plan_cycle(cands, [inst("a"), inst("b", busy=busy_gaps * GAP)], config)
     assert [p.instance_id for p in plan.batches] == [expected]
     moved = plan.batches[0]
     assert moved.resumed_rows == (4 if expected == "b" else 0)
