@@ -59,6 +59,9 @@ class _Loads:
 def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     """SCLS max-min: longest batch first, each to the instance where it completes soonest.
 
+    Order: batches resuming retained K/V, then urgent ones (holding a request past the
+    age bound), then the rest; within each, longest first.
+
     Batches go in descending estimated time (on the fastest instance that fits them);
     each goes to the open instance minimising ``busy + T(batch on that instance)``, the
     batch's expected completion time there, which for identical instances is the instance
@@ -71,18 +74,23 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     While its home is open (below the horizon) it goes home: the home's queue is bounded
     by the horizon, and a move would spend a re-prefill that, under load, displaces new
     work the other instance would have run. Once its home is overloaded (past the
-    horizon) it waits for it if the home still completes it first, and otherwise moves to
-    the open instance where it completes soonest, paying its prefill there. A dead or
-    restarted home is no home (the caller drops it).
+    horizon) it waits while fresh batches are waiting too (an open instance has new work
+    to take: a move would add a prefill to the cluster's work, which under overload is
+    lost throughput, and the home takes it first once it opens); with no fresh work it
+    waits for its home if the home still completes it first, and otherwise moves to the
+    open instance where it completes soonest, paying its prefill there. A dead or
+    restarted home is no home (the caller drops it), so nothing waits for it.
     """
     longest = np.min(problem.times, axis=1)
     loads = _Loads(problem)
     home = np.full(len(problem.times), -1) if problem.home is None else problem.home
     assign = np.full(len(problem.times), -1)
-    # Urgent first, then batches resuming retained K/V (requests already started, holding
-    # pool memory: serving them first keeps their entries from being evicted by requests
-    # started after them, which would have to re-prefill), then longest first.
-    for b in np.lexsort((-longest, home < 0, ~problem.urgent)).tolist():
+    fresh_waiting = bool((home < 0).any())  # new work an open instance can take instead
+    # Batches resuming retained K/V first (requests already started, holding pool memory,
+    # as a continuous-batching engine serves running requests before waiting ones: their
+    # entries are then not evicted by requests started after them, which would make them
+    # re-prefill), then urgent ones (the age bound), then longest first.
+    for b in np.lexsort((-longest, ~problem.urgent, home < 0)).tolist():
         if not loads.open_count:
             break  # every instance is past the horizon: nothing else can be placed
         completion = loads.busy + problem.times[b] + loads.closed
@@ -91,6 +99,8 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
         if h >= 0 and np.isfinite(problem.times[b, h]):
             if not loads.closed[h]:
                 k = h  # its home is open: a move would only trade a prefill for balance
+            elif fresh_waiting:
+                continue  # others have new work to take: moving would only add a prefill
             elif loads.busy[h] + problem.times[b, h] <= completion[k]:
                 continue  # its overloaded home still finishes it first: wait for it
         if completion[k] == np.inf:

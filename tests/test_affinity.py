@@ -108,7 +108,7 @@ def test_max_min_without_homes_is_unchanged() -> None:
     assert plain.tolist() == no_home.tolist() == [0, 1]
 
 
-def test_resuming_batches_are_placed_before_fresh_ones_of_the_same_urgency() -> None:
+def test_resuming_batches_are_placed_first() -> None:
     """Started requests hold pool memory: in overload they go first, so the requests
     started after them cannot evict their K/V before their next slice."""
     times = np.array([[5.0], [1.0], [3.0]])  # the resuming batch is the shortest
@@ -120,10 +120,13 @@ def test_resuming_batches_are_placed_before_fresh_ones_of_the_same_urgency() -> 
     homed, _ = max_min(Placement(**base, urgent=np.zeros(3, bool),
                                  home=np.array([-1, 0, -1])), 0)
     assert homed.tolist() == [-1, 0, -1]
-    # Urgency still comes first.
+    # Even before an urgent fresh batch (running requests first, as in vLLM); urgency
+    # orders the rest.
     urgent, _ = max_min(Placement(**base, urgent=np.array([False, False, True]),
                                   home=np.array([-1, 0, -1])), 0)
-    assert urgent.tolist() == [-1, -1, 0]
+    assert urgent.tolist() == [-1, 0, -1]
+    no_home, _ = max_min(Placement(**base, urgent=np.array([False, False, True])), 0)
+    assert no_home.tolist() == [-1, -1, 0]
 
 
 def test_fresh_rows_join_a_resuming_batch_on_its_instance() -> None:
@@ -150,3 +153,17 @@ def test_joining_respects_memory_and_the_batch_cap() -> None:
     assert all(len(p.request_ids) == 1 for p in capped.batches)
     off = plan_cycle(cands, [inst("b")], PolicyConfig(slice_length=S, kv_affinity=False))
     assert len(off.batches) == 1 and off.batches[0].resumed_rows == 0
+
+
+def test_an_overloaded_home_keeps_its_batch_while_others_have_new_work() -> None:
+    """A move re-prefills: with fresh work waiting, the open instance takes that instead."""
+    times = np.array([[1.0, 0.2], [0.5, 0.5]])  # batch 0 resumes on 1, batch 1 is new
+    base = dict(times=times, sizes=np.ones(2), arrival=np.zeros(2), busy_s=np.array([0.0, 5.0]),
+                requests=np.zeros(2), horizon_s=2.0, home=np.array([1, -1]))
+    assign, _ = max_min(Placement(**base, urgent=np.zeros(2, bool)), 0)
+    assert assign.tolist() == [-1, 0]  # the resuming batch waits, the new one runs on 0
+    # Without new work the cost decides: 0 finishes it first, it moves.
+    alone, _ = max_min(Placement(**{**base, "times": times[:1], "sizes": np.ones(1),
+                                    "arrival": np.zeros(1), "home": np.array([1])},
+                                 urgent=np.zeros(1, bool)), 0)
+    assert alone.tolist() == [0]
