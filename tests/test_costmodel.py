@@ -1,4 +1,5 @@
-"""The serving-time and memory model (shared/costmodel.py): pure numpy, synthetic data."""
+"""The serving-time and memory model (shared/costmodel.py) and its fit
+(services/worker/fit.py): pure numpy, synthetic data."""
 
 from __future__ import annotations
 
@@ -9,22 +10,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from services.worker.fit import (
+    HEAP_SAFETY,
+    MEM_SAFETY,
+    MEM_SAFETY_EXACT,
+    PointSample,
+    ProfileSamples,
+    fit_cost_model,
+    heldout_mask,
+)
 from shared.costmodel import (
     ACT_FEATURES,
     DECODE_FEATURES,
     DECODE_WITH_STEP,
-    HEAP_SAFETY,
-    MEM_SAFETY,
-    MEM_SAFETY_EXACT,
     PREFILL_BASE,
     PREFILL_QUADRATIC,
     CostModel,
-    PointSample,
-    ProfileSamples,
     analytic_cost_model,
     feature_matrix,
-    fit_cost_model,
-    heldout_mask,
 )
 
 KV = 46_080  # smollm2-135m fp32: the size is arbitrary here, the scale is realistic

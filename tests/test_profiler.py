@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from services.worker import profiler
 from services.worker.engine import SliceEngine
+from services.worker.fit import ProfileSamples
 from services.worker.profile_cmd import profile_command
-from shared.costmodel import CostModel, ProfileSamples
+from shared.costmodel import CostModel
 from shared.models import LoadedModel, load_model
 from shared.settings import Settings
 from shared.store import Store

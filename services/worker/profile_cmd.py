@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.costmodel import DECODE_FEATURES, CostModel, FitReport, ProfileSamples
+from services.worker.fit import FitReport, ProfileSamples
+from shared.costmodel import DECODE_FEATURES, CostModel
 from shared.settings import Settings
 
 

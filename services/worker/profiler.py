@@ -58,14 +58,8 @@ import numpy as np
 import torch
 
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput
-from shared.costmodel import (
-    CostModel,
-    FitReport,
-    PointSample,
-    ProfileSamples,
-    analytic_cost_model,
-    fit_cost_model,
-)
+from services.worker.fit import FitReport, PointSample, ProfileSamples, fit_cost_model
+from shared.costmodel import CostModel, analytic_cost_model
 from shared.logging import get_logger
 from shared.models import TINY_RANDOM, LoadedModel
 from shared.settings import Settings
