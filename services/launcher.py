@@ -16,7 +16,7 @@ import httpx
 from shared.embedded_redis import EmbeddedRedis, free_port
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.models import ensure_cached
+from shared.modeling.registry import ensure_cached
 from shared.settings import Settings
 from shared.store import Store, connect
 

@@ -13,7 +13,7 @@ import torch
 
 from shared.embedded_redis import EmbeddedRedis
 from shared.keys import Keys
-from shared.models import LoadedModel, load_model
+from shared.modeling.loading import LoadedModel, load_model
 from shared.settings import Settings
 from shared.store import Store, connect
 

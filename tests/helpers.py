@@ -10,7 +10,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.ingest.app import create_app
-from shared.models import LoadedModel
+from shared.modeling.loading import LoadedModel
 from shared.settings import Settings
 
 

@@ -24,7 +24,7 @@ import redis
 from services.launcher import settings_env
 from services.scheduler.service import Scheduler, create_scheduler
 from shared.keys import Keys
-from shared.models import LoadedModel
+from shared.modeling.loading import LoadedModel
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
 from shared.states import RequestStatus

@@ -15,7 +15,7 @@ import torch
 
 from services.launcher import LocalDeployment
 from shared.keys import Keys
-from shared.models import load_model
+from shared.modeling.loading import load_model
 from shared.settings import Settings
 from shared.store import Store, connect
 from tests.helpers import greedy_reference

@@ -19,7 +19,8 @@ from services.worker.ils import (
     IterationShape,
     num_blocks_for,
 )
-from shared.models import ByteCodec, LoadedModel
+from shared.modeling.loading import LoadedModel
+from shared.modeling.registry import ByteCodec
 from shared.states import FinishReason
 from tests.helpers import greedy_reference
 

@@ -19,7 +19,7 @@ import redis
 import structlog
 
 from services.ingest.app import create_app
-from shared.models import load_codec
+from shared.modeling.registry import load_codec
 from shared.records import CommitItem, RequestParams, RequestRecord, new_batch_id, now
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus

@@ -18,7 +18,7 @@ import torch
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceStats
 from services.worker.kv_cache import pass_tokens_of, prefill_groups
 from services.worker.kv_pool import KvEntry, KvPool
-from shared.models import LoadedModel
+from shared.modeling.loading import LoadedModel
 from shared.states import FinishReason
 from tests.helpers import greedy_reference
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from services.worker.service import WorkerService
-from shared.models import LoadedModel, load_codec
+from shared.modeling.loading import LoadedModel
+from shared.modeling.registry import load_codec
 from shared.records import CommitItem
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus

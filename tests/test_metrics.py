@@ -18,7 +18,7 @@ import redis
 
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
-from shared.models import LoadedModel
+from shared.modeling.loading import LoadedModel
 from shared.prometheus import MetricsServer, serve_metrics
 from shared.settings import Settings
 from shared.store import Store

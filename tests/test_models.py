@@ -1,4 +1,4 @@
-"""Model registry: codecs, model facts, the smollm2 cache, and a real SmolLM2 answer."""
+"""Model registry and loading (shared/modeling): codecs, facts, the smollm2 cache, SmolLM2."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import shared.models as models
+import shared.modeling.registry as models
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput
-from shared.models import (
+from shared.modeling.loading import LoadedModel, load_model
+from shared.modeling.registry import (
     MODEL_NAMES,
     ByteCodec,
-    LoadedModel,
     load_codec,
-    load_model,
     model_info,
     resolve_model_name,
 )
@@ -72,7 +71,7 @@ def test_tiny_model_info(tmp_path: Path) -> None:
 
 def test_tiny_weights_identical_across_processes(tmp_path: Path) -> None:
     script = (
-        "import torch; from pathlib import Path; from shared.models import load_model;"
+        "import torch; from pathlib import Path; from shared.modeling.loading import load_model;"
         "m = load_model('tiny-random', Path('.'), device='cpu').model;"
         "x = torch.tensor([[5, 6, 7, 8]]);"
         "print(repr(m(x).logits[0, -1, :8].tolist()))"

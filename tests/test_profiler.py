@@ -18,7 +18,7 @@ from services.worker.engine import SliceEngine
 from services.worker.fit import ProfileSamples
 from services.worker.profile_cmd import profile_command
 from shared.costmodel import CostModel
-from shared.models import LoadedModel, load_model
+from shared.modeling.loading import LoadedModel, load_model
 from shared.settings import Settings
 from shared.store import Store
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from shared.costmodel import SCHEMA_VERSION
-from shared.models import LoadedModel
+from shared.modeling.loading import LoadedModel
 from shared.settings import Settings
 from shared.store import Store
 from tests.test_system import make_cluster, submit

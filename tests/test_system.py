@@ -10,7 +10,8 @@ import redis
 
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
-from shared.models import LoadedModel, load_codec
+from shared.modeling.loading import LoadedModel
+from shared.modeling.registry import load_codec
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
 from shared.states import FinishReason, RequestStatus

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services.bench.client import ClientConfig
 from services.bench.runner import attach_run, run_policy
-from shared.models import model_info
+from shared.modeling.registry import model_info
 from shared.report import Run, rich_table, write_report
 from shared.settings import Settings
 from shared.workload import (

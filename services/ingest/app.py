@@ -52,7 +52,7 @@ from services.ingest.streaming import ChunkFormat, Finished, StopHoldback, strea
 from services.ingest.waiter import EventWaiter
 from shared.keys import Keys
 from shared.logging import bound, get_logger
-from shared.models import ModelInfo, TextCodec, load_codec, model_info
+from shared.modeling.registry import ModelInfo, TextCodec, load_codec, model_info
 from shared.prometheus import CONTENT_TYPE_LATEST, IngestMetrics, exposition
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings

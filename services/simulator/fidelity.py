@@ -39,7 +39,7 @@ from services.bench.command import _settings, arrivals_for, build_workload
 from services.bench.runner import run_policy
 from services.simulator import SimOptions, simulate_metrics
 from shared.costmodel import CostModel
-from shared.models import model_info
+from shared.modeling.registry import model_info
 from shared.report import json_safe
 from shared.settings import Settings
 from shared.workload import SyntheticLengths, WorkItem, describe

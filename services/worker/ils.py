@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.logging import get_logger
-from shared.models import LoadedModel
+from shared.modeling.loading import LoadedModel
 from shared.states import FinishReason
 
 log = get_logger(__name__)

@@ -25,7 +25,7 @@ from services.worker.engine import SamplingParams, SliceEngine, SliceInput
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
 from services.worker.profiler import AllocatorPeak, PeakMeter, load_or_profile
-from shared.models import LoadedModel, load_model
+from shared.modeling.loading import LoadedModel, load_model
 from shared.settings import Settings
 
 KINDS = ("resumed", "mixed", "fresh")

@@ -43,7 +43,7 @@ def profile_command(
 ) -> None:
     """Profile the slice engine, fit the time/memory model, print coefficients and the
     held-out error (slice-time MAPE and max error, memory estimate/measured ratio)."""
-    from shared.models import resolve_model_name
+    from shared.modeling.registry import resolve_model_name
 
     overrides = {"model": model, "slice_length": slice_length}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -67,7 +67,7 @@ def run_profile_command(
     import torch
 
     from services.worker import profiler
-    from shared.models import load_model
+    from shared.modeling.loading import load_model
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)

@@ -61,7 +61,8 @@ from services.worker.engine import SamplingParams, SliceEngine, SliceInput
 from services.worker.fit import FitReport, PointSample, ProfileSamples, fit_cost_model
 from shared.costmodel import CostModel, analytic_cost_model
 from shared.logging import get_logger
-from shared.models import TINY_RANDOM, LoadedModel
+from shared.modeling.loading import LoadedModel
+from shared.modeling.registry import TINY_RANDOM
 from shared.settings import Settings
 
 log = get_logger(__name__)

@@ -15,7 +15,8 @@ from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
 from shared.costmodel import CostModel
 from shared.logging import bound, get_logger
-from shared.models import LoadedModel, TextCodec
+from shared.modeling.loading import LoadedModel
+from shared.modeling.registry import TextCodec
 from shared.prometheus import WorkerMetrics
 from shared.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
 from shared.settings import Settings

@@ -27,7 +27,7 @@ from services.worker.runtime import WorkerRuntime
 from shared.costmodel import CostModel
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.models import LoadedModel, load_model
+from shared.modeling.loading import LoadedModel, load_model
 from shared.policy import ILS_PRESET, retains_kv
 from shared.prometheus import WorkerMetrics
 from shared.settings import Settings

@@ -1,4 +1,4 @@
-"""Model registry: names, cheap facts, tokenizers and loaded models.
+"""Model registry: names, cheap facts and tokenizers, without importing torch.
 
 Two built-in names are served:
 
@@ -10,6 +10,9 @@ Two built-in names are served:
 
 Any other name that is an existing local Hugging Face model directory is loaded from it.
 Nothing here ever touches the network, Redis or global settings: everything is an argument.
+torch is imported only inside the functions that need it (converting the smollm2 cache,
+counting parameters for :func:`model_info`), so the ingest can tokenize without it; loading
+weights is :mod:`shared.modeling.loading`.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 # Set before transformers / huggingface_hub are imported: they read these once, at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-import torch  # noqa: E402
 
 SMOLLM2 = "smollm2-135m"
 TINY_RANDOM = "tiny-random"
@@ -68,16 +72,6 @@ class ModelInfo:
     kv_bytes_per_token: int  # 2 * layers * kv_heads * head_dim * dtype bytes
     weights_bytes: int  # parameter bytes in the dtype the weights are loaded in
     vocab_size: int
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for inference: eval mode, on ``device``."""
-
-    info: ModelInfo
-    model: torch.nn.Module
-    codec: TextCodec
-    device: torch.device
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +199,7 @@ def _smollm2_cache(cache_dir: Path) -> Path:
     return Path(cache_dir) / SMOLLM2
 
 
-def _model_dir(name: str, cache_dir: Path) -> Path | None:
+def model_dir_of(name: str, cache_dir: Path) -> Path | None:
     """Directory to load ``name`` from (None for tiny-random); makes the smollm2 cache."""
     canonical = resolve_model_name(name)
     if canonical == TINY_RANDOM:
@@ -234,6 +228,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _convert_smollm2(target: Path) -> None:
     """Dequantise the GGUF file and save model + tokenizer as safetensors into ``target``."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = _gguf_dir()
@@ -282,7 +277,7 @@ def ensure_cached(name: str, cache_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_config() -> Any:
+def tiny_config() -> Any:
     """Config of the tiny random Llama (about 107 k parameters)."""
     from transformers import LlamaConfig
 
@@ -300,31 +295,24 @@ def _tiny_config() -> Any:
     )
 
 
-def _build_tiny(dtype: torch.dtype) -> torch.nn.Module:
-    """The tiny random Llama; identical weights in every process."""
-    from transformers import LlamaForCausalLM
-
-    # Seed a private copy of the RNG so that callers' random streams are left untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(_tiny_config())
-    return model.to(dtype)
-
-
 # --------------------------------------------------------------------------------------------
-# Public loaders
+# Facts
 # --------------------------------------------------------------------------------------------
 
 
-def _pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | None) -> torch.device:
     """``device``, or CUDA when available, else CPU."""
+    import torch
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
 
 
-def _dtype_for(device: torch.device) -> torch.dtype:
+def dtype_for(device: torch.device) -> torch.dtype:
     """bf16 on CUDA; fp32 on CPU, where bf16 is slower for prefill and batched decode."""
+    import torch
+
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -334,16 +322,17 @@ def _config_of(name: str, cache_dir: Path) -> Any:
 
     canonical = resolve_model_name(name)
     if canonical == TINY_RANDOM:
-        return _tiny_config()
+        return tiny_config()
     if canonical == SMOLLM2 and not _smollm2_cache(cache_dir).is_dir():
         # Reading the GGUF header (about 5 s) beats converting the weights (about 20 s).
         return AutoConfig.from_pretrained(_gguf_dir(), gguf_file=_GGUF_FILE, local_files_only=True)
-    model_dir = _model_dir(canonical, cache_dir)
+    model_dir = model_dir_of(canonical, cache_dir)
     return AutoConfig.from_pretrained(model_dir, local_files_only=True)
 
 
 def _param_bytes_from_config(config: Any, dtype: torch.dtype) -> int:
     """Parameter bytes of the model ``config`` describes, counted on the meta device."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     # Meta tensors have shapes but no storage: exact counts (tied weights counted once) for
@@ -354,8 +343,10 @@ def _param_bytes_from_config(config: Any, dtype: torch.dtype) -> int:
     return count * torch.empty((), dtype=dtype).element_size()
 
 
-def _info_from(canonical: str, config: Any, weights_bytes: int, dtype: torch.dtype) -> ModelInfo:
+def info_from(canonical: str, config: Any, weights_bytes: int, dtype: torch.dtype) -> ModelInfo:
     """ModelInfo from a config (text part for multimodal configs)."""
+    import torch
+
     text = config.get_text_config(decoder=True)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -379,8 +370,8 @@ def model_info(name: str, cache_dir: Path, device: str | None = None) -> ModelIn
     """
     canonical = resolve_model_name(name)
     config = _config_of(canonical, cache_dir)
-    dtype = _dtype_for(_pick_device(device))
-    return _info_from(canonical, config, _param_bytes_from_config(config, dtype), dtype)
+    dtype = dtype_for(pick_device(device))
+    return info_from(canonical, config, _param_bytes_from_config(config, dtype), dtype)
 
 
 def load_codec(name: str, cache_dir: Path) -> TextCodec:
@@ -389,11 +380,11 @@ def load_codec(name: str, cache_dir: Path) -> TextCodec:
     For smollm2-135m it reads the cache, or the GGUF file when the cache does not exist yet
     (nothing is written).
     """
-    from transformers import AutoTokenizer
-
     canonical = resolve_model_name(name)
     if canonical == TINY_RANDOM:
         return ByteCodec()
+    from transformers import AutoTokenizer
+
     if canonical == SMOLLM2 and not _smollm2_cache(cache_dir).is_dir():
         # The GGUF tokenizer (about 5 s) is the same one the cache will hold; converting the
         # weights just to tokenize would take about 20 s and write 0.5 GB.
@@ -401,28 +392,6 @@ def load_codec(name: str, cache_dir: Path) -> TextCodec:
             _gguf_dir(), gguf_file=_GGUF_FILE, local_files_only=True
         )
         return _hf_codec(tokenizer, None)
-    model_dir = _model_dir(canonical, cache_dir)
+    model_dir = model_dir_of(canonical, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     return _hf_codec(tokenizer, model_dir)
-
-
-def load_model(name: str, cache_dir: Path, device: str | None = None) -> LoadedModel:
-    """Load ``name`` in eval mode on ``device`` (None: CUDA if available, else CPU).
-
-    Weights are fp32 on CPU and bf16 on CUDA. smollm2-135m is converted into ``cache_dir``
-    on first use (see :func:`ensure_cached`).
-    """
-    from transformers import AutoModelForCausalLM
-
-    canonical = resolve_model_name(name)
-    dev = _pick_device(device)
-    dtype = _dtype_for(dev)
-    model_dir = _model_dir(canonical, cache_dir)
-    if model_dir is None:
-        model = _build_tiny(dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    model = model.to(dev).eval()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    info = _info_from(canonical, model.config, weights, dtype)
-    return LoadedModel(info=info, model=model, codec=load_codec(canonical, cache_dir), device=dev)

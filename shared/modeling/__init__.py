@@ -1,0 +1,1 @@
+"""Models: the registry (names, facts, tokenizers; no torch) and loading (torch)."""
