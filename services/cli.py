@@ -8,11 +8,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
+from services.config import build_settings
 from shared.logging import configure_logging
 from shared.settings import Settings
 
@@ -31,19 +31,6 @@ SliceOpt = Annotated[int | None, typer.Option(min=1, help="slice length S (decod
 PolicyOpt = Annotated[
     str | None, typer.Option(help="scheduling preset: scls, sls, ils, scls-rr, fcfs-maxmin")
 ]
-
-
-def build_settings(**overrides: Any) -> Settings:
-    """Settings from the environment (``SCLS_*``), with CLI options that were given on top."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return Settings(**given)
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
-                 for e in exc.errors()]
-        typer.echo("invalid settings (check SCLS_* variables and options):\n" + "\n".join(lines),
-                   err=True)
-        raise typer.Exit(2) from None
 
 
 def _check_model(settings: Settings) -> None:

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services.bench.client import ClientConfig
 from services.bench.runner import attach_run, run_policy
+from services.config import cli_error, workload_settings
 from shared.modeling.registry import model_info
 from shared.report import Run, rich_table, write_report
 from shared.settings import Settings
@@ -76,11 +77,6 @@ def arrivals_for(
     return with_arrivals(items, "trace" if trace else "burst")
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
-
-
 def bench_command(
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-random or a model dir")]
     = "smollm2-135m",
@@ -131,12 +127,12 @@ def bench_command(
                                SyntheticLengths())
         budget = parse_bytes(memory_budget) if memory_budget else None
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise cli_error(str(exc)) from None
     if trace is not None and synthetic:
-        raise _fail("give either --trace or --synthetic, not both")
+        raise cli_error("give either --trace or --synthetic, not both")
     names = [p.strip() for p in policies.split(",") if p.strip()]
-    settings = _settings(model, workers, slice_length, max_gen_length, budget, profile_mode,
-                         items)
+    settings = workload_settings(model, workers, slice_length, max_gen_length, budget,
+                                 profile_mode, items)
     _check_policies(names, url)
     out_dir = out or Path(tempfile.mkdtemp(prefix="scls-bench-"))
     info = model_info(settings.model, settings.cache_dir)
@@ -158,37 +154,19 @@ def bench_command(
         sys.stdout.write((out_dir / "results.json").read_text())
     lost = sum(r.metrics["sent"] - r.metrics["completed"] - r.metrics["failed"] for r in runs)
     if lost:
-        raise _fail(f"{lost} request(s) unaccounted for")
-
-
-def _settings(model: str, workers: int, slice_length: int | None, max_gen_length: int | None,
-              budget: int | None, profile_mode: str | None, items: list[WorkItem]) -> Settings:
-    from services.cli import build_settings
-
-    settings = build_settings(model=model, workers=workers, slice_length=slice_length,
-                              max_gen_length=max_gen_length, memory_budget_bytes=budget,
-                              profile_mode=profile_mode)
-    longest = max(item.output_tokens for item in items)
-    updates: dict[str, Any] = {"request_timeout_s": max(settings.request_timeout_s, 3600.0),
-                               "max_pending": max(settings.max_pending, len(items))}
-    if longest > settings.max_gen_length:
-        if max_gen_length is not None:
-            raise _fail(f"the workload asks for up to {longest} output tokens but "
-                        f"--max-gen-length is {max_gen_length}; raise it or use --length-scale")
-        updates["max_gen_length"] = longest
-    return settings.model_copy(update=updates)
+        raise cli_error(f"{lost} request(s) unaccounted for")
 
 
 def _check_policies(names: list[str], url: str | None) -> None:
     from shared.policy import POLICIES
 
     if not names:
-        raise _fail("--policies is empty")
+        raise cli_error("--policies is empty")
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
-        raise _fail(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+        raise cli_error(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
     if url and len(names) > 1:
-        raise _fail("with --url only the running deployment's policy can be measured; "
+        raise cli_error("with --url only the running deployment's policy can be measured; "
                     "pass one --policies name (or drop --url to start fresh deployments)")
 
 

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.config import build_settings
 from services.simulator.engine import KV_COUNTERS, SIM_POLICIES, SimOptions, SimResult, simulate
 from services.simulator.profiles import BUILTIN, Profile, load_profile
 from services.simulator.workloads import at_rate, build_workload
@@ -165,8 +166,6 @@ def kv_markdown(runs: list[Run]) -> str:
 
 def _settings(slice_length: int | None, max_batch: int | None,
               kv_retention: bool | None = None) -> Settings:
-    from services.cli import build_settings
-
     return build_settings(slice_length=slice_length, max_batch_size=max_batch,
                           kv_retention=kv_retention)
 

@@ -35,8 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 from services.bench.client import ClientConfig
-from services.bench.command import _settings, arrivals_for, build_workload
+from services.bench.command import arrivals_for, build_workload
 from services.bench.runner import run_policy
+from services.config import workload_settings
 from services.simulator import SimOptions, simulate_metrics
 from shared.costmodel import CostModel
 from shared.modeling.registry import model_info
@@ -162,7 +163,7 @@ def fidelity_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     timed = arrivals_for(items, rate, 1.0, trace is not None, seed)
-    settings = _settings(model, workers, slice_length, None, None, profile_mode, items)
+    settings = workload_settings(model, workers, slice_length, None, None, profile_mode, items)
     info = model_info(settings.model, settings.cache_dir)
     client = ClientConfig(base_url="", model=settings.model, vocab_size=info.vocab_size,
                           seed=seed)
