@@ -36,7 +36,7 @@ PolicyOpt = Annotated[
 def _check_model(settings: Settings) -> None:
     """Exit with a clear message on an unknown model or policy name."""
     from shared.modeling.registry import resolve_model_name
-    from shared.policy import POLICIES
+    from shared.policy.presets import POLICIES
 
     try:
         resolve_model_name(settings.model)

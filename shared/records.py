@@ -204,7 +204,7 @@ class InstanceInfo:
     context_limit: int
     started_at: float
     heartbeat_at: float
-    profile: str  # the instance's CostModel as JSON (shared.costmodel)
+    profile: str  # the instance's CostModel as JSON (shared.policy.costmodel)
     mode: str = "slice"  # slice | ils (continuous batching)
     state: str = "ready"  # ready | draining
     kv_pool_bytes: int = 0  # capacity of its KV pool (outside memory_budget_bytes)

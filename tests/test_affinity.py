@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.offloading import Placement, max_min
-from shared.policy import Candidate, PolicyConfig, ResumeCost, plan_cycle
+from shared.policy.config import PolicyConfig
+from shared.policy.offloading import Placement, max_min
+from shared.policy.planning import plan_cycle
+from shared.policy.types import Candidate, ResumeCost
 from tests.test_policy import COST, inst
 
 S = 8

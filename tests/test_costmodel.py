@@ -1,4 +1,4 @@
-"""The serving-time and memory model (shared/costmodel.py) and its fit
+"""The serving-time and memory model (shared/policy/costmodel.py) and its fit
 (services/worker/fit.py): pure numpy, synthetic data."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from services.worker.fit import (
     fit_cost_model,
     heldout_mask,
 )
-from shared.costmodel import (
+from shared.policy.costmodel import (
     ACT_FEATURES,
     DECODE_FEATURES,
     DECODE_WITH_STEP,

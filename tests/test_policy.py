@@ -15,25 +15,18 @@ from services.scheduler.bench import (
     scheduler_bench_command,
     synthetic_candidates,
 )
-from shared.batching import (
+from shared.policy.batching import (
     greedy_partition,
     largest_fitting,
     optimal_partition,
+    scls_batching,
     slice_cost_matrix,
 )
-from shared.offloading import Placement, least_requests, max_min, round_robin
-from shared.policy import (
-    POLICIES,
-    Candidate,
-    CandidatePool,
-    InstanceView,
-    PolicyConfig,
-    plan_cycle,
-    scls_batching,
-    select_candidates,
-    split_never_fit,
-    with_cursor,
-)
+from shared.policy.config import PolicyConfig, with_cursor
+from shared.policy.offloading import Placement, least_requests, max_min, round_robin
+from shared.policy.planning import plan_cycle, select_candidates, split_never_fit
+from shared.policy.presets import POLICIES
+from shared.policy.types import Candidate, CandidatePool, InstanceView
 
 GIB = 2**30
 

@@ -17,8 +17,8 @@ from services.worker import profiler
 from services.worker.engine import SliceEngine
 from services.worker.fit import ProfileSamples
 from services.worker.profile_cmd import profile_command
-from shared.costmodel import CostModel
 from shared.modeling.loading import LoadedModel, load_model
+from shared.policy.costmodel import CostModel
 from shared.settings import Settings
 from shared.store import Store
 

@@ -11,8 +11,8 @@ import time
 import pytest
 import redis
 
-from shared.costmodel import SCHEMA_VERSION
 from shared.modeling.loading import LoadedModel
+from shared.policy.costmodel import SCHEMA_VERSION
 from shared.settings import Settings
 from shared.store import Store
 from tests.test_system import make_cluster, submit

@@ -11,12 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 import services.simulator.engine as sim_engine
-import shared.policy as policy
 from services.simulator import SimInstance, SimOptions, simulate, simulate_metrics
 from services.simulator.profiles import BUILTIN, load_profile
 from services.simulator.workloads import tile
-from shared.costmodel import PREFILL_BASE, CostModel
-from shared.policy import BatchPlan, DispatchCaps, InstanceView
+from shared.policy import config as policy_config
+from shared.policy import planning, presets
+from shared.policy.config import DispatchCaps
+from shared.policy.costmodel import PREFILL_BASE, CostModel
+from shared.policy.types import BatchPlan, InstanceView
 from shared.settings import Settings
 from shared.workload import WorkItem, synthetic_workload, with_arrivals
 
@@ -107,11 +109,11 @@ def test_cycle_overhead_delays_dispatch() -> None:
 
 
 def test_simulator_calls_the_shared_policy_functions(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert sim_engine.plan_cycle is policy.plan_cycle
-    assert sim_engine.DispatchCaps is policy.DispatchCaps
-    assert sim_engine.expected_busy is policy.expected_busy
+    assert sim_engine.plan_cycle is planning.plan_cycle
+    assert sim_engine.DispatchCaps is policy_config.DispatchCaps
+    assert sim_engine.expected_busy is presets.expected_busy
     calls = {"batching": 0, "caps": 0}
-    real_batching, real_apply = policy.BATCHING["scls"], DispatchCaps.apply
+    real_batching, real_apply = policy_config.BATCHING["scls"], DispatchCaps.apply
 
     def counting_batching(*args):  # noqa: ANN002, ANN202
         calls["batching"] += 1
@@ -121,22 +123,22 @@ def test_simulator_calls_the_shared_policy_functions(monkeypatch: pytest.MonkeyP
         calls["caps"] += 1
         return real_apply(self, batches, views)
 
-    monkeypatch.setitem(policy.BATCHING, "scls", counting_batching)
+    monkeypatch.setitem(policy_config.BATCHING, "scls", counting_batching)
     monkeypatch.setattr(DispatchCaps, "apply", counting_apply)
     wl = with_arrivals(synthetic_workload(60, 1, length_scale=0.05), "poisson", 5.0, seed=1)
     res = simulate(wl, instances(2), settings(kv_retention=False))
     assert res.metrics["completed"] == 60
     assert calls["batching"] == calls["caps"] == res.metrics["cycles"] > 0
     # With retention, plan_cycle partitions retained requests by home (the same exact DP,
-    # shared.batching.optimal_partition, at least once a cycle).
-    real_partition = policy.optimal_partition
+    # shared.policy.batching.optimal_partition, at least once a cycle).
+    real_partition = planning.optimal_partition
     partitions = []
 
     def counting_partition(*args):  # noqa: ANN002, ANN202
         partitions.append(1)
         return real_partition(*args)
 
-    monkeypatch.setattr(policy, "optimal_partition", counting_partition)
+    monkeypatch.setattr(planning, "optimal_partition", counting_partition)
     calls.update(batching=0, caps=0)
     res = simulate(wl, instances(2), settings())
     assert res.metrics["completed"] == 60 and res.metrics["kv_hits"] > 0
@@ -153,7 +155,7 @@ def test_dispatch_caps_and_busy_rule() -> None:
     ils = DispatchCaps.for_policy("ils", max_queued_batches=2, ils_max_concurrency=3)
     assert [p.instance_id for p in ils.apply(plans, views)] == ["b"]
     assert not ils.has_room(replace(views[0], queued_requests=3))
-    assert policy.expected_busy("ils", 5.0) == 0.0 and policy.expected_busy("sls", 5.0) == 5.0
+    assert presets.expected_busy("ils", 5.0) == 0.0 and presets.expected_busy("sls", 5.0) == 5.0
 
 
 def test_sls_reservation_beyond_budget_fails_never_fits_scls_has_no_oom() -> None:

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 import services.simulator.engine as sim_engine
-import shared.policy as policy
 from services.simulator import SimInstance, simulate
 from services.simulator.kv import SimKvPool
-from shared.costmodel import PREFILL_BASE, CostModel
+from shared.policy import planning
+from shared.policy.costmodel import PREFILL_BASE, CostModel
 from shared.settings import Settings
 from shared.workload import WorkItem, synthetic_workload, with_arrivals
 
@@ -77,12 +77,12 @@ def test_resumed_slice_is_priced_and_run_without_prefill(monkeypatch: pytest.Mon
     back with context 404 and its K/V on a. The shared plan_cycle groups it by its home,
     prices it there with resume_time (0.4 s for 4 steps, vs 1.704 s re-prefilled) and places
     it on a; the slice feeds its last token and runs 2 decode steps, no prefill."""
-    plans: list[policy.CyclePlan] = []
+    plans: list[planning.CyclePlan] = []
     budgets: set[int] = set()
 
     def spy(cands, views, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
         budgets.update(v.memory_budget_bytes for v in views)
-        plans.append(policy.plan_cycle(cands, views, *args, **kw))
+        plans.append(planning.plan_cycle(cands, views, *args, **kw))
         return plans[-1]
 
     monkeypatch.setattr(sim_engine, "plan_cycle", spy)

@@ -158,7 +158,7 @@ def bench_command(
 
 
 def _check_policies(names: list[str], url: str | None) -> None:
-    from shared.policy import POLICIES
+    from shared.policy.presets import POLICIES
 
     if not names:
         raise cli_error("--policies is empty")

@@ -53,6 +53,7 @@ from services.ingest.waiter import EventWaiter
 from shared.keys import Keys
 from shared.logging import bound, get_logger
 from shared.modeling.registry import ModelInfo, TextCodec, load_codec, model_info
+from shared.policy.presets import is_continuous
 from shared.prometheus import CONTENT_TYPE_LATEST, IngestMetrics, exposition
 from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
@@ -301,7 +302,7 @@ class Ingest:
     def _check_policy_supports(self, temperature: float, stop: tuple[str, ...]) -> None:
         # The ILS baseline runs transformers' continuous batching, which decodes greedily
         # with no stop strings here: refuse rather than silently ignore what was asked.
-        if self.settings.policy != "ils":
+        if not is_continuous(self.settings.policy):
             return
         if temperature > 0:
             raise APIError(400, "temperature: the ils policy (continuous-batching baseline) "

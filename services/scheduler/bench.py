@@ -19,8 +19,11 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from shared.costmodel import PREFILL_BASE, CostModel
-from shared.policy import POLICIES, Candidate, InstanceView, PolicyConfig, plan_cycle
+from shared.policy.config import PolicyConfig
+from shared.policy.costmodel import PREFILL_BASE, CostModel
+from shared.policy.planning import plan_cycle
+from shared.policy.presets import POLICIES
+from shared.policy.types import Candidate, InstanceView
 
 # Inverse CDFs (quantile, tokens) of the Azure LLM 2023 conversation trace, interpolated
 # in log space: context mean 1,155, median 1,020, p99 4,142; generated median 129.

@@ -2,7 +2,7 @@
 
 Each cycle: hold the leader lock, sweep dead/late batches back to pending, read the live
 instances (their cost models and outstanding work), take the oldest pending requests, and
-let the configured policy (:func:`shared.policy.plan_cycle`) batch and offload them; fail
+let the configured policy (:func:`shared.policy.planning.plan_cycle`) batch and offload them; fail
 the requests no instance can ever hold; claim each planned batch atomically and enqueue
 its RQ job on the chosen instance's queue.
 """
@@ -14,25 +14,18 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import redis
 from rq import Queue
 
-from shared.costmodel import CostModel
 from shared.keys import Keys
 from shared.logging import get_logger
-from shared.policy import (
-    POLICIES,
-    BatchPlan,
-    Candidate,
-    DispatchCaps,
-    InstanceView,
-    PolicyConfig,
-    expected_busy,
-    plan_cycle,
-    with_cursor,
-)
+from shared.policy.config import DispatchCaps, policy_config, with_cursor
+from shared.policy.costmodel import CostModel
+from shared.policy.planning import plan_cycle
+from shared.policy.presets import POLICIES, expected_busy
+from shared.policy.types import BatchPlan, Candidate, InstanceView
 from shared.prometheus import SchedulerMetrics
 from shared.records import InstanceInfo, new_batch_id, now
 from shared.settings import Settings
@@ -56,23 +49,6 @@ class CycleReport:
     dispatched_requests: int = 0
     failed_never_fit: int = 0
     swept: int = 0
-
-
-def policy_config(settings: Settings) -> PolicyConfig:
-    """The cycle policy the settings select: a preset, optionally overridden."""
-    config = PolicyConfig.preset(
-        settings.policy,
-        slice_length=settings.slice_length,
-        max_gen_length=settings.max_gen_length,
-        max_batch=settings.max_batch_size,
-        horizon_s=settings.horizon_s,
-        max_wait_s=settings.max_wait_s,
-        candidate_limit=settings.candidate_limit,
-        kv_affinity=settings.kv_retention,
-    )
-    overrides = {k: v for k, v in (("batching", settings.batching),
-                                   ("offloading", settings.offloading)) if v}
-    return replace(config, **overrides)
 
 
 class Scheduler:

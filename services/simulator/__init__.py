@@ -1,9 +1,10 @@
 """``scls simulate``: discrete-event simulation of the scheduler and its instances.
 
-The simulator runs the scheduler's own policy code (:func:`shared.policy.plan_cycle`,
-:class:`shared.policy.DispatchCaps`, :func:`shared.policy.expected_busy`) against simulated
-slice and ILS instances whose time and memory come from cost models, and reports the same
-metrics as ``scls bench`` (:func:`shared.metrics.summarize`). See docs/simulator.md.
+The simulator runs the scheduler's own policy code
+(:func:`shared.policy.planning.plan_cycle`, :class:`shared.policy.config.DispatchCaps`,
+:func:`shared.policy.presets.expected_busy`) against simulated slice and ILS instances
+whose time and memory come from cost models, and reports the same metrics as
+``scls bench`` (:func:`shared.metrics.summarize`). See docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from services.simulator.engine import (
     simulate,
 )
 from services.simulator.instances import StepCost
-from shared.costmodel import CostModel
+from shared.policy.costmodel import CostModel
 from shared.settings import Settings
 from shared.workload import WorkItem
 

@@ -2,11 +2,11 @@
 
 Every simulated scheduler cycle does what :meth:`services.scheduler.service.Scheduler.cycle`
 does, with the same functions: the oldest ``candidate_limit`` pending requests become
-:class:`~shared.policy.Candidate`\\ s (context so far, tokens left before ``max_tokens``;
-never the true output length), instances become :class:`~shared.policy.InstanceView`\\ s
-(estimated work claimed and not committed, through :func:`shared.policy.expected_busy`),
-:func:`shared.policy.plan_cycle` batches and offloads, never-fitting requests fail, and
-:class:`shared.policy.DispatchCaps` drops placements beyond the caps. Cycles are
+:class:`~shared.policy.types.Candidate`\\ s (context so far, tokens left before ``max_tokens``;
+never the true output length), instances become :class:`~shared.policy.types.InstanceView`\\ s
+(estimated work claimed and not committed, through :func:`shared.policy.presets.expected_busy`),
+:func:`shared.policy.planning.plan_cycle` batches and offloads, never-fitting requests fail, and
+:class:`shared.policy.config.DispatchCaps` drops placements beyond the caps. Cycles are
 event-driven, like the real scheduler woken by submissions and commits: one runs when
 requests arrive or an instance commits, and only if some request is pending and some
 instance is open (below the horizon and its cap); after a cycle that dispatched, the
@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from services.scheduler.service import policy_config
 from services.simulator.ils import IlsInstance, VllmInstance, total_blocks
 from services.simulator.instances import InstanceBase, QueuedBatch, SliceInstance
 from services.simulator.kv import KvDirectory
@@ -54,16 +53,10 @@ from services.simulator.results import (
 )
 from services.simulator.state import DONE, FAILED, INFLIGHT, PENDING, PendingPool, RequestTable
 from shared.metrics import summarize
-from shared.policy import (
-    ILS_PRESET,
-    WHOLE_GENERATION,
-    Candidate,
-    DispatchCaps,
-    InstanceView,
-    expected_busy,
-    plan_cycle,
-    with_cursor,
-)
+from shared.policy.config import DispatchCaps, policy_config, with_cursor
+from shared.policy.planning import plan_cycle
+from shared.policy.presets import ILS_PRESET, WHOLE_GENERATION, expected_busy, is_continuous
+from shared.policy.types import Candidate, InstanceView
 from shared.settings import Settings
 from shared.workload import WorkItem
 
@@ -118,7 +111,7 @@ class _Simulation:
         self.drop_finished = self.config.batching != "fcfs-fixed"  # as Scheduler._dispatch
         # Slice workers keep unfinished requests' K/V between slices (whole-generation
         # batching finishes its requests in one go: nothing to keep).
-        self.retention = (settings.kv_retention and self.policy != ILS_PRESET
+        self.retention = (settings.kv_retention and not is_continuous(self.policy)
                           and self.config.batching not in WHOLE_GENERATION)
         self.reqs = RequestTable(workload, options.max_tokens)
         self.pending = PendingPool(self.reqs.n)
@@ -154,7 +147,7 @@ class _Simulation:
         truth = spec.engine
         if self.vllm:
             return VllmInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit)
-        if self.policy == ILS_PRESET:
+        if is_continuous(self.policy):
             return IlsInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit,
                                self.settings.ils_max_concurrency)
         pool = self._pool_bytes(spec)
@@ -284,7 +277,7 @@ class _Simulation:
             self.reqs.status[idx] = INFLIGHT
             claim = self.reqs.first_claim
             claim[idx] = np.where(np.isnan(claim[idx]), t, claim[idx])
-            if self.policy == ILS_PRESET:
+            if is_continuous(self.policy):
                 for i in idx.tolist():
                     self.ils_claims[i] = (inst, bp.estimated_s / len(idx))
             if arrive > t:

@@ -17,7 +17,7 @@ cost model gives the slices it ran (``model_busy_s``); their ratio, per instance
 that instance's *truth* model in the simulator (what its simulated engine really takes)
 while the policy still plans with the published profile, as the real scheduler does. ILS
 workers price each iteration of transformers' loop as the simulated ILS engine does
-(:meth:`shared.costmodel.CostModel.iteration_time`), so theirs is measured the same way.
+(:meth:`shared.policy.costmodel.CostModel.iteration_time`), so theirs is measured the same way.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from services.bench.command import arrivals_for, build_workload
 from services.bench.runner import run_policy
 from services.config import workload_settings
 from services.simulator import SimOptions, simulate_metrics
-from shared.costmodel import CostModel
 from shared.modeling.registry import model_info
+from shared.policy.costmodel import CostModel
 from shared.report import json_safe
 from shared.settings import Settings
 from shared.workload import SyntheticLengths, WorkItem, describe
@@ -149,7 +149,7 @@ def fidelity_command(
     = None,
 ) -> None:
     """Run a workload on the real system and in the simulator; print their differences."""
-    from shared.policy import POLICIES
+    from shared.policy.presets import POLICIES
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     unknown = [n for n in names if n not in POLICIES]

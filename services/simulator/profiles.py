@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.costmodel import ACT_FEATURES, PREFILL_QUADRATIC, CostModel
+from shared.policy.costmodel import ACT_FEATURES, PREFILL_QUADRATIC, CostModel
 
 GIB = 1024**3
 #: Share of the GPU's memory an instance may use (``Settings.gpu_memory_utilization``).

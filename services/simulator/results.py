@@ -19,7 +19,8 @@ from services.simulator.ils import IlsInstance
 from services.simulator.instances import InstanceBase, StepCost
 from services.simulator.state import DONE, RequestTable
 from shared.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome
-from shared.policy import POLICIES, SliceCost
+from shared.policy.presets import POLICIES
+from shared.policy.types import SliceCost
 
 #: The simulator's vLLM-like ILS baseline: the ``ils`` preset's policy (one request per
 #: batch, least-requests), instances admitting and preempting by paged-KV memory

@@ -1,4 +1,4 @@
-"""Fitting a :class:`~shared.costmodel.CostModel` to profiled measurements (docs/design.md §2.3).
+"""Fitting a cost model (:mod:`shared.policy.costmodel`) to measurements (design §2.3).
 
 Times are fitted by non-negative least squares on relative errors (scikit-learn), the
 feature sets chosen by cross-validation. Memory must be an upper bound, so ``act`` is the
@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import linprog
 from sklearn.linear_model import LinearRegression
 
-from shared.costmodel import (
+from shared.policy.costmodel import (
     ACT_FEATURES,
     DECODE_FEATURES,
     DECODE_WITH_STEP,

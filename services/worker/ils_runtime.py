@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from services.worker.ils import IlsConfig, IlsEngine, IlsResult, IterationShape
 from services.worker.runtime import WorkerRuntime
-from shared.costmodel import CostModel
 from shared.logging import bound, get_logger
 from shared.modeling.loading import LoadedModel
+from shared.policy.costmodel import CostModel
 from shared.records import BatchRecord, CommitItem, RequestRecord, now
 from shared.settings import Settings
 from shared.store import CommitRejected, Store

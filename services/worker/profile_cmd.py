@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.worker.fit import FitReport, ProfileSamples
-from shared.costmodel import DECODE_FEATURES, CostModel
+from shared.policy.costmodel import DECODE_FEATURES, CostModel
 from shared.settings import Settings
 
 

@@ -59,10 +59,10 @@ import torch
 
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput
 from services.worker.fit import FitReport, PointSample, ProfileSamples, fit_cost_model
-from shared.costmodel import CostModel, analytic_cost_model
 from shared.logging import get_logger
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import TINY_RANDOM
+from shared.policy.costmodel import CostModel, analytic_cost_model
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -444,7 +444,7 @@ def _dtype_name(loaded: LoadedModel) -> str:
 
 
 def analytic_model_for(loaded: LoadedModel, slice_length: int) -> CostModel:
-    """The shape-only fallback model (see :func:`shared.costmodel.analytic_cost_model`)."""
+    """The shape-only fallback model (see :func:`shared.policy.costmodel.analytic_cost_model`)."""
     text = loaded.model.config.get_text_config(decoder=True)
     param = next(loaded.model.parameters())
     return analytic_cost_model(

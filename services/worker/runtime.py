@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceOutput, SliceStats
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
-from shared.costmodel import CostModel
 from shared.logging import bound, get_logger
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import TextCodec
+from shared.policy.costmodel import CostModel
 from shared.prometheus import WorkerMetrics
 from shared.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
 from shared.settings import Settings

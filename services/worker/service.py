@@ -24,11 +24,11 @@ from services.worker import jobs
 from services.worker.ils_runtime import IlsRuntime
 from services.worker.profiler import instance_memory_budget, load_or_profile
 from services.worker.runtime import WorkerRuntime
-from shared.costmodel import CostModel
 from shared.keys import Keys
 from shared.logging import get_logger
 from shared.modeling.loading import LoadedModel, load_model
-from shared.policy import ILS_PRESET, retains_kv
+from shared.policy.costmodel import CostModel
+from shared.policy.presets import is_continuous, retains_kv
 from shared.prometheus import WorkerMetrics
 from shared.settings import Settings
 from shared.states import BatchStatus
@@ -235,7 +235,7 @@ def create_worker(
     budget = instance_memory_budget(loaded, settings, cost)
     store = Store(connect(url), Keys(settings.key_prefix))
     iid = instance_id or settings.instance_id or default_instance_id()
-    if settings.policy == ILS_PRESET:
+    if is_continuous(settings.policy):
         runtime: WorkerRuntime = IlsRuntime(settings, store, loaded, iid, cost, budget)
     else:
         # The KV pool comes out of the instance's budget: batches get the rest, so the

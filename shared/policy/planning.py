@@ -26,288 +26,29 @@ batching) even for requests with fewer tokens left: an upper bound, as in the pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
-from numpy.typing import ArrayLike
 
-from shared.batching import greedy_partition, optimal_partition, slice_cost_matrix
-from shared.offloading import Placement, least_requests, max_min, round_robin
-
-
-class SliceCost(Protocol):
-    """Per-instance serving-time and memory model of one slice (docs/design.md §2).
-
-    Both broadcast like numpy over array-like batch sizes ``b`` and padded lengths ``l``;
-    ``s`` is the slice length (decode steps), ``None`` for the model's own default.
-    """
-
-    def slice_time(
-        self, b: ArrayLike, l: ArrayLike, s: int | None = None, /  # noqa: E741
-    ) -> np.ndarray:
-        """Estimated seconds to serve the batch for one slice."""
-        ...
-
-    def slice_memory(
-        self, b: ArrayLike, l: ArrayLike, s: int | None = None, /  # noqa: E741
-    ) -> np.ndarray:
-        """Estimated peak bytes beyond the weights (KV cache + activations)."""
-        ...
-
-    def resume_time(
-        self, b: ArrayLike, l: ArrayLike, s: int | None = None, /  # noqa: E741
-    ) -> np.ndarray:
-        """Estimated seconds of a slice whose rows all resume from retained K/V."""
-        ...
-
-
-@dataclass(frozen=True)
-class ResumeCost:
-    """A cost model seen by batching for rows resuming on their own instance: the same
-    memory, but a slice's time has no prefill (:meth:`SliceCost.resume_time`)."""
-
-    cost: SliceCost
-
-    def slice_time(self, b: ArrayLike, l: ArrayLike, s: int | None = None) -> np.ndarray:  # noqa: E741
-        """Time of a resumed slice."""
-        return self.cost.resume_time(b, l, s)
-
-    def slice_memory(self, b: ArrayLike, l: ArrayLike, s: int | None = None) -> np.ndarray:  # noqa: E741
-        """Memory as for any slice: the batch cache is allocated the same way."""
-        return self.cost.slice_memory(b, l, s)
-
-    def resume_time(self, b: ArrayLike, l: ArrayLike, s: int | None = None) -> np.ndarray:  # noqa: E741
-        """Time of a resumed slice."""
-        return self.cost.resume_time(b, l, s)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A pending request as the policy sees it (never its true output length)."""
-
-    id: str
-    context_len: int  # prompt + tokens generated so far
-    remaining_tokens: int  # max_tokens - generated: an upper bound, not a prediction
-    arrival: float  # first arrival; kept when the request is re-queued after a slice
-    # The live instance whose KV pool holds this request's K/V for its current context
-    # ("" = none): its next slice there needs no prefill (the caller checks liveness).
-    kv_instance: str = ""
-
-
-@dataclass(frozen=True)
-class InstanceView:
-    """A live instance as the policy sees it."""
-
-    id: str
-    cost: SliceCost
-    memory_budget_bytes: int  # for KV cache + activations, beyond the weights
-    context_limit: int  # max positions
-    expected_busy_s: float = 0.0  # estimated work queued or running on it now
-    queued_requests: int = 0  # requests queued or running on it now
-    queued_batches: int = 0  # batches queued or running on it now (informational)
-
-
-@dataclass(frozen=True)
-class FormedBatch:
-    """A batch formed but not (yet) given an instance."""
-
-    request_ids: tuple[str, ...]
-    padded_len: int
-    slice_length: int
-    oldest_arrival: float
-    home: str = ""  # instance holding every row's K/V ("" = none: rows prefill anywhere)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """One slice batch to claim and enqueue on ``instance_id``; estimates on that instance."""
-
-    instance_id: str
-    request_ids: tuple[str, ...]
-    padded_len: int
-    slice_length: int
-    estimated_s: float
-    estimated_bytes: int
-    resumed_rows: int = 0  # rows expected to resume from the instance's KV pool
-
-
-@dataclass(frozen=True)
-class CyclePlan:
-    """What one cycle decided: batches to dispatch, requests to fail, the next cursor."""
-
-    batches: list[BatchPlan]
-    never_fit: list[Candidate]
-    rr_cursor: int
-    unplaced: list[FormedBatch] = field(default_factory=list)  # their requests stay pending
-
-
-@dataclass(frozen=True)
-class CandidatePool:
-    """Candidates with their context lengths and arrivals as arrays, built once a cycle."""
-
-    candidates: list[Candidate]
-    lens: np.ndarray  # int64 context lengths
-    arrivals: np.ndarray  # float64 first arrivals
-
-    @classmethod
-    def of(cls, candidates: Sequence[Candidate]) -> CandidatePool:
-        """A pool of ``candidates`` in the given order."""
-        return cls(
-            list(candidates),
-            np.array([c.context_len for c in candidates], dtype=np.int64),
-            np.array([c.arrival for c in candidates], dtype=np.float64),
-        )
-
-    def __len__(self) -> int:
-        return len(self.candidates)
-
-    def take(self, index: np.ndarray) -> CandidatePool:
-        """The candidates at integer positions ``index``, in that order."""
-        return CandidatePool(
-            [self.candidates[i] for i in index.tolist()], self.lens[index], self.arrivals[index]
-        )
-
-    def split(self, mask: np.ndarray) -> tuple[CandidatePool, CandidatePool]:
-        """``(where mask, where not mask)``, each keeping the pool's order."""
-        return self.take(np.flatnonzero(mask)), self.take(np.flatnonzero(~mask))
-
-
-#: Batching policies: ``(pool in arrival order, reference cost, capacity bytes, slice
-#: length, max batch) -> batches``. Every candidate fits the reference alone.
-BatchingFn = Callable[[CandidatePool, SliceCost, int, int, int], list[FormedBatch]]
-#: Offloading policies: ``(placement problem, round-robin cursor) -> (instance index per
-#: batch or -1, next cursor)``; see :mod:`shared.offloading`.
-OffloadingFn = Callable[[Placement, int], tuple[np.ndarray, int]]
-
-
-def _batches(pool: CandidatePool, sizes: list[int], slice_length: int) -> list[FormedBatch]:
-    """Cut ``pool`` (in batching order) into consecutive batches of ``sizes``."""
-    if not sizes:
-        return []
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    padded = np.maximum.reduceat(pool.lens, starts).tolist()
-    oldest = np.minimum.reduceat(pool.arrivals, starts).tolist()
-    ids = [c.id for c in pool.candidates]
-    return [
-        FormedBatch(tuple(ids[start:start + size]), pad, slice_length, old)
-        for start, size, pad, old in zip(starts.tolist(), sizes, padded, oldest, strict=True)
-    ]
-
-
-def scls_batching(
-    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
-) -> list[FormedBatch]:
-    """Optimal batches of the length-sorted candidates: minimum summed ``T(b, l)``.
-
-    Subject to ``M(b, l) <= capacity`` and ``b <= max_batch`` per batch; solved exactly by
-    :func:`shared.batching.optimal_partition`. Equal lengths keep arrival order.
-    """
-    ordered = pool.take(np.argsort(pool.lens, kind="stable"))
-    costs = slice_cost_matrix(ordered.lens, cost, capacity, slice_length, max_batch)
-    return _batches(ordered, optimal_partition(costs), slice_length)
-
-
-def fcfs_batching(
-    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
-) -> list[FormedBatch]:
-    """Arrival-order batches, each as large as ``max_batch`` and the memory estimate allow.
-
-    With the whole generation as slice length this is SLS (``fcfs-fixed``): fixed-size
-    batches, shrunk only when the whole generation would not fit.
-    """
-    sizes = greedy_partition(pool.lens, cost, capacity, slice_length, max_batch)
-    return _batches(pool, sizes, slice_length)
-
-
-def single_batching(
-    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
-) -> list[FormedBatch]:
-    """One request per batch, for ILS: the instance batches continuously on its own."""
-    return _batches(pool, [1] * len(pool), slice_length)
-
-
-BATCHING: dict[str, BatchingFn] = {
-    "scls": scls_batching,
-    "fcfs": fcfs_batching,
-    "fcfs-fixed": fcfs_batching,
-    "single": single_batching,
-}
-#: Batching policies that run the whole generation in one go (``S = G``).
-WHOLE_GENERATION = frozenset({"fcfs-fixed", "single"})
-
-OFFLOADING: dict[str, OffloadingFn] = {
-    "max-min": max_min,
-    "round-robin": round_robin,
-    "least-requests": least_requests,
-}
-
-#: Named presets: ``(batching, offloading)``.
-POLICIES: dict[str, tuple[str, str]] = {
-    "scls": ("scls", "max-min"),
-    "sls": ("fcfs-fixed", "round-robin"),
-    "scls-rr": ("scls", "round-robin"),
-    "fcfs-maxmin": ("fcfs", "max-min"),
-    "ils": ("single", "least-requests"),
-}
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """The knobs of one cycle; validated on construction."""
-
-    batching: str = "scls"
-    offloading: str = "max-min"
-    slice_length: int = 32  # S, decode steps per slice
-    max_gen_length: int = 1024  # G, the largest max_tokens accepted
-    max_batch: int = 32
-    horizon_s: float = 2.0  # an instance with this much expected work takes no new batch
-    max_wait_s: float = 30.0  # age bound: older requests' batches are placed first
-    # Bounds the DP's n (oldest first): 2048 keeps a cycle with 10,000 pending and 256
-    # instances around 10-15 ms on 2 CPU cores (`scls scheduler-bench`).
-    candidate_limit: int = 2048
-    rr_cursor: int = 0  # round-robin position, carried from the previous CyclePlan
-    # Price rows on the instance that retains their K/V without prefill (and form their
-    # batches there first); off: every row is priced as re-prefilled anywhere.
-    kv_affinity: bool = True
-
-    def __post_init__(self) -> None:
-        if self.batching not in BATCHING:
-            raise ValueError(f"unknown batching {self.batching!r}; choose from "
-                             f"{', '.join(BATCHING)}")
-        if self.offloading not in OFFLOADING:
-            raise ValueError(f"unknown offloading {self.offloading!r}; choose from "
-                             f"{', '.join(OFFLOADING)}")
-        for name in ("slice_length", "max_gen_length", "max_batch", "candidate_limit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.rr_cursor < 0:
-            raise ValueError(f"rr_cursor must be >= 0, got {self.rr_cursor}")
-        if not self.horizon_s > 0 or not self.max_wait_s >= 0:
-            raise ValueError("horizon_s must be > 0 and max_wait_s >= 0")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> PolicyConfig:
-        """The config of a named preset of :data:`POLICIES`, with ``overrides`` on top."""
-        if name not in POLICIES:
-            raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
-        batching, offloading = POLICIES[name]
-        return cls(batching=batching, offloading=offloading, **overrides)
-
-    @property
-    def batch_slice_length(self) -> int:
-        """Decode steps per batch: ``S``, or ``G`` for whole-generation batching."""
-        return self.max_gen_length if self.batching in WHOLE_GENERATION else self.slice_length
-
-
-def retains_kv(policy: str, batching: str | None = None) -> bool:
-    """Whether instances serving preset ``policy`` (or its ``batching`` override) keep
-    requests' K/V between slices: only slice batching does; whole-generation batches
-    (SLS) and continuous batching (ILS) leave nothing unfinished to keep."""
-    if policy not in POLICIES:
-        return False
-    return (batching or POLICIES[policy][0]) not in WHOLE_GENERATION
+from shared.policy.batching import (
+    cut_batches,
+    optimal_partition,
+    single_batching,
+    slice_cost_matrix,
+)
+from shared.policy.config import BATCHING, OFFLOADING, PolicyConfig
+from shared.policy.offloading import Placement
+from shared.policy.presets import WHOLE_GENERATION
+from shared.policy.types import (
+    BatchPlan,
+    Candidate,
+    CandidatePool,
+    CyclePlan,
+    FormedBatch,
+    InstanceView,
+    ResumeCost,
+)
 
 
 def select_candidates(candidates: Sequence[Candidate], limit: int) -> list[Candidate]:
@@ -544,7 +285,7 @@ def _affine_batches(
     parts = optimal_partition(costs)
     starts = np.concatenate([[0], np.cumsum(parts)[:-1]]).tolist()
     return [replace(b, home=insts[home[i]].id) if home[i] < none else b
-            for b, i in zip(_batches(ordered, parts, slice_length), starts, strict=True)]
+            for b, i in zip(cut_batches(ordered, parts, slice_length), starts, strict=True)]
 
 
 def _price_at_home(
@@ -576,66 +317,3 @@ def _price_at_home(
         times[idx, k] = np.where(fits, resume, np.inf)
         home[idx] = k
     return home
-
-
-def with_cursor(config: PolicyConfig, plan: CyclePlan) -> PolicyConfig:
-    """``config`` for the next cycle: the round-robin cursor carried over from ``plan``."""
-    return replace(config, rr_cursor=plan.rr_cursor)
-
-
-#: The preset whose instances run continuous batching (iteration-level scheduling).
-ILS_PRESET = "ils"
-
-
-def expected_busy(policy: str, estimated_s: float) -> float:
-    """An instance's expected outstanding work as the policy should see it.
-
-    ``estimated_s`` sums the estimates of the batches queued or running on the instance.
-    ILS instances batch continuously, so a request's whole-generation estimate says
-    nothing about when the next one can join: they are paced by their request cap alone
-    (:class:`DispatchCaps`) and look idle to the horizon rule.
-    """
-    return 0.0 if policy == ILS_PRESET else estimated_s
-
-
-@dataclass(frozen=True)
-class DispatchCaps:
-    """Hard per-instance caps applied to a cycle's plan before dispatch.
-
-    Slice instances take at most ``limit`` queued or running batches; ILS instances
-    (``count_requests``) at most ``limit`` requests, their engine's concurrency cap. The
-    scheduler service and the simulator both apply it after :func:`plan_cycle`.
-    """
-
-    limit: int
-    count_requests: bool = False
-
-    @classmethod
-    def for_policy(
-        cls, policy: str, max_queued_batches: int, ils_max_concurrency: int
-    ) -> DispatchCaps:
-        """The caps of preset ``policy``: requests for ILS, batches otherwise."""
-        if policy == ILS_PRESET:
-            return cls(ils_max_concurrency, count_requests=True)
-        return cls(max_queued_batches)
-
-    def used(self, view: InstanceView) -> int:
-        """What ``view`` already holds, in the capped unit."""
-        return view.queued_requests if self.count_requests else view.queued_batches
-
-    def has_room(self, view: InstanceView) -> bool:
-        """Whether ``view`` can take one more batch of one request."""
-        return self.used(view) < self.limit
-
-    def apply(
-        self, batches: Sequence[BatchPlan], views: Sequence[InstanceView]
-    ) -> list[BatchPlan]:
-        """``batches`` in order, without the placements beyond a cap (they stay pending)."""
-        used = {v.id: self.used(v) for v in views}
-        kept = []
-        for batch in batches:
-            need = len(batch.request_ids) if self.count_requests else 1
-            if used[batch.instance_id] + need <= self.limit:
-                used[batch.instance_id] += need
-                kept.append(batch)
-        return kept

@@ -3,17 +3,14 @@
 Every function here partitions a sequence of requests, given by their context lengths in
 the order the caller chose, into consecutive batches and returns the batch sizes. A batch
 of the requests ``i..j`` has ``b = j - i + 1`` rows padded to the longest length among
-them. :mod:`shared.policy` turns the sizes into batches of request ids.
+them. The batching policies at the end turn the sizes into batches of request ids.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from shared.policy import SliceCost
+from shared.policy.types import CandidatePool, FormedBatch, SliceCost
 
 
 def slice_cost_matrix(
@@ -173,3 +170,54 @@ def greedy_partition(
         sizes.append(size)
         start += size
     return sizes
+
+
+# --------------------------------------------------------------------------------------------
+# Batching policies: candidates in, batches of request ids out
+# --------------------------------------------------------------------------------------------
+
+
+def cut_batches(pool: CandidatePool, sizes: list[int], slice_length: int) -> list[FormedBatch]:
+    """Cut ``pool`` (in batching order) into consecutive batches of ``sizes``."""
+    if not sizes:
+        return []
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    padded = np.maximum.reduceat(pool.lens, starts).tolist()
+    oldest = np.minimum.reduceat(pool.arrivals, starts).tolist()
+    ids = [c.id for c in pool.candidates]
+    return [
+        FormedBatch(tuple(ids[start:start + size]), pad, slice_length, old)
+        for start, size, pad, old in zip(starts.tolist(), sizes, padded, oldest, strict=True)
+    ]
+
+
+def scls_batching(
+    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
+) -> list[FormedBatch]:
+    """Optimal batches of the length-sorted candidates: minimum summed ``T(b, l)``.
+
+    Subject to ``M(b, l) <= capacity`` and ``b <= max_batch`` per batch; solved exactly by
+    :func:`optimal_partition`. Equal lengths keep arrival order.
+    """
+    ordered = pool.take(np.argsort(pool.lens, kind="stable"))
+    costs = slice_cost_matrix(ordered.lens, cost, capacity, slice_length, max_batch)
+    return cut_batches(ordered, optimal_partition(costs), slice_length)
+
+
+def fcfs_batching(
+    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
+) -> list[FormedBatch]:
+    """Arrival-order batches, each as large as ``max_batch`` and the memory estimate allow.
+
+    With the whole generation as slice length this is SLS (``fcfs-fixed``): fixed-size
+    batches, shrunk only when the whole generation would not fit.
+    """
+    sizes = greedy_partition(pool.lens, cost, capacity, slice_length, max_batch)
+    return cut_batches(pool, sizes, slice_length)
+
+
+def single_batching(
+    pool: CandidatePool, cost: SliceCost, capacity: int, slice_length: int, max_batch: int
+) -> list[FormedBatch]:
+    """One request per batch, for ILS: the instance batches continuously on its own."""
+    return cut_batches(pool, [1] * len(pool), slice_length)
