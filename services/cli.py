@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from services.config import build_settings
-from shared.logging import configure_logging
+from shared.obs.logging import configure_logging
 from shared.settings import Settings
 
 app = typer.Typer(
@@ -71,7 +71,7 @@ def ingest(model: ModelOpt = None, port: PortOpt = None,
 def scheduler(slice_length: SliceOpt = None, policy: PolicyOpt = None) -> None:
     """Run the scheduler service (leader or standby) in the foreground."""
     from services.scheduler.service import create_scheduler
-    from shared.prometheus import start_exporter
+    from shared.obs.prometheus import start_exporter
 
     settings = build_settings(slice_length=slice_length, policy=policy)
     configure_logging(settings.log_format, settings.log_level, service="scheduler")
@@ -97,7 +97,7 @@ def worker(
     """Run one worker (one model instance) in the foreground; it profiles the model on
     this hardware at start (or loads its cached profile)."""
     from services.worker.service import create_worker
-    from shared.prometheus import start_exporter
+    from shared.obs.prometheus import start_exporter
 
     settings = build_settings(model=model, instance_id=instance_id, policy=policy)
     _check_model(settings)

@@ -13,8 +13,8 @@ from typing import Any
 import typer
 from pydantic import ValidationError
 
+from shared.bench.workload import WorkItem
 from shared.settings import Settings
-from shared.workload import WorkItem
 
 
 def cli_error(message: str) -> typer.Exit:

@@ -13,12 +13,12 @@ from typing import IO
 
 import httpx
 
-from shared.embedded_redis import EmbeddedRedis, free_port
-from shared.keys import Keys
-from shared.logging import get_logger
+from shared.core.embedded_redis import EmbeddedRedis, free_port
+from shared.core.keys import Keys
+from shared.core.store import Store, connect
 from shared.modeling.registry import ensure_cached
+from shared.obs.logging import get_logger
 from shared.settings import Settings
-from shared.store import Store, connect
 
 log = get_logger(__name__)
 

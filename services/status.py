@@ -24,10 +24,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from shared.keys import Keys
-from shared.records import now
+from shared.core.keys import Keys
+from shared.core.records import now
+from shared.core.store import Store, connect
 from shared.settings import Settings
-from shared.store import Store, connect
 
 #: Global counters a snapshot reports (cumulative since the deployment's Redis was new).
 TOTAL_FIELDS = ("requests_finished", "generated_tokens", "slices", "busy_s",

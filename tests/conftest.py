@@ -11,11 +11,11 @@ import pytest
 import redis
 import torch
 
-from shared.embedded_redis import EmbeddedRedis
-from shared.keys import Keys
+from shared.core.embedded_redis import EmbeddedRedis
+from shared.core.keys import Keys
+from shared.core.store import Store, connect
 from shared.modeling.loading import LoadedModel, load_model
 from shared.settings import Settings
-from shared.store import Store, connect
 
 
 @pytest.fixture()

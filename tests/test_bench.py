@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from services.bench.command import parse_bytes, parse_rates
-from shared.metrics import InstanceUsage, RequestOutcome, spread, summarize
-from shared.report import Run, results_document, table_rows, write_report
-from shared.workload import (
+from shared.bench.report import Run, results_document, table_rows, write_report
+from shared.bench.workload import (
     WorkItem,
     arrival_times,
     prompt_token_ids,
@@ -24,6 +23,7 @@ from shared.workload import (
     trace_workload,
     with_arrivals,
 )
+from shared.obs.metrics import InstanceUsage, RequestOutcome, spread, summarize
 
 # The vendored Azure trace (data/traces/README.md); always in the repository, never skipped.
 TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure_llm_2023_conv.csv"

@@ -23,12 +23,12 @@ import redis
 
 from services.launcher import settings_env
 from services.scheduler.service import Scheduler, create_scheduler
-from shared.keys import Keys
+from shared.core.keys import Keys
+from shared.core.records import RequestParams, RequestRecord, new_request_id, now
+from shared.core.states import RequestStatus
+from shared.core.store import Store, connect
 from shared.modeling.loading import LoadedModel
-from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
-from shared.states import RequestStatus
-from shared.store import Store, connect
 
 SLICE = 1024  # a second or two per slice of 2 rows on one CPU thread (tiny-random)
 MAX_TOKENS = 2048

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from services.launcher import LocalDeployment
-from shared.keys import Keys
+from shared.core.keys import Keys
+from shared.core.store import Store, connect
 from shared.modeling.loading import load_model
 from shared.settings import Settings
-from shared.store import Store, connect
 from tests.helpers import greedy_reference
 
 

@@ -11,9 +11,9 @@ import torch
 
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceStats
 from services.worker.sampling import select_tokens, uniform_for
+from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel, load_model
 from shared.modeling.registry import ByteCodec
-from shared.states import FinishReason
 from tests.helpers import greedy_reference
 
 PROMPTS = ("The quick brown fox jumps", "Hi", "Slices, batches & seeds: 12345")

@@ -19,9 +19,9 @@ from services.worker.ils import (
     IterationShape,
     num_blocks_for,
 )
+from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import ByteCodec
-from shared.states import FinishReason
 from tests.helpers import greedy_reference
 
 # Six prompts from 2 to 150 tokens; the longest ones exceed max_batch_tokens (64 below), so

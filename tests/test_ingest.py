@@ -19,11 +19,11 @@ import redis
 import structlog
 
 from services.ingest.app import create_app
+from shared.core.records import CommitItem, RequestParams, RequestRecord, new_batch_id, now
+from shared.core.states import FinishReason, RequestStatus
+from shared.core.store import Store
 from shared.modeling.registry import load_codec
-from shared.records import CommitItem, RequestParams, RequestRecord, new_batch_id, now
 from shared.settings import Settings
-from shared.states import FinishReason, RequestStatus
-from shared.store import Store
 from tests.helpers import serve
 
 pytestmark = pytest.mark.anyio

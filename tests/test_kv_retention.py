@@ -18,8 +18,8 @@ import torch
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceStats
 from services.worker.kv_cache import pass_tokens_of, prefill_groups
 from services.worker.kv_pool import KvEntry, KvPool
+from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
-from shared.states import FinishReason
 from tests.helpers import greedy_reference
 
 PROMPTS = ("The quick brown fox jumps over", "Hi", "Slices, batches & seeds: 12345", "ok?")

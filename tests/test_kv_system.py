@@ -9,12 +9,12 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from services.worker.service import WorkerService
+from shared.core.records import CommitItem
+from shared.core.states import FinishReason, RequestStatus
+from shared.core.store import Store
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import load_codec
-from shared.records import CommitItem
 from shared.settings import Settings
-from shared.states import FinishReason, RequestStatus
-from shared.store import Store
 from tests.helpers import greedy_reference, metric
 from tests.test_system import drive, make_cluster, submit
 

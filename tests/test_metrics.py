@@ -18,10 +18,10 @@ import redis
 
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
+from shared.core.store import Store
 from shared.modeling.loading import LoadedModel
-from shared.prometheus import MetricsServer, serve_metrics
+from shared.obs.prometheus import MetricsServer, serve_metrics
 from shared.settings import Settings
-from shared.store import Store
 from tests.helpers import metric, serve
 
 

@@ -13,6 +13,7 @@ import torch
 
 import shared.modeling.registry as models
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput
+from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel, load_model
 from shared.modeling.registry import (
     MODEL_NAMES,
@@ -21,7 +22,6 @@ from shared.modeling.registry import (
     model_info,
     resolve_model_name,
 )
-from shared.states import FinishReason
 
 # Not a tmp dir: converting the GGUF file takes about 20 s, so the cache is kept across runs.
 SMOLLM2_CACHE = Path.home() / ".cache" / "scls-test-models"

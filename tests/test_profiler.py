@@ -17,10 +17,10 @@ from services.worker import profiler
 from services.worker.engine import SliceEngine
 from services.worker.fit import ProfileSamples
 from services.worker.profile_cmd import profile_command
+from shared.core.store import Store
 from shared.modeling.loading import LoadedModel, load_model
 from shared.policy.costmodel import CostModel
 from shared.settings import Settings
-from shared.store import Store
 
 # Small enough for a test, large enough to fit 5 prefill features and hold 2 points out.
 SMALL_GRID = profiler.ProfileGrid("test", (1, 2, 4), (8, 16, 32), max_batch_tokens=128,

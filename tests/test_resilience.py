@@ -11,10 +11,10 @@ import time
 import pytest
 import redis
 
+from shared.core.store import Store
 from shared.modeling.loading import LoadedModel
 from shared.policy.costmodel import SCHEMA_VERSION
 from shared.settings import Settings
-from shared.store import Store
 from tests.test_system import make_cluster, submit
 
 

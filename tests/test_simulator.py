@@ -14,13 +14,13 @@ import services.simulator.engine as sim_engine
 from services.simulator import SimInstance, SimOptions, simulate, simulate_metrics
 from services.simulator.profiles import BUILTIN, load_profile
 from services.simulator.workloads import tile
+from shared.bench.workload import WorkItem, synthetic_workload, with_arrivals
 from shared.policy import config as policy_config
 from shared.policy import planning, presets
 from shared.policy.config import DispatchCaps
 from shared.policy.costmodel import PREFILL_BASE, CostModel
 from shared.policy.types import BatchPlan, InstanceView
 from shared.settings import Settings
-from shared.workload import WorkItem, synthetic_workload, with_arrivals
 
 # Round numbers: a prefill costs 1 s + 1 ms per padded token, a decode step 0.1 s, so a
 # slice of S steps is estimated at 1 + 0.001 * l + 0.1 * (S - 1) seconds whatever b is.

@@ -9,10 +9,10 @@ import pytest
 import services.simulator.engine as sim_engine
 from services.simulator import SimInstance, simulate
 from services.simulator.kv import SimKvPool
+from shared.bench.workload import WorkItem, synthetic_workload, with_arrivals
 from shared.policy import planning
 from shared.policy.costmodel import PREFILL_BASE, CostModel
 from shared.settings import Settings
-from shared.workload import WorkItem, synthetic_workload, with_arrivals
 
 # As in tests/test_simulator.py: a prefill costs 1 s + 1 ms per padded token, a decode step
 # 0.1 s whatever the batch; one byte per cached position. A resumed slice of S steps is

@@ -19,11 +19,11 @@ import httpx
 import pytest
 
 from services.launcher import LocalDeployment
-from shared.embedded_redis import free_port
-from shared.keys import Keys
-from shared.records import RequestParams, RequestRecord, new_request_id, now
+from shared.core.embedded_redis import free_port
+from shared.core.keys import Keys
+from shared.core.records import RequestParams, RequestRecord, new_request_id, now
+from shared.core.store import Store, connect
 from shared.settings import Settings
-from shared.store import Store, connect
 from tests.helpers import metric
 
 PREFIX = "status:"  # the module shares the session Redis with flushed tests

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared.records import CommitItem, RequestParams, RequestRecord, new_batch_id, now
-from shared.states import FinishReason, RequestStatus
-from shared.store import CancelOutcome, CommitRejected, Store, connect
+from shared.core.records import CommitItem, RequestParams, RequestRecord, new_batch_id, now
+from shared.core.states import FinishReason, RequestStatus
+from shared.core.store import CancelOutcome, CommitRejected, Store, connect
 
 
 def submit(store: Store, n: int = 3, arrival0: float = 1000.0) -> list[str]:
@@ -234,7 +234,7 @@ def test_embedded_redis_is_out_of_reach_of_a_terminal_ctrl_c() -> None:
     services that still write to it have drained (the launcher stops it last)."""
     import os
 
-    from shared.embedded_redis import EmbeddedRedis
+    from shared.core.embedded_redis import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         pid = server._proc.pid  # noqa: SLF001 - the test checks the process itself

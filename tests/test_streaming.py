@@ -22,9 +22,9 @@ import uvicorn
 from services.ingest.app import create_app
 from services.ingest.streaming import StopHoldback
 from services.worker.runtime import text_delta
+from shared.core.states import FinishReason, RequestStatus
+from shared.core.store import Store
 from shared.settings import Settings
-from shared.states import FinishReason, RequestStatus
-from shared.store import Store
 from tests.helpers import serve
 from tests.test_ingest import CHAT, CODEC, COMPLETIONS, play_worker, run_slice, wait_pending
 

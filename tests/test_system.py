@@ -10,12 +10,12 @@ import redis
 
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
+from shared.core.records import RequestParams, RequestRecord, new_request_id, now
+from shared.core.states import FinishReason, RequestStatus
+from shared.core.store import Store
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import load_codec
-from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
-from shared.states import FinishReason, RequestStatus
-from shared.store import Store
 from tests.helpers import greedy_reference
 
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 
-from shared.metrics import RequestOutcome
-from shared.workload import WorkItem
+from shared.bench.workload import WorkItem
+from shared.obs.metrics import RequestOutcome
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ClientConfig:
 
 def request_body(item: WorkItem, config: ClientConfig) -> dict[str, object]:
     """The JSON body of one workload item."""
-    from shared.workload import prompt_token_ids
+    from shared.bench.workload import prompt_token_ids
 
     return {
         "model": config.model,

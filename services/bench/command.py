@@ -18,10 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from services.bench.client import ClientConfig
 from services.bench.runner import attach_run, run_policy
 from services.config import cli_error, workload_settings
-from shared.modeling.registry import model_info
-from shared.report import Run, rich_table, write_report
-from shared.settings import Settings
-from shared.workload import (
+from shared.bench.report import Run, rich_table, write_report
+from shared.bench.workload import (
     SyntheticLengths,
     WorkItem,
     describe,
@@ -30,6 +28,8 @@ from shared.workload import (
     trace_workload,
     with_arrivals,
 )
+from shared.modeling.registry import model_info
+from shared.settings import Settings
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6,
           "gb": 10**9}

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from services.bench.client import ClientConfig, run_workload
-from shared.keys import Keys
-from shared.metrics import InstanceUsage, RequestOutcome, counter_delta, summarize
-from shared.report import Run
+from shared.bench.report import Run
+from shared.bench.workload import WorkItem
+from shared.core.keys import Keys
+from shared.core.store import Store, connect
+from shared.obs.metrics import InstanceUsage, RequestOutcome, counter_delta, summarize
 from shared.settings import Settings
-from shared.store import Store, connect
-from shared.workload import WorkItem
 
 
 @dataclass

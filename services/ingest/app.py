@@ -50,15 +50,15 @@ from services.ingest.schemas import (
 )
 from services.ingest.streaming import ChunkFormat, Finished, StopHoldback, stream_chunks
 from services.ingest.waiter import EventWaiter
-from shared.keys import Keys
-from shared.logging import bound, get_logger
+from shared.core.keys import Keys
+from shared.core.records import RequestParams, RequestRecord, new_request_id, now
+from shared.core.states import FinishReason, RequestStatus
+from shared.core.store import CancelOutcome, cancel_call, cancel_outcome, lua_source, submit_call
 from shared.modeling.registry import ModelInfo, TextCodec, load_codec, model_info
+from shared.obs.logging import bound, get_logger
+from shared.obs.prometheus import CONTENT_TYPE_LATEST, IngestMetrics, exposition
 from shared.policy.presets import is_continuous
-from shared.prometheus import CONTENT_TYPE_LATEST, IngestMetrics, exposition
-from shared.records import RequestParams, RequestRecord, new_request_id, now
 from shared.settings import Settings
-from shared.states import FinishReason, RequestStatus
-from shared.store import CancelOutcome, cancel_call, cancel_outcome, lua_source, submit_call
 
 
 def _log() -> structlog.stdlib.BoundLogger:

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from shared.logging import get_logger
+from shared.obs.logging import get_logger
 
 log = get_logger(__name__)
 

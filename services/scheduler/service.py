@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 import redis
 from rq import Queue
 
-from shared.keys import Keys
-from shared.logging import get_logger
+from shared.core.keys import Keys
+from shared.core.records import InstanceInfo, new_batch_id, now
+from shared.core.states import FinishReason
+from shared.core.store import InstanceLoad, Store, connect
+from shared.obs.logging import get_logger
+from shared.obs.prometheus import SchedulerMetrics
 from shared.policy.config import DispatchCaps, policy_config, with_cursor
 from shared.policy.costmodel import CostModel
 from shared.policy.planning import plan_cycle
 from shared.policy.presets import POLICIES, expected_busy
 from shared.policy.types import BatchPlan, Candidate, InstanceView
-from shared.prometheus import SchedulerMetrics
-from shared.records import InstanceInfo, new_batch_id, now
 from shared.settings import Settings
-from shared.states import FinishReason
-from shared.store import InstanceLoad, Store, connect
 
 log = get_logger(__name__)
 

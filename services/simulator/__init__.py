@@ -4,7 +4,7 @@ The simulator runs the scheduler's own policy code
 (:func:`shared.policy.planning.plan_cycle`, :class:`shared.policy.config.DispatchCaps`,
 :func:`shared.policy.presets.expected_busy`) against simulated slice and ILS instances
 whose time and memory come from cost models, and reports the same metrics as
-``scls bench`` (:func:`shared.metrics.summarize`). See docs/simulator.md.
+``scls bench`` (:func:`shared.obs.metrics.summarize`). See docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from services.simulator.engine import (
     simulate,
 )
 from services.simulator.instances import StepCost
+from shared.bench.workload import WorkItem
 from shared.policy.costmodel import CostModel
 from shared.settings import Settings
-from shared.workload import WorkItem
 
 __all__ = ["SIM_POLICIES", "VLLM_POLICY", "LoadTimeline", "SimInstance", "SimOptions",
            "SimResult", "simulate", "simulate_metrics", "uniform_instances"]
@@ -62,7 +62,7 @@ def simulate_metrics(
     options: SimOptions | None = None,
     kv_pool_bytes: int | Sequence[int | None] | None = None,
 ) -> dict[str, Any]:
-    """The metrics dict of :func:`shared.metrics.summarize` (plus the simulator's extras)
+    """The metrics dict of :func:`shared.obs.metrics.summarize` (plus the simulator's extras)
     for ``workload`` served by ``instances`` instances under preset ``policy``.
 
     ``costs`` are the profiles the policy plans with (one for all or one per instance),

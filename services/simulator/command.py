@@ -17,9 +17,9 @@ from services.config import build_settings
 from services.simulator.engine import KV_COUNTERS, SIM_POLICIES, SimOptions, SimResult, simulate
 from services.simulator.profiles import BUILTIN, Profile, load_profile
 from services.simulator.workloads import at_rate, build_workload
-from shared.report import Run, rich_table, write_load_plot, write_report, write_results
+from shared.bench.report import Run, rich_table, write_load_plot, write_report, write_results
+from shared.bench.workload import WorkItem, describe
 from shared.settings import Settings
-from shared.workload import WorkItem, describe
 
 
 def _floats(text: str | None, hint: str) -> list[float]:

@@ -52,13 +52,13 @@ from services.simulator.results import (
     usage_of,
 )
 from services.simulator.state import DONE, FAILED, INFLIGHT, PENDING, PendingPool, RequestTable
-from shared.metrics import summarize
+from shared.bench.workload import WorkItem
+from shared.obs.metrics import summarize
 from shared.policy.config import DispatchCaps, policy_config, with_cursor
 from shared.policy.planning import plan_cycle
 from shared.policy.presets import ILS_PRESET, WHOLE_GENERATION, expected_busy, is_continuous
 from shared.policy.types import Candidate, InstanceView
 from shared.settings import Settings
-from shared.workload import WorkItem
 
 __all__ = ["KV_COUNTERS", "SIM_POLICIES", "VLLM_POLICY", "LoadTimeline", "SimInstance",
            "SimOptions", "SimResult", "simulate"]

@@ -39,11 +39,11 @@ from services.bench.command import arrivals_for, build_workload
 from services.bench.runner import run_policy
 from services.config import workload_settings
 from services.simulator import SimOptions, simulate_metrics
+from shared.bench.report import json_safe
+from shared.bench.workload import SyntheticLengths, WorkItem, describe
 from shared.modeling.registry import model_info
 from shared.policy.costmodel import CostModel
-from shared.report import json_safe
 from shared.settings import Settings
-from shared.workload import SyntheticLengths, WorkItem, describe
 
 
 def relative_error(simulated: float, real: float) -> float:

@@ -1,6 +1,6 @@
 """What a simulation takes and gives: instance specs, options, results and their metrics.
 
-The metrics are :func:`shared.metrics.summarize` over the simulated requests and instances,
+The metrics are :func:`shared.obs.metrics.summarize` over the simulated requests and instances,
 plus the simulator's extras (docs/simulator.md, "Metrics"): among them the KV counters
 that :func:`summarize` does not carry (``kv_hits``, ``kv_misses``, ``kv_evictions``,
 ``preemptions``), in total and per instance.
@@ -18,7 +18,7 @@ import numpy as np
 from services.simulator.ils import IlsInstance
 from services.simulator.instances import InstanceBase, StepCost
 from services.simulator.state import DONE, RequestTable
-from shared.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome
+from shared.obs.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome
 from shared.policy.presets import POLICIES
 from shared.policy.types import SliceCost
 

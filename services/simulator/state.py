@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.workload import WorkItem
+from shared.bench.workload import WorkItem
 
 # Request status codes.
 FUTURE, PENDING, INFLIGHT, DONE, FAILED = range(5)

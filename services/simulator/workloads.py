@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from shared.workload import (
+from shared.bench.workload import (
     WorkItem,
     read_trace,
     synthetic_workload,

@@ -28,8 +28,8 @@ from transformers import StaticCache
 from services.worker import kv_cache
 from services.worker.kv_pool import KvEntry, KvPool
 from services.worker.sampling import select_tokens
+from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
-from shared.states import FinishReason
 
 
 @dataclass(frozen=True)

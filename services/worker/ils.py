@@ -45,9 +45,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.logging import get_logger
+from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
-from shared.states import FinishReason
+from shared.obs.logging import get_logger
 
 log = get_logger(__name__)
 

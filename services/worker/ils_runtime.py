@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from services.worker.ils import IlsConfig, IlsEngine, IlsResult, IterationShape
 from services.worker.runtime import WorkerRuntime
-from shared.logging import bound, get_logger
+from shared.core.records import BatchRecord, CommitItem, RequestRecord, now
+from shared.core.store import CommitRejected, Store
 from shared.modeling.loading import LoadedModel
+from shared.obs.logging import bound, get_logger
 from shared.policy.costmodel import CostModel
-from shared.records import BatchRecord, CommitItem, RequestRecord, now
 from shared.settings import Settings
-from shared.store import CommitRejected, Store
 
 log = get_logger(__name__)
 
@@ -135,7 +135,7 @@ class IlsRuntime(WorkerRuntime):
             "slices": 1, "batch_size_sum": 1, "generated_tokens": len(result.new_ids),
             "busy_s": busy, "first_slice_finishes": int(rec.slices == 0),
             # request-seconds in the engine: summed over requests and divided by busy time,
-            # the mean size of the running batch (shared.metrics.average_batch_size)
+            # the mean size of the running batch (shared.obs.metrics.average_batch_size)
             "concurrency_s": time.perf_counter() - entry.admitted_at,
             "model_busy_s": priced,
         }

@@ -59,9 +59,9 @@ import torch
 
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput
 from services.worker.fit import FitReport, PointSample, ProfileSamples, fit_cost_model
-from shared.logging import get_logger
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import TINY_RANDOM
+from shared.obs.logging import get_logger
 from shared.policy.costmodel import CostModel, analytic_cost_model
 from shared.settings import Settings
 

@@ -13,15 +13,15 @@ from collections.abc import Sequence
 from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceOutput, SliceStats
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
-from shared.logging import bound, get_logger
+from shared.core.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
+from shared.core.states import RequestStatus
+from shared.core.store import CommitRejected, Store
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import TextCodec
+from shared.obs.logging import bound, get_logger
+from shared.obs.prometheus import WorkerMetrics
 from shared.policy.costmodel import CostModel
-from shared.prometheus import WorkerMetrics
-from shared.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
 from shared.settings import Settings
-from shared.states import RequestStatus
-from shared.store import CommitRejected, Store
 
 log = get_logger(__name__)
 

@@ -24,15 +24,15 @@ from services.worker import jobs
 from services.worker.ils_runtime import IlsRuntime
 from services.worker.profiler import instance_memory_budget, load_or_profile
 from services.worker.runtime import WorkerRuntime
-from shared.keys import Keys
-from shared.logging import get_logger
+from shared.core.keys import Keys
+from shared.core.states import BatchStatus
+from shared.core.store import Store, connect
 from shared.modeling.loading import LoadedModel, load_model
+from shared.obs.logging import get_logger
+from shared.obs.prometheus import WorkerMetrics
 from shared.policy.costmodel import CostModel
 from shared.policy.presets import is_continuous, retains_kv
-from shared.prometheus import WorkerMetrics
 from shared.settings import Settings
-from shared.states import BatchStatus
-from shared.store import Store, connect
 
 log = get_logger(__name__)
 

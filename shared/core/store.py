@@ -14,22 +14,22 @@ from typing import Any
 
 import redis
 
-from shared.keys import Keys
-from shared.records import (
+from shared.core.keys import Keys
+from shared.core.records import (
     BatchRecord,
     CommitItem,
     InstanceInfo,
     RequestRecord,
     now,
 )
-from shared.states import FinishReason
+from shared.core.states import FinishReason
 
 
 @cache
 def lua_source(name: str) -> str:
-    """Text of ``shared/lua/<name>.lua``, with each ``-- @include <prelude>`` line replaced
-    by ``shared/lua/<prelude>.lua`` (shared functions; Redis scripts cannot import)."""
-    text = resources.files("shared").joinpath("lua", f"{name}.lua").read_text()
+    """Text of ``shared/core/lua/<name>.lua``, with each ``-- @include <prelude>`` line replaced
+    by ``shared/core/lua/<prelude>.lua`` (shared functions; Redis scripts cannot import)."""
+    text = resources.files("shared.core").joinpath("lua", f"{name}.lua").read_text()
     lines = []
     for line in text.splitlines(keepends=True):
         if line.startswith("-- @include "):

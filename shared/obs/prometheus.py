@@ -31,9 +31,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from shared.logging import get_logger
+from shared.core.store import Store
+from shared.obs.logging import get_logger
 from shared.settings import Settings
-from shared.store import Store
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from shared.states import FinishReason, RequestStatus
+from shared.core.states import FinishReason, RequestStatus
 
 
 def new_request_id() -> str:

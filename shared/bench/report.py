@@ -2,7 +2,7 @@
 ``report.md`` and PNG plots. ``scls bench`` and ``scls simulate`` both write through here,
 so their outputs have the same shape and can be compared file to file.
 
-``results.json`` maps each policy name to its metrics (:func:`shared.metrics.summarize`)
+``results.json`` maps each policy name to its metrics (:func:`shared.obs.metrics.summarize`)
 at the highest rate run, with ``by_rate`` holding every rate when several were run; plus
 ``meta`` (command, settings, workload) and ``runs`` (one entry per policy and rate).
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.table import Table
 
-from shared.metrics import HIGHER_IS_BETTER, TABLE_COLUMNS
+from shared.obs.metrics import HIGHER_IS_BETTER, TABLE_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Observability: structured logging, Prometheus exposition, metric definitions (design §7)."""
