@@ -49,23 +49,27 @@ def test_retained_rows_are_batched_at_home_and_priced_without_prefill() -> None:
 GAP = fresh_time(4, 400) - resume_time(4, 400)  # what a move costs: the batch's prefill
 
 
-@pytest.mark.parametrize(("busy_gaps", "horizon_gaps", "expected"), [
-    (0.0, 100, "b"),  # idle home: stays
-    (0.5, 100, "b"),  # loaded by less than a prefill: stays
-    (3.0, 100, "b"),  # loaded by more, but open (below the horizon): stays, no re-prefill
-    (3.0, 2, "a"),  # overloaded (past the horizon) and a would finish first: moves
+@pytest.mark.parametrize(("busy_gaps", "horizon_gaps", "fresh", "expected"), [
+    (0.0, 100, False, "b"),  # idle home: stays
+    (0.5, 100, False, "b"),  # loaded by less than a prefill: stays
+    (3.0, 100, False, "a"),  # loaded by more and nothing else to run: moves, pays prefill
+    (3.0, 2, False, "a"),  # overloaded (past the horizon) and a finishes first: moves
+    (3.0, 100, True, "b"),  # new work waiting: a takes that, the batch stays home
 ])
-def test_affinity_is_a_cost_not_a_pin(busy_gaps: float, horizon_gaps: float,
+def test_affinity_is_a_cost_not_a_pin(busy_gaps: float, horizon_gaps: float, fresh: bool,
                                       expected: str) -> None:
     cands = [kept(i, 400, "b") for i in range(4)]
+    if fresh:
+        cands.append(Candidate("new", 30, 64, 9.0))
     assert GAP > 0
     config = PolicyConfig(slice_length=S, max_batch=8, horizon_s=horizon_gaps * GAP)
     plan = plan_cycle(cands, [inst("a"), inst("b", busy=busy_gaps * GAP)], config)
-    assert [p.instance_id for p in plan.batches] == [expected]
-    moved = plan.batches[0]
+    moved = next(p for p in plan.batches if "r0" in p.request_ids)
+    assert moved.instance_id == expected
     assert moved.resumed_rows == (4 if expected == "b" else 0)
-    assert moved.estimated_s == pytest.approx(
-        resume_time(4, 400) if expected == "b" else fresh_time(4, 400))
+    if not fresh:
+        assert moved.estimated_s == pytest.approx(
+            resume_time(4, 400) if expected == "b" else fresh_time(4, 400))
 
 
 def test_a_busy_home_past_the_horizon_is_waited_for_when_still_cheaper() -> None:

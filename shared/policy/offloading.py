@@ -70,16 +70,14 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     returned unchanged.
 
     Affinity is a cost, not a pin: a batch whose K/V an instance retains is placed before
-    the other batches of its urgency, priced there without prefill and elsewhere with it.
-    While its home is open (below the horizon) it goes home: the home's queue is bounded
-    by the horizon, and a move would spend a re-prefill that, under load, displaces new
-    work the other instance would have run. Once its home is overloaded (past the
-    horizon) it waits while fresh batches are waiting too (an open instance has new work
-    to take: a move would add a prefill to the cluster's work, which under overload is
-    lost throughput, and the home takes it first once it opens); with no fresh work it
-    waits for its home if the home still completes it first, and otherwise moves to the
-    open instance where it completes soonest, paying its prefill there. A dead or
-    restarted home is no home (the caller drops it), so nothing waits for it.
+    the others, priced there without prefill and elsewhere with it. While fresh batches
+    are waiting too, it stays with its home (placed there if the home is open, else left
+    pending for it): the other instances have new work to take, and a move would only add
+    a re-prefill to the cluster's work, which under load is lost throughput. With no
+    fresh work, the cost decides: it goes where it completes soonest (a move pays its
+    prefill there and uses capacity that would otherwise idle), or waits for an overloaded
+    home that still completes it first. A dead or restarted home is no home (the caller
+    drops it), so nothing waits for it.
     """
     longest = np.min(problem.times, axis=1)
     loads = _Loads(problem)
@@ -97,12 +95,12 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
         k = int(np.argmin(completion))
         h = int(home[b])
         if h >= 0 and np.isfinite(problem.times[b, h]):
-            if not loads.closed[h]:
-                k = h  # its home is open: a move would only trade a prefill for balance
+            if fresh_waiting and not loads.closed[h]:
+                k = h  # others have new work to take: a move would only add a prefill
             elif fresh_waiting:
-                continue  # others have new work to take: moving would only add a prefill
-            elif loads.busy[h] + problem.times[b, h] <= completion[k]:
-                continue  # its overloaded home still finishes it first: wait for it
+                continue  # ... so it waits for its overloaded home, which takes it first
+            elif loads.closed[h] and loads.busy[h] + problem.times[b, h] <= completion[k]:
+                continue  # no new work: its overloaded home still finishes it first
         if completion[k] == np.inf:
             continue  # fits no open instance: stays pending
         assign[b] = k
