@@ -129,7 +129,7 @@ class LocalDeployment:
                 except httpx.HTTPError:
                     ingest_ok = False
             if ingest_ok and len(store.live_instances()) >= self.settings.workers:
-                store.r.close()
+                store.close()
                 return
             time.sleep(0.2)
         raise TimeoutError(f"deployment not ready after {timeout_s:.0f}s (see logs)")

@@ -9,7 +9,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from services.ingest.waiter import EventWaiter
+from shared.core.waiter import EventWaiter
 
 pytestmark = pytest.mark.anyio
 

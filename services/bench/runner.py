@@ -118,11 +118,8 @@ def slice_overheads(store: Store, counters: dict[str, float]) -> dict[str, float
     slice (reading the batch, decoding text, the commit itself). ILS jobs commit when each
     request ends, so only their dispatch is an overhead.
     """
-    pipe = store.r.pipeline(transaction=False)
-    keys = list(store.r.scan_iter(match=store.keys.batch("*"), count=1000))
-    for key in keys:
-        pipe.hmget(key, "created_at", "started_at", "committed_at")
-    rows = [tuple(float(v) for v in row) for row in pipe.execute() if None not in row]
+    fields = store.batch_fields("created_at", "started_at", "committed_at")
+    rows = [tuple(float(v) for v in row) for row in fields if None not in row]
     if not rows:
         return {"dispatch_s": 0.0, "in_job_s": 0.0, "batches": 0}
     dispatch = float(np.percentile([s - c for c, s, _ in rows], 10))
@@ -170,7 +167,7 @@ def run_policy(
             cfg = ClientConfig(**{**client.__dict__, "base_url": deployment.url})
             metrics = measure(store, items, cfg, on_sent, on_done)
         finally:
-            store.r.close()
+            store.close()
     metrics["policy"] = policy
     return Run(policy, rate, metrics)
 
@@ -192,7 +189,7 @@ def attach_run(
         policy = _deployment_policy(store) or settings.policy
         metrics = measure(store, items, client, on_sent, on_done)
     finally:
-        store.r.close()
+        store.close()
     metrics["policy"] = policy
     return Run(policy, rate, metrics)
 

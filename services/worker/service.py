@@ -183,8 +183,7 @@ class WorkerService:
         """Requeue the batches still placed on this instance (no retry counted): all, or
         only those no worker has started yet."""
         handed_back = 0
-        for batch_id in self.store.r.zrange(self.store.keys.instance_batches(self.instance_id),
-                                            0, -1):
+        for batch_id in self.store.instance_batch_ids(self.instance_id):
             batch = self.store.get_batch(batch_id)
             if batch is None:
                 continue

@@ -1,6 +1,7 @@
-"""Atomic operations on the Redis state (one class, sync; the ingest's async side is in
-:mod:`shared.async_store`). Every multi-key change is one Lua script or one MULTI, so the
-invariants of docs/design.md §6 hold whatever crashes in between."""
+"""Atomic operations on the Redis state (one class, sync; the ingest's async face over the
+same keys and scripts is :mod:`shared.core.async_store`). Every multi-key change is one Lua
+script or one MULTI, so the invariants of docs/design.md §6 hold whatever crashes in between.
+Services reach Redis through these two faces only (RQ's own connection aside)."""
 
 from __future__ import annotations
 
@@ -303,6 +304,10 @@ class Store:
         return [(bid, float(score)) for bid, score in self.r.zrange(self.keys.inflight, 0, -1,
                                                                      withscores=True)]
 
+    def instance_batch_ids(self, instance_id: str) -> list[str]:
+        """Batches queued on or running at an instance, oldest placement first."""
+        return list(self.r.zrange(self.keys.instance_batches(instance_id), 0, -1))
+
     def instance_batch_count(self, instance_id: str) -> int:
         """Batches queued on or running at an instance."""
         return int(self.r.zcard(self.keys.instance_batches(instance_id)))
@@ -432,6 +437,17 @@ class Store:
         """Cumulative counters, global or for one instance."""
         key = self.keys.instance_stats(instance_id) if instance_id else self.keys.stats
         return {k: float(v) for k, v in self.r.hgetall(key).items()}
+
+    def batch_fields(self, *fields: str) -> list[list[str | None]]:
+        """``fields`` of every batch hash still stored (a SCAN: for tools, not for serving)."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in self.r.scan_iter(match=self.keys.batch("*"), count=1000):
+            pipe.hmget(key, *fields)
+        return list(pipe.execute())
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self.r.close()
 
     def events(self, request_id: str) -> list[dict[str, str]]:
         """All events of a request so far (oldest first)."""
