@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceStats
+from services.worker.engine import SliceEngine, SliceInput, SliceStats
 from services.worker.sampling import select_tokens, uniform_for
+from shared.core.records import RequestParams
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel, load_model
 from shared.modeling.registry import ByteCodec
 from tests.helpers import greedy_reference
 
 PROMPTS = ("The quick brown fox jumps", "Hi", "Slices, batches & seeds: 12345")
-SAMPLED = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
+SAMPLED = RequestParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234)
 
 Result = tuple[list[int], FinishReason]
 
@@ -30,7 +31,7 @@ def prompts(tiny: LoadedModel) -> list[list[int]]:
 
 
 def run_to_end(
-    engine: SliceEngine, rows: dict[str, tuple[list[int], SamplingParams]], slice_len: int
+    engine: SliceEngine, rows: dict[str, tuple[list[int], RequestParams]], slice_len: int
 ) -> tuple[dict[str, Result], list[SliceStats]]:
     """Run slices until every request finishes, re-feeding generated ids like the worker does."""
     generated: dict[str, list[int]] = {rid: [] for rid in rows}
@@ -68,7 +69,7 @@ def test_greedy_slices_match_generate(
     tiny: LoadedModel, prompts: list[list[int]], slice_len: int
 ) -> None:
     engine = SliceEngine(tiny)
-    rows = {str(i): (p, SamplingParams(max_tokens=13)) for i, p in enumerate(prompts)}
+    rows = {str(i): (p, RequestParams(max_tokens=13)) for i, p in enumerate(prompts)}
     results, all_stats = run_to_end(engine, rows, slice_len)
     for i, prompt in enumerate(prompts):
         assert results[str(i)] == (greedy_reference(tiny, prompt, 13), FinishReason.LENGTH)
@@ -86,7 +87,7 @@ def test_seeded_sampling_ignores_slicing_and_batching(
     engine = SliceEngine(tiny)
     target = prompts[0]
     others = {
-        "greedy": (prompts[1], SamplingParams(max_tokens=10)),
+        "greedy": (prompts[1], RequestParams(max_tokens=10)),
         "other-seed": (prompts[2], dataclasses.replace(SAMPLED, seed=99, max_tokens=30)),
     }
     runs = []
@@ -159,7 +160,7 @@ def test_eos_finishes_rows_and_returns_early(
 ) -> None:
     eos, greedy = eos_case
     engine = SliceEngine(with_eos(tiny, eos), drop_finished_rows=drop)
-    rows = [SliceInput(str(i), p, [], SamplingParams(max_tokens=40)) for i, p in enumerate(prompts)]
+    rows = [SliceInput(str(i), p, [], RequestParams(max_tokens=40)) for i, p in enumerate(prompts)]
     outputs, stats = engine.run_slice(rows, slice_len=64)
     stop_at = [g.index(eos) for g in greedy]  # EOS is not part of new_ids
     for out, g, k in zip(outputs, greedy, stop_at, strict=True):
@@ -178,7 +179,7 @@ def test_eos_is_ignored_on_request(
 ) -> None:
     eos, greedy = eos_case
     engine = SliceEngine(with_eos(tiny, eos))
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = RequestParams(max_tokens=40, ignore_eos=True)
     results, _ = run_to_end(engine, {"0": (prompts[0], params)}, 16)
     assert results["0"] == (greedy[0], FinishReason.LENGTH)
 
@@ -188,7 +189,7 @@ def test_eos_across_slices(
 ) -> None:
     eos, greedy = eos_case
     engine = SliceEngine(with_eos(tiny, eos))
-    rows = {str(i): (p, SamplingParams(max_tokens=40)) for i, p in enumerate(prompts)}
+    rows = {str(i): (p, RequestParams(max_tokens=40)) for i, p in enumerate(prompts)}
     results, _ = run_to_end(engine, rows, 3)
     for i, g in enumerate(greedy):
         assert results[str(i)] == (g[: g.index(eos)], FinishReason.STOP)
@@ -205,10 +206,10 @@ def test_length_finish_never_exceeds_max_tokens(
     engine = SliceEngine(tiny)
     greedy = greedy_reference(tiny, prompts[0], 10)
     rows = [
-        SliceInput("short", prompts[0], [], SamplingParams(max_tokens=3)),
-        SliceInput("long", prompts[0], [], SamplingParams(max_tokens=10)),
-        SliceInput("resumed", prompts[0], greedy[:8], SamplingParams(max_tokens=10)),
-        SliceInput("spent", prompts[0], greedy[:10], SamplingParams(max_tokens=10)),
+        SliceInput("short", prompts[0], [], RequestParams(max_tokens=3)),
+        SliceInput("long", prompts[0], [], RequestParams(max_tokens=10)),
+        SliceInput("resumed", prompts[0], greedy[:8], RequestParams(max_tokens=10)),
+        SliceInput("spent", prompts[0], greedy[:10], RequestParams(max_tokens=10)),
     ]
     outputs, stats = engine.run_slice(rows, slice_len=4)
     by_id = {o.request_id: o for o in outputs}
@@ -231,7 +232,7 @@ def test_length_finish_never_exceeds_max_tokens(
 
 def test_slice_of_only_spent_rows_runs_nothing(tiny: LoadedModel, prompts: list[list[int]]) -> None:
     engine = SliceEngine(tiny)
-    row = SliceInput("spent", prompts[1], [5, 6], SamplingParams(max_tokens=2))
+    row = SliceInput("spent", prompts[1], [5, 6], RequestParams(max_tokens=2))
     outputs, stats = engine.run_slice([row], slice_len=8)
     assert (outputs[0].new_ids, outputs[0].finish_reason) == ([], FinishReason.LENGTH)
     assert (stats.batch_size, stats.steps, stats.generated_tokens) == (0, 0, 0)
@@ -240,9 +241,9 @@ def test_slice_of_only_spent_rows_runs_nothing(tiny: LoadedModel, prompts: list[
 def test_bad_arguments_raise(tiny: LoadedModel, prompts: list[list[int]]) -> None:
     engine = SliceEngine(tiny)
     with pytest.raises(ValueError, match="slice_len"):
-        engine.run_slice([SliceInput("a", prompts[0], [], SamplingParams(max_tokens=2))], 0)
+        engine.run_slice([SliceInput("a", prompts[0], [], RequestParams(max_tokens=2))], 0)
     with pytest.raises(ValueError, match="no prompt"):
-        engine.run_slice([SliceInput("a", [], [], SamplingParams(max_tokens=2))], 4)
+        engine.run_slice([SliceInput("a", [], [], RequestParams(max_tokens=2))], 4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def test_stop_string_spanning_slices(tiny: LoadedModel, prompts: list[list[int]]
     index, stop, j = stop_string_case(tiny, prompts)
     greedy = greedy_reference(tiny, prompts[index], 40)
     engine = SliceEngine(tiny)
-    params = SamplingParams(max_tokens=40, stop=("never-there", stop))
+    params = RequestParams(max_tokens=40, stop=("never-there", stop))
     # slice_len = j puts token j-1 at the end of one slice and token j at the start of the
     # next: only the text of all generated tokens, old and new, contains the stop string.
     results, _ = run_to_end(engine, {"s": (prompts[index], params)}, j)
@@ -286,7 +287,7 @@ def test_stop_string_spanning_slices(tiny: LoadedModel, prompts: list[list[int]]
 
 def test_stats_count_padding_and_recomputation(tiny: LoadedModel) -> None:
     engine = SliceEngine(tiny)
-    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    params = RequestParams(max_tokens=50, ignore_eos=True)
     rows = [
         SliceInput("a", [10, 11, 12, 13, 14], [20, 21, 22], params),  # context 8, resumed
         SliceInput("b", [10, 11], [], params),  # context 2, new

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.worker.engine import SamplingParams, SliceEngine, SliceInput
+from services.worker.engine import SliceEngine, SliceInput
 from services.worker.ils import (
     IlsConfig,
     IlsEngine,
@@ -19,6 +19,7 @@ from services.worker.ils import (
     IterationShape,
     num_blocks_for,
 )
+from shared.core.records import RequestParams
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import ByteCodec
@@ -46,7 +47,7 @@ def prompts(tiny: LoadedModel) -> list[list[int]]:
 
 
 def sliced(
-    loaded: LoadedModel, rows: list[tuple[list[int], SamplingParams]]
+    loaded: LoadedModel, rows: list[tuple[list[int], RequestParams]]
 ) -> list[tuple[list[int], FinishReason | None]]:
     """SliceEngine output of ``rows`` in one batch, one slice covering every generation."""
     inputs = [SliceInput(str(i), p, [], params) for i, (p, params) in enumerate(rows)]
@@ -96,7 +97,7 @@ def test_greedy_matches_slice_engine_and_generate(
         for i, (prompt, n) in enumerate(zip(prompts, MAX_NEW, strict=True)):
             engine.add(str(i), prompt, n)
         results = collect(engine, [str(i) for i in range(len(prompts))])
-    rows = [(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, MAX_NEW, strict=True)]
+    rows = [(p, RequestParams(max_tokens=n)) for p, n in zip(prompts, MAX_NEW, strict=True)]
     batch = sliced(tiny, rows)
     for i, (prompt, n) in enumerate(zip(prompts, MAX_NEW, strict=True)):
         expected = greedy_reference(tiny, prompt, n)
@@ -162,7 +163,7 @@ def test_ignore_eos_is_per_request(tiny: LoadedModel, prompts: list[list[int]]) 
     assert as_pair(results["ignore"]) == (tokens, FinishReason.LENGTH)
     batch = sliced(
         model,
-        [(prompt, SamplingParams(max_tokens=24)), (prompt, SamplingParams(24, ignore_eos=True))],
+        [(prompt, RequestParams(max_tokens=24)), (prompt, RequestParams(24, ignore_eos=True))],
     )
     assert batch == [as_pair(results["stop"]), as_pair(results["ignore"])]
 
@@ -239,7 +240,7 @@ def test_requests_that_cannot_run_come_back_at_once(tiny: LoadedModel) -> None:
         FinishReason.LENGTH,
     )
     assert results["huge"].finish_reason == FinishReason.NEVER_FITS and results["huge"].error
-    expected = sliced(tiny, [(near_limit, SamplingParams(max_tokens=20))])[0]
+    expected = sliced(tiny, [(near_limit, RequestParams(max_tokens=20))])[0]
     assert as_pair(results["near"]) == expected
     assert len(expected[0]) == 6
 

@@ -15,15 +15,16 @@ import itertools
 import pytest
 import torch
 
-from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceStats
+from services.worker.engine import SliceEngine, SliceInput, SliceStats
 from services.worker.kv_cache import pass_tokens_of, prefill_groups
 from services.worker.kv_pool import KvEntry, KvPool
+from shared.core.records import RequestParams
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
 from tests.helpers import greedy_reference
 
 PROMPTS = ("The quick brown fox jumps over", "Hi", "Slices, batches & seeds: 12345", "ok?")
-SAMPLED = SamplingParams(max_tokens=21, temperature=0.9, top_p=0.95, seed=77)
+SAMPLED = RequestParams(max_tokens=21, temperature=0.9, top_p=0.95, seed=77)
 BIG = 1 << 30
 
 Result = tuple[list[int], FinishReason]
@@ -37,13 +38,13 @@ class Driver:
     def __init__(self, engine: SliceEngine) -> None:
         self.engine = engine
         self.generated: dict[str, list[int]] = {}
-        self.params: dict[str, tuple[list[int], SamplingParams]] = {}
+        self.params: dict[str, tuple[list[int], RequestParams]] = {}
         self.fence: dict[str, int] = {}
         self.kv_fence: dict[str, int | None] = {}
         self.finished: dict[str, Result] = {}
         self.stats: list[SliceStats] = []
 
-    def add(self, rid: str, prompt: list[int], params: SamplingParams) -> None:
+    def add(self, rid: str, prompt: list[int], params: RequestParams) -> None:
         self.params[rid] = (prompt, params)
         self.generated[rid] = []
         self.fence[rid] = 0
@@ -170,7 +171,7 @@ def test_greedy_equal_on_off_and_generate(
     for pool in (None, KvPool(BIG)):
         driver = Driver(SliceEngine(tiny, pool=pool))
         for i, p in enumerate(prompts):
-            driver.add(str(i), p, SamplingParams(max_tokens=13))
+            driver.add(str(i), p, RequestParams(max_tokens=13))
         assert driver.run(slice_len) == expected
         later = driver.stats[1:]
         if pool is None:
@@ -192,7 +193,7 @@ def test_mixed_batches_of_resumed_and_fresh_rows(
     expected = _greedy(tiny, everything, 11)
     driver = Driver(SliceEngine(tiny, pool=KvPool(BIG), pass_tokens=4.0))
     for i, p in enumerate(everything):
-        driver.add(str(i), p, SamplingParams(max_tokens=11))
+        driver.add(str(i), p, RequestParams(max_tokens=11))
     driver.step(3, only={"0", "1"})
     mixed = driver.step(3, only={"0", "1", "2", "4"})
     assert mixed.resumed_rows == 2 and len(mixed.prefill_passes) == 2
@@ -209,7 +210,7 @@ def test_stale_and_evicted_entries_fall_back_to_prefill(
     pool = KvPool(one_row)
     driver = Driver(SliceEngine(tiny, pool=pool))
     for i, p in enumerate(prompts):
-        driver.add(str(i), p, SamplingParams(max_tokens=10))
+        driver.add(str(i), p, RequestParams(max_tokens=10))
     driver.step(2)
     # A stale fence (as after a slice committed elsewhere): must miss, not resume.
     driver.kv_fence = {rid: (f + 100 if f else f) for rid, f in driver.kv_fence.items()}
@@ -235,8 +236,8 @@ def test_seeded_sampling_equal_on_and_off(tiny: LoadedModel, prompts: list[list[
 def test_rows_ending_mid_slice_leave_nothing(tiny: LoadedModel, prompts: list[list[int]]) -> None:
     pool = KvPool(BIG)
     driver = Driver(SliceEngine(tiny, pool=pool))
-    driver.add("short", prompts[0], SamplingParams(max_tokens=2))
-    driver.add("long", prompts[1], SamplingParams(max_tokens=9))
+    driver.add("short", prompts[0], RequestParams(max_tokens=2))
+    driver.add("long", prompts[1], RequestParams(max_tokens=9))
     driver.step(4)
     assert "short" in driver.finished and "short" not in pool and "long" in pool
     entry = pool._entries["long"]
@@ -256,7 +257,7 @@ def test_smollm2_greedy_equal_on_off_and_generate(smollm2: LoadedModel) -> None:
     for pool in (None, KvPool(BIG)):
         driver = Driver(SliceEngine(smollm2, pool=pool, pass_tokens=8.0))
         for i, p in enumerate(prompts):
-            driver.add(str(i), p, SamplingParams(max_tokens=12))
+            driver.add(str(i), p, RequestParams(max_tokens=12))
         driver.step(4, only={"0"})  # then mixed batches: one resumed row, two prefilled
         results = driver.run(4)
         assert {rid: tokens for rid, (tokens, _) in results.items()} == expected

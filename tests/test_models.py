@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import shared.modeling.registry as models
-from services.worker.engine import SamplingParams, SliceEngine, SliceInput
+from services.worker.engine import SliceEngine, SliceInput
+from shared.core.records import RequestParams
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel, load_model
 from shared.modeling.registry import (
@@ -181,7 +182,7 @@ def test_smollm2_answers_paris(smollm2: LoadedModel) -> None:
     codec = smollm2.codec
     prompt = codec.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     engine = SliceEngine(smollm2)
-    row = SliceInput("paris", prompt, [], SamplingParams(max_tokens=20))
+    row = SliceInput("paris", prompt, [], RequestParams(max_tokens=20))
     outputs, stats = engine.run_slice([row], slice_len=20)
     answer = codec.decode(outputs[0].new_ids)
     assert "Paris" in answer

@@ -28,20 +28,9 @@ from transformers import StaticCache
 from services.worker import kv_cache
 from services.worker.kv_pool import KvEntry, KvPool
 from services.worker.sampling import select_tokens
+from shared.core.records import RequestParams
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How a request is generated; identical for every slice of the request."""
-
-    max_tokens: int  # total tokens to generate for the request (not per slice)
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None  # used when temperature > 0 (None means 0)
-    stop: tuple[str, ...] = ()  # stop strings
-    ignore_eos: bool = False  # benchmark extension: never stop on EOS
 
 
 @dataclass
@@ -51,7 +40,7 @@ class SliceInput:
     request_id: str
     prompt_ids: list[int]
     generated_ids: list[int]  # tokens generated in earlier slices
-    params: SamplingParams
+    params: RequestParams  # how the request is generated; the same for every slice
     fence: int = 0  # this slice's fence for the request: stored with the K/V it leaves
     kv_fence: int | None = None  # fence of the retained K/V Redis names here (None: none)
 

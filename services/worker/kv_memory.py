@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import typer
 
-from services.worker.engine import SamplingParams, SliceEngine, SliceInput
+from services.worker.engine import SliceEngine, SliceInput
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
 from services.worker.profiler import AllocatorPeak, PeakMeter, load_or_profile
+from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel, load_model
 from shared.settings import Settings
 
@@ -46,7 +47,7 @@ class _Requests:
             self.count += 1
             prompt = self.rng.integers(3, self.vocab, size=length).tolist()
             rows.append(SliceInput(f"m{self.count}", prompt, [],
-                                   SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                   RequestParams(max_tokens=max_tokens, ignore_eos=True),
                                    fence=1))
         return rows
 

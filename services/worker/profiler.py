@@ -57,8 +57,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.worker.engine import SamplingParams, SliceEngine, SliceInput
+from services.worker.engine import SliceEngine, SliceInput
 from services.worker.fit import FitReport, PointSample, ProfileSamples, fit_cost_model
+from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import TINY_RANDOM
 from shared.obs.logging import get_logger
@@ -277,7 +278,7 @@ def _rows(b: int, l: int, s: int, vocab: int, rng: np.random.Generator) -> list[
     Uneven lengths give a real padding mask (as served batches have), so attention takes
     the same path as in serving; the padded shape, which sets the cost, is ``b x l``.
     """
-    params = SamplingParams(max_tokens=s, ignore_eos=True)
+    params = RequestParams(max_tokens=s, ignore_eos=True)
     lengths = [l] + [int(rng.integers(max(1, l // 2), l + 1)) for _ in range(b - 1)]
     return [
         SliceInput(f"p{i}", rng.integers(3, vocab, size=n).tolist(), [], params)

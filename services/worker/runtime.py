@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from services.worker.engine import SamplingParams, SliceEngine, SliceInput, SliceOutput, SliceStats
+from services.worker.engine import SliceEngine, SliceInput, SliceOutput, SliceStats
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
 from shared.core.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
@@ -245,15 +245,11 @@ class WorkerRuntime:
 def to_slice_input(rec: RequestRecord, fence: int = 0, kv_fence: int | None = None) -> SliceInput:
     """The engine's view of a stored request, run at ``fence``; ``kv_fence`` is the fence
     of the K/V this worker keeps for it (None: none)."""
-    p = rec.params
     return SliceInput(
         request_id=rec.id,
         prompt_ids=rec.prompt_ids,
         generated_ids=rec.generated_ids,
-        params=SamplingParams(
-            max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-            stop=p.stop, ignore_eos=p.ignore_eos,
-        ),
+        params=rec.params,
         fence=fence,
         kv_fence=kv_fence,
     )
