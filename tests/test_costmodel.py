@@ -14,11 +14,10 @@ from services.worker.fit import (
     HEAP_SAFETY,
     MEM_SAFETY,
     MEM_SAFETY_EXACT,
-    PointSample,
-    ProfileSamples,
     fit_cost_model,
     heldout_mask,
 )
+from services.worker.samples import PointSample, ProfileSamples
 from shared.policy.costmodel import (
     ACT_FEATURES,
     DECODE_FEATURES,

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from services.worker import profiler
 from services.worker.engine import SliceEngine
-from services.worker.fit import ProfileSamples
 from services.worker.profile_cmd import profile_command
+from services.worker.samples import ProfileSamples
 from shared.core.store import Store
 from shared.modeling.loading import LoadedModel, load_model
 from shared.policy.costmodel import CostModel

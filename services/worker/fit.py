@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 from scipy.optimize import linprog
 from sklearn.linear_model import LinearRegression
 
+from services.worker.samples import PointSample, ProfileSamples
 from shared.policy.costmodel import (
     ACT_FEATURES,
     DECODE_FEATURES,
@@ -50,62 +51,6 @@ EXACT_MEMORY_METHODS = frozenset({"cuda_max_memory_allocated", "cpu_allocator_ev
 # The heap overhead is the largest ratio over the profile's points of a resident-set figure,
 # so it gets the resident-set slack.
 HEAP_SAFETY = MEM_SAFETY
-
-
-# --------------------------------------------------------------------------------------------
-# Measurements
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PointSample:
-    """Measurements of one grid point ``(b, l)`` at slice length ``s`` (medians of repeats).
-
-    ``step_s[j-1]`` is decode step ``j`` (context ``l + j``), ``j = 1..s-1``; ``slice_s`` is
-    the measured whole slice (prefill + every step); ``peak_bytes`` is the largest measured
-    peak beyond the weights over the repeats (None when it could not be measured).
-    """
-
-    b: int
-    l: int  # noqa: E741
-    s: int
-    prefill_s: float
-    step_s: tuple[float, ...]
-    slice_s: float
-    peak_bytes: int | None = None
-    process_peak_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.step_s) != self.s - 1:
-            raise ValueError(f"point ({self.b}, {self.l}): {len(self.step_s)} steps, s={self.s}")
-
-
-@dataclass(frozen=True)
-class ProfileSamples:
-    """Everything a profiling run measured, plus what the fit needs to know about the model."""
-
-    points: tuple[PointSample, ...]
-    slice_length: int
-    kv_bytes_per_token: int
-    model: str = ""
-    device: str = ""
-    dtype: str = ""
-    grid: str = ""
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict."""
-        out = asdict(self)
-        out["meta"] = dict(self.meta)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ProfileSamples:
-        """Inverse of :meth:`to_dict`."""
-        points = tuple(
-            PointSample(**{**p, "step_s": tuple(p["step_s"])}) for p in d["points"]
-        )
-        return cls(**{**d, "points": points})
 
 
 # --------------------------------------------------------------------------------------------

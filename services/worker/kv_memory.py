@@ -24,7 +24,8 @@ import typer
 from services.worker.engine import SliceEngine, SliceInput
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
-from services.worker.profiler import AllocatorPeak, PeakMeter, load_or_profile
+from services.worker.peaks import AllocatorPeak, PeakMeter
+from services.worker.profiler import load_or_profile
 from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel, load_model
 from shared.settings import Settings

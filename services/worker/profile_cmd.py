@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.worker.fit import FitReport, ProfileSamples
+from services.worker.fit import FitReport
+from services.worker.samples import ProfileSamples
 from shared.policy.costmodel import DECODE_FEATURES, CostModel
 from shared.settings import Settings
 
