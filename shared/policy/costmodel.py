@@ -81,11 +81,12 @@ def _linear(names: Sequence[str], coef: Sequence[float], b: ArrayLike, x: ArrayL
     tensor first cost several times more.
     """
     bb, xx = np.asarray(b, dtype=float), np.asarray(x, dtype=float)
-    total = np.zeros(np.broadcast_shapes(bb.shape, xx.shape))
+    total: Any = 0.0
     for name, c in zip(names, coef, strict=True):
-        if c:
-            total = total + c * _FEATURES[name](bb, xx)
-    return total
+        if c:  # the constant feature is added as a scalar: no array of ones
+            total = total + (c if name == "1" else c * _FEATURES[name](bb, xx))
+    shape = np.broadcast_shapes(bb.shape, xx.shape)
+    return total if np.shape(total) == shape else np.zeros(shape) + total
 
 
 # --------------------------------------------------------------------------------------------

@@ -201,47 +201,66 @@ def join_resumed(
     by_id = {inst.id: inst for inst in instances}
     out = list(plans)
     waiting = sorted(unplaced, key=lambda b: b.oldest_arrival)
-    for h, host in enumerate(out):
-        if not host.resumed_rows:
-            continue
-        inst = by_id[host.instance_id]
+    hosts_of: dict[str, list[int]] = {}
+    for h, plan in enumerate(out):
+        if plan.resumed_rows:
+            hosts_of.setdefault(plan.instance_id, []).append(h)
+    for iid, hosts in hosts_of.items():
         guests: list[tuple[int, BatchPlan | FormedBatch]] = [
-            (j, p) for j, p in enumerate(out) if not p.resumed_rows and p.instance_id == inst.id
+            (j, p) for j, p in enumerate(out)
+            if p.request_ids and not p.resumed_rows and p.instance_id == iid
         ] + [(-1, b) for b in waiting if not b.home]
-        for j, guest in guests:
-            joined = _joined(out[h], guest, inst, max_batch)
-            if joined is None:
-                continue
-            added = joined.estimated_s - out[h].estimated_s
-            own = guest.estimated_s if isinstance(guest, BatchPlan) else float(
-                inst.cost.slice_time(len(guest.request_ids), guest.padded_len,
-                                     guest.slice_length))
-            if added < own:
-                out[h] = joined
-                if j >= 0:
-                    out[j] = replace(guest, request_ids=())  # emptied; dropped below
-                else:
-                    waiting.remove(guest)  # type: ignore[arg-type]
+        for j, guest in _join_guests(out, hosts, guests, by_id[iid], max_batch):
+            if j >= 0:
+                out[j] = replace(guest, request_ids=())  # emptied; dropped below
+            else:
+                waiting.remove(guest)  # type: ignore[arg-type]
     return [p for p in out if p.request_ids], waiting
 
 
-def _joined(
-    host: BatchPlan, guest: BatchPlan | FormedBatch, inst: InstanceView, max_batch: int
-) -> BatchPlan | None:
-    """``host`` with ``guest``'s (fresh) rows, priced on ``inst``; None if it won't fit."""
-    b = len(host.request_ids) + len(guest.request_ids)
-    width = max(host.padded_len, guest.padded_len)
-    s = host.slice_length
-    if not guest.request_ids or b > max_batch or width > inst.context_limit:
-        return None
-    memory = float(inst.cost.slice_memory(b, width, s))
-    if memory > inst.memory_budget_bytes:
-        return None
-    # The guests' prefill (a slice of length 1 is its prefill), then S shared steps.
-    seconds = float(inst.cost.slice_time(len(guest.request_ids), guest.padded_len, 1)) + float(
-        inst.cost.resume_time(b, width, s))
-    return replace(host, request_ids=host.request_ids + guest.request_ids, padded_len=width,
-                   estimated_s=seconds, estimated_bytes=int(memory))
+def _join_guests(
+    out: list[BatchPlan], hosts: list[int], guests: list[tuple[int, BatchPlan | FormedBatch]],
+    inst: InstanceView, max_batch: int,
+) -> list[tuple[int, BatchPlan | FormedBatch]]:
+    """Grow the resuming batches ``out[hosts]`` of one instance with guests: the oldest
+    guest worth joining some host joins the host where it adds least, again and again.
+    Every (host, guest) pair is priced in one vectorised pass per join (a cycle has many
+    candidates and few joins). Returns the guests taken."""
+    if not guests:
+        return []
+    cost = inst.cost
+    s = out[hosts[0]].slice_length
+    rows = np.array([len(g.request_ids) for _, g in guests])
+    lens = np.array([g.padded_len for _, g in guests])
+    prefill = np.asarray(cost.slice_time(rows, lens, 1), dtype=float)  # a slice of 1 step
+    own = np.array([g.estimated_s if isinstance(g, BatchPlan) else np.nan for _, g in guests])
+    fresh_own = np.isnan(own)
+    if fresh_own.any():  # unplaced guests: their own slice on this instance
+        own[fresh_own] = np.asarray(cost.slice_time(rows[fresh_own], lens[fresh_own], s))
+    free = np.ones(len(guests), dtype=bool)
+    taken: list[tuple[int, BatchPlan | FormedBatch]] = []
+    while free.any():
+        size = np.array([len(out[h].request_ids) for h in hosts])[:, None]
+        base = np.array([out[h].estimated_s for h in hosts])[:, None]
+        b = size + rows[None, :]
+        width = np.maximum(np.array([out[h].padded_len for h in hosts])[:, None], lens[None, :])
+        memory = np.asarray(cost.slice_memory(b, width, s), dtype=float)
+        added = prefill[None, :] + np.asarray(cost.resume_time(b, width, s), dtype=float) - base
+        good = (free[None, :] & (b <= max_batch) & (width <= inst.context_limit)
+                & (memory <= inst.memory_budget_bytes) & (added < own[None, :]))
+        worth = good.any(axis=0)
+        if not worth.any():
+            break
+        i = int(np.argmax(worth))  # the oldest guest worth joining
+        k = int(np.argmin(np.where(good[:, i], added[:, i], np.inf)))
+        host, guest = out[hosts[k]], guests[i][1]
+        out[hosts[k]] = replace(
+            host, request_ids=host.request_ids + guest.request_ids,
+            padded_len=int(width[k, i]), estimated_s=float(base[k, 0] + added[k, i]),
+            estimated_bytes=int(memory[k, i]))
+        free[i] = False
+        taken.append(guests[i])
+    return taken
 
 
 def _affine_batches(
