@@ -13,7 +13,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from services.worker import profiler
+from services.worker import profile_cache, profiler
 from services.worker.engine import SliceEngine
 from services.worker.profile_cmd import profile_command
 from services.worker.samples import ProfileSamples
@@ -135,7 +135,7 @@ def test_quick_profile_fits_allocator_peaks_and_bounds_the_process_growth(
     for p in samples.points:
         assert float(model.slice_memory(p.b, p.l)) * model.heap_overhead >= p.process_peak_bytes
     settings = Settings(memory_budget_bytes=3 * 2**30)
-    budget = profiler.instance_memory_budget(tiny, settings, model)
+    budget = profile_cache.instance_memory_budget(tiny, settings, model)
     assert budget == int(3 * 2**30 / model.heap_overhead)
     assert "heap overhead" in quick_run["stdout"]
 
@@ -157,29 +157,29 @@ def test_load_or_profile_reuses_its_cache_and_reprofile_forces_a_run(
 ) -> None:
     monkeypatch.setattr(profiler, "QUICK_GRID", SMALL_GRID)
     settings = settings.model_copy(update={"cache_dir": tmp_path, "profile_mode": "quick"})
-    first = profiler.load_or_profile(tiny, settings)
-    path = profiler.cache_path(tiny, settings, SMALL_GRID)
+    first = profile_cache.load_or_profile(tiny, settings)
+    path = profile_cache.cache_path(tiny, settings, SMALL_GRID)
     assert path.is_file() and first.source == "profiled" and first.grid == "test"
-    assert profiler.load_or_profile(tiny, settings) == first  # from the file, not measured
-    forced = profiler.load_or_profile(tiny, settings, reprofile=True)
+    assert profile_cache.load_or_profile(tiny, settings) == first  # from the file, not measured
+    forced = profile_cache.load_or_profile(tiny, settings, reprofile=True)
     assert forced.created_at > first.created_at
     assert CostModel.from_json(path.read_text()) == forced
     # A different slice length is a different profile: the cached one is not reused.
     other = settings.model_copy(update={"slice_length": settings.slice_length + 1})
-    assert profiler.cache_path(tiny, other, SMALL_GRID) != path
-    assert profiler.load_or_profile(tiny, other).slice_length == settings.slice_length + 1
+    assert profile_cache.cache_path(tiny, other, SMALL_GRID) != path
+    assert profile_cache.load_or_profile(tiny, other).slice_length == settings.slice_length + 1
     # A stored file whose key does not match (e.g. other threads) is measured again.
     stale = forced.to_dict()
     stale["meta"]["cache_key"]["torch_threads"] = -1
     path.write_text(json.dumps(stale))
-    assert profiler.load_or_profile(tiny, settings).created_at > forced.created_at
+    assert profile_cache.load_or_profile(tiny, settings).created_at > forced.created_at
 
 
 def test_analytic_mode_measures_nothing(tiny: LoadedModel, settings: Settings) -> None:
     analytic = settings.model_copy(
         update={"cache_dir": Path("/nonexistent"), "profile_mode": "analytic"}
     )
-    model = profiler.load_or_profile(tiny, analytic)
+    model = profile_cache.load_or_profile(tiny, analytic)
     assert model.source == "analytic" and model.slice_length == settings.slice_length
 
 
@@ -191,7 +191,7 @@ def test_grid_choice_and_cpu_budget(tiny: LoadedModel, settings: Settings) -> No
     assert profiler.grid_for("analytic", "tiny-random") is None
     with pytest.raises(ValueError, match="profile_mode"):
         profiler.grid_for("fast", "tiny-random")
-    assert profiler.instance_memory_budget(tiny, settings) == settings.memory_budget_bytes
+    assert profile_cache.instance_memory_budget(tiny, settings) == settings.memory_budget_bytes
     full = profiler.FULL_GRID.points(8192, 32)
     assert (32, 512) not in full and (1, 512) in full and (32, 128) in full
 
@@ -202,9 +202,9 @@ def test_cached_mode_uses_a_cached_profile_or_the_analytic_model(
     """``profile_mode="cached"`` (the demo's) never measures: cache hit or analytic."""
     monkeypatch.setattr(profiler, "QUICK_GRID", SMALL_GRID)
     cached = settings.model_copy(update={"cache_dir": tmp_path, "profile_mode": "cached"})
-    assert profiler.load_or_profile(tiny, cached).source == "analytic"
+    assert profile_cache.load_or_profile(tiny, cached).source == "analytic"
     assert not list(tmp_path.rglob("*.json"))  # nothing was measured or written
-    measured = profiler.load_or_profile(
+    measured = profile_cache.load_or_profile(
         tiny, cached.model_copy(update={"profile_mode": "auto"})  # auto = quick for tiny
     )
-    assert profiler.load_or_profile(tiny, cached) == measured
+    assert profile_cache.load_or_profile(tiny, cached) == measured

@@ -25,7 +25,7 @@ from services.worker.engine import SliceEngine, SliceInput
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
 from services.worker.peaks import AllocatorPeak, PeakMeter
-from services.worker.profiler import load_or_profile
+from services.worker.profile_cache import load_or_profile
 from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel, load_model
 from shared.settings import Settings

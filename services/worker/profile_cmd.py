@@ -67,7 +67,7 @@ def run_profile_command(
     """Load the model, profile (or reuse the cache) and return the JSON-able result."""
     import torch
 
-    from services.worker import profiler
+    from services.worker import profile_cache, profiler
     from shared.modeling.loading import load_model
 
     if settings.torch_threads:
@@ -75,11 +75,11 @@ def run_profile_command(
     started = time.perf_counter()
     loaded = load_model(settings.model, settings.cache_dir, settings.device)
     grid = profiler.QUICK_GRID if quick else profiler.FULL_GRID
-    key = profiler.cache_key(loaded, settings, grid)
-    path = profiler.cache_path(loaded, settings, grid)
+    key = profile_cache.cache_key(loaded, settings, grid)
+    path = profile_cache.cache_path(loaded, settings, grid)
     report = samples = None
-    with profiler.profile_lock(path):  # never measure while a worker here is profiling
-        cached = None if reprofile else profiler.read_cached(path, key)
+    with profile_cache.profile_lock(path):  # never measure while a worker here is profiling
+        cached = None if reprofile else profile_cache.read_cached(path, key)
         if cached is not None:
             console.print(f"using the cached profile {path}")
             cost = cached
@@ -88,8 +88,8 @@ def run_profile_command(
             cost, report, samples = profiler.profile_and_fit(
                 loaded, settings.slice_length, grid, progress=lambda m: console.print(f"  {m}")
             )
-            cost = profiler.with_cache_key(cost, key)
-            profiler.save_profile(cost, path)  # workers with the same settings reuse it
+            cost = profile_cache.with_cache_key(cost, key)
+            profile_cache.save_profile(cost, path)  # workers with the same settings reuse it
     return result_dict(cost, report, samples, time.perf_counter() - started, path)
 
 

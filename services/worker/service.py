@@ -22,7 +22,7 @@ from rq import Queue, SimpleWorker
 
 from services.worker import jobs
 from services.worker.ils_runtime import IlsRuntime
-from services.worker.profiler import instance_memory_budget, load_or_profile
+from services.worker.profile_cache import instance_memory_budget, load_or_profile
 from services.worker.runtime import WorkerRuntime
 from shared.core.keys import Keys
 from shared.core.states import BatchStatus
