@@ -4,7 +4,10 @@ It validates and tokenises a request, applies backpressure (a bounded pending po
 429 with ``Retry-After``), writes the request with one MULTI, then waits on the request's
 event stream for its final entry and answers with the text the workers committed.
 
-Nothing here reads the environment: :func:`create_app` takes a :class:`Settings`.
+This module builds the app (:func:`create_app`: lifespan, middleware); the endpoints are
+:mod:`services.ingest.routes`, request checks and errors :mod:`services.ingest.validation`,
+submitting, waiting and streaming :mod:`services.ingest.completion`. Nothing here reads the
+environment: :func:`create_app` takes a :class:`Settings`.
 """
 
 from __future__ import annotations
