@@ -60,14 +60,36 @@ class _Requests:
                 for r, o in zip(rows, outputs, strict=True)]
 
 
-def _peak(device: torch.device, block: Any) -> int:
-    """Peak bytes ``block`` allocates beyond the level before it."""
+def _peak(device: torch.device, before: Any, block: Any) -> int:
+    """Peak bytes ``block`` allocates beyond the level before it (``before`` runs first:
+    on CPU inside the same profiler session, so that the frees ``block`` makes of what
+    ``before`` allocated are seen; frees of older tensors, e.g. pool entries it evicts,
+    are not, which can only overstate the peak)."""
     if device.type == "cuda":
+        before()
         meter = PeakMeter(device)
         meter.start()
         block()
         return int(meter.peak() or 0)
-    return AllocatorPeak.measure(block)
+    return AllocatorPeak.measure_after(before, block)
+
+
+def _measure_point(
+    device: torch.device, reqs: _Requests, engine: SliceEngine, b: int, length: int,
+    resumed: int, s: int,
+) -> tuple[int, int]:
+    """Peak of one slice of ``b`` rows of context ``length``, ``resumed`` of them from the
+    pool (their first slices run just before, inside the measurement session); the peak
+    and the batch's padded length."""
+    warm: list[SliceInput] = []
+    fresh = reqs.new(b - resumed, length, 10 * s)
+
+    def first_slices() -> None:
+        if resumed:
+            warm.extend(reqs.advance(reqs.new(resumed, length - s, 10 * s), s))
+
+    peak = _peak(device, first_slices, lambda: engine.run_slice(warm + fresh, s))
+    return peak, max(len(r.prompt_ids) + len(r.generated_ids) for r in warm + fresh)
 
 
 def measure(
@@ -88,11 +110,7 @@ def measure(
     for b, length in points:
         for kind in KINDS:
             resumed = {"resumed": b, "mixed": b // 2, "fresh": 0}[kind]
-            # The resumed rows' first slices (fresh), stored in the full pool (evicting).
-            warm = reqs.advance(reqs.new(resumed, length - s, 10 * s), s) if resumed else []
-            batch = warm + reqs.new(b - resumed, length, 10 * s)
-            padded = max(len(r.prompt_ids) + len(r.generated_ids) for r in batch)
-            peak = _peak(loaded.device, lambda batch=batch: engine.run_slice(batch, s))
+            peak, padded = _measure_point(loaded.device, reqs, engine, b, length, resumed, s)
             estimate = float(cost.slice_memory(b, padded, s))
             rows.append({
                 "b": b, "l": padded, "kind": kind, "resumed_rows": resumed,

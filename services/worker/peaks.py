@@ -93,6 +93,9 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+_MARKER_BYTES = 7_777_777  # an allocation size nothing else makes
+
+
 class AllocatorPeak:
     """Peak bytes held by torch's CPU allocator while a block runs, beyond the level at its
     start: the CPU counterpart of ``torch.cuda.max_memory_allocated``.
@@ -118,22 +121,38 @@ class AllocatorPeak:
     @staticmethod
     def measure(block: Callable[[], Any]) -> int:
         """Run ``block`` under the profiler; its allocator peak in bytes."""
+        return AllocatorPeak.measure_after(lambda: None, block)
+
+    @staticmethod
+    def measure_after(before: Callable[[], Any], block: Callable[[], Any]) -> int:
+        """Run ``before`` then ``block`` under one profiler session; ``block``'s peak beyond
+        the level at its start.
+
+        The profiler sees no free of a block allocated before it started, so tensors that
+        ``block`` frees must be allocated inside the session to be counted as freed: make
+        them in ``before``. A marker allocation of an odd size separates the two parts.
+        """
         prof = torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
         )
         with _quiet_stderr():
             prof.__enter__()
         try:
+            before()
+            marker = torch.empty(_MARKER_BYTES, dtype=torch.uint8)
+            del marker
             block()
         finally:
             with _quiet_stderr():
                 prof.__exit__(None, None, None)
         events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
         deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-        running = peak = 0
-        for _, delta in deltas:
+        start = next(i for i, (_, d) in enumerate(deltas) if d == -_MARKER_BYTES) + 1
+        running = base = sum(d for _, d in deltas[:start])  # the level when block starts
+        peak = 0
+        for _, delta in deltas[start:]:
             running += delta
-            peak = max(peak, running)
+            peak = max(peak, running - base)
         return peak
 
 
