@@ -232,11 +232,12 @@ def _join_guests(
     s = out[hosts[0]].slice_length
     rows = np.array([len(g.request_ids) for _, g in guests])
     lens = np.array([g.padded_len for _, g in guests])
-    prefill = np.asarray(cost.slice_time(rows, lens, 1), dtype=float)  # a slice of 1 step
+    if int(rows.min()) + min(len(out[h].request_ids) for h in hosts) > max_batch:
+        return []  # nothing can join: spare the model evaluations
+    # Row 0: a guest's prefill (a slice of one step); row 1: its own whole slice here.
+    prefill, alone = np.asarray(cost.slice_time(rows, lens, np.array([[1], [s]])), dtype=float)
     own = np.array([g.estimated_s if isinstance(g, BatchPlan) else np.nan for _, g in guests])
-    fresh_own = np.isnan(own)
-    if fresh_own.any():  # unplaced guests: their own slice on this instance
-        own[fresh_own] = np.asarray(cost.slice_time(rows[fresh_own], lens[fresh_own], s))
+    own = np.where(np.isnan(own), alone, own)  # unplaced guests: their own slice here
     free = np.ones(len(guests), dtype=bool)
     taken: list[tuple[int, BatchPlan | FormedBatch]] = []
     while free.any():
