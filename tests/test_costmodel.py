@@ -408,3 +408,43 @@ def test_analytic_model_is_marked_and_grows_with_batch_and_length() -> None:
     # At least the KV cache plus the memory.py bound of the activations.
     assert float(model.slice_memory(8, 512)) > 8 * 545 * KV + 8 * 512 * 2 * (6 * 576 + 3 * 1536) * 4
     assert CostModel.from_json(model.to_json()) == model
+
+
+# --------------------------------------------------------------------------------------------
+# Resumed slices: their own memory envelope
+# --------------------------------------------------------------------------------------------
+
+
+def test_resume_memory_falls_back_and_mixed_is_the_larger_phase() -> None:
+    model = make_model(s=8)
+    assert float(model.resume_memory(4, 300)) == float(model.slice_memory(4, 300))
+    assert float(model.mixed_memory(4, 300, 8, 2, 100)) == float(model.slice_memory(4, 300))
+    small = replace(model, resume_act_coef=(1000.0, 0.0, 0.0, 0.0), resume_margin=1.05)
+    kv = float(small.kv_cache_bytes(4, 300, 8))
+    assert float(small.resume_memory(4, 300, 8)) == pytest.approx(1.05 * (kv + 1000.0))
+    prefill_phase = 1.1 * (kv + float(small.activation_bytes(2, 100)))
+    assert float(small.mixed_memory(4, 300, 8, 2, 100)) == pytest.approx(
+        max(prefill_phase, float(small.resume_memory(4, 300, 8))))
+    assert CostModel.from_json(small.to_json()) == small
+    with pytest.raises(ValueError, match="resume_act_coef"):
+        replace(model, resume_act_coef=(1.0,))
+
+
+def test_resumed_peaks_get_their_own_upper_envelope() -> None:
+    """Resumed slices allocate the cache but no prefill activations: fitted apart, their
+    estimate covers every measured resumed peak and is far below the fresh bound."""
+    samples = synthetic_samples(make_model(s=8), noise=0.02, mem_noise=0.03, seed=3)
+    rng = np.random.default_rng(7)
+    points = tuple(
+        replace(p, resume_peak_bytes=int((p.b * (p.l + 9) * KV + 5e5 * p.b)
+                                         * (1 + rng.uniform(-0.03, 0.03))))
+        for p in samples.points
+    )
+    model, report = fit_cost_model(replace(samples, points=points))
+    assert model.resume_act_coef and model.resume_margin >= 1.0
+    for p in points:
+        resumed = float(model.resume_memory(p.b, p.l))
+        assert resumed >= p.resume_peak_bytes, (p.b, p.l)
+        assert resumed < float(model.slice_memory(p.b, p.l))
+    assert 1.0 <= report.resume_ratio_min <= report.resume_ratio_max < 1.5
+    assert model.errors["resume_ratio_max"] == report.resume_ratio_max

@@ -54,6 +54,12 @@ class LinearCost:
         b, l = np.asarray(b, dtype=float), np.asarray(l, dtype=float)  # noqa: E741
         return b * (l + s + 1) * self.kv + self.act * b * l
 
+    def resume_memory(self, b, l, s=None):  # noqa: E741
+        return self.slice_memory(b, l, s)
+
+    def mixed_memory(self, b, l, s, fresh_rows, fresh_len):  # noqa: E741
+        return self.slice_memory(b, l, s)
+
     def resume_time(self, b, l, s=None):  # noqa: E741
         s = self.default_s if s is None else s
         b, l = np.asarray(b, dtype=float), np.asarray(l, dtype=float)  # noqa: E741

@@ -77,6 +77,14 @@ def test_quick_profile_memory_estimate_covers_every_measured_point(
         assert float(model.slice_memory(p.b, p.l)) >= p.peak_bytes, (p.b, p.l)
         assert float(analytic.slice_memory(p.b, p.l)) >= p.peak_bytes, (p.b, p.l)
         assert len(p.step_s) == 7 and min(p.step_s) > 0 and p.prefill_s > 0
+    # Resumed slices (rows from the KV pool) were measured where l > S and fitted apart:
+    # their bound covers every measured resumed peak and is below the fresh one.
+    resumed = [p for p in samples.points if p.resume_peak_bytes is not None]
+    assert resumed and all(p.l > samples.slice_length for p in resumed)
+    assert model.resume_act_coef
+    for p in resumed:
+        assert float(model.resume_memory(p.b, p.l)) >= p.resume_peak_bytes, (p.b, p.l)
+        assert p.resume_peak_bytes < p.peak_bytes, (p.b, p.l)  # no prefill activations
 
 
 def test_slice_is_split_into_prefill_and_steps_that_add_up(tiny: LoadedModel) -> None:

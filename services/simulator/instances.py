@@ -74,6 +74,17 @@ def _resume_rows(reqs: RequestTable, idx: np.ndarray, live: np.ndarray,
     return resumed
 
 
+def _slice_memory(truth: StepCost, b: int, padded: int, s: int, prefilled: int,
+                  prefill_len: int) -> float:
+    """The slice's peak as the engine would allocate it: resumed rows have no prefill
+    activations (where the model says so: ``resume_memory``/``mixed_memory``)."""
+    if prefilled == b or not hasattr(truth, "mixed_memory"):
+        return float(truth.slice_memory(b, padded, s))
+    if prefilled == 0:
+        return float(truth.resume_memory(b, padded, s))
+    return float(truth.mixed_memory(b, padded, s, prefilled, prefill_len))
+
+
 def run_slice(
     reqs: RequestTable, idx: np.ndarray, slice_length: int, drop_finished: bool,
     truth: StepCost, budget_bytes: int, context_limit: int, pool: SimKvPool | None = None,
@@ -116,7 +127,8 @@ def run_slice(
         longest = int(live_ctx[pre].max())
         prefill = float(truth.prefill_time(int(pre.sum()), longest))
         pad = int(pre.sum()) * longest - int(live_ctx[pre].sum())
-    memory = float(truth.slice_memory(b, padded, int(allowed[live].max())))
+    memory = _slice_memory(truth, b, padded, int(allowed[live].max()), int(pre.sum()),
+                           int(live_ctx[pre].max()) if pre.any() else 0)
     if memory > budget_bytes:
         return SliceOutcome(prefill, np.zeros_like(tokens), np.zeros_like(finished), eos, True)
     width = int((live_ctx - res).max())  # a resumed row's cache lacks its last token

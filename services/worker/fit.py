@@ -12,7 +12,7 @@ command and the tests import this, never the scheduler.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -80,6 +80,9 @@ class FitReport:
     n_points: int
     n_heldout: int
     heldout: tuple[Mapping[str, float], ...]
+    # resumed slices: resume estimate / measured peak over held-out points (NaN: unmeasured)
+    resume_ratio_min: float = float("nan")
+    resume_ratio_max: float = float("nan")
 
     def errors(self) -> dict[str, float]:
         """The summary numbers stored with the model."""
@@ -92,6 +95,8 @@ class FitReport:
             "process_ratio_max": self.process_ratio_max,
             "n_points": float(self.n_points),
             "n_heldout": float(self.n_heldout),
+            "resume_ratio_min": self.resume_ratio_min,
+            "resume_ratio_max": self.resume_ratio_max,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,11 +206,23 @@ def _envelope(x: np.ndarray, floor: np.ndarray, scale_by: np.ndarray) -> np.ndar
     return np.asarray(res.x, dtype=float) / scale
 
 
-def _fit_act(points: Sequence[PointSample], kv: int, s: int) -> np.ndarray:
-    """Activation coefficients: the upper envelope of ``peak - kv cache`` over ``points``."""
+def _fresh_peak(p: PointSample) -> int | None:
+    return p.peak_bytes
+
+
+def _resume_peak(p: PointSample) -> int | None:
+    return p.resume_peak_bytes
+
+
+def _fit_act(
+    points: Sequence[PointSample], kv: int, s: int,
+    peak_of: Callable[[PointSample], int | None] = _fresh_peak,
+) -> np.ndarray:
+    """Activation coefficients: the upper envelope of ``peak - kv cache`` over ``points``
+    (``peak_of``: the fresh slices' peaks, or the resumed slices')."""
     b = np.array([p.b for p in points], float)
     l_ = np.array([p.l for p in points], float)
-    peak = np.array([p.peak_bytes for p in points], float)
+    peak = np.array([peak_of(p) for p in points], float)
     kv_bytes = b * (l_ + s + 1) * kv
     # Minimise the summed ratio estimate/measured while staying above every measurement.
     return _envelope(feature_matrix(ACT_FEATURES, b, l_), peak - kv_bytes, np.maximum(peak, 1))
@@ -218,7 +235,8 @@ def memory_safety(samples: ProfileSamples) -> float:
 
 
 def _fit_memory(
-    points: Sequence[PointSample], kv: int, s: int, safety: float = MEM_SAFETY
+    points: Sequence[PointSample], kv: int, s: int, safety: float = MEM_SAFETY,
+    peak_of: Callable[[PointSample], int | None] = _fresh_peak,
 ) -> tuple[np.ndarray, float]:
     """Activation coefficients and the margin that covers points the fit has not seen.
 
@@ -227,19 +245,33 @@ def _fit_memory(
     and their leave-one-out would be an extrapolation): the margin is the largest ratio
     measured/estimated found that way (at least 1), times ``1 + safety``.
     """
-    act = _fit_act(points, kv, s)
+    act = _fit_act(points, kv, s, peak_of)
     corners = _corners(points)
     worst = 1.0
     for i, p in enumerate(points):
-        if (p.b, p.l) in corners or p.peak_bytes is None:
+        peak = peak_of(p)
+        if (p.b, p.l) in corners or peak is None:
             continue
         rest = [q for k, q in enumerate(points) if k != i]
         if len(rest) < len(ACT_FEATURES):
             continue
-        coef = _fit_act(rest, kv, s)
+        coef = _fit_act(rest, kv, s, peak_of)
         est = p.b * (p.l + s + 1) * kv + float(feature_matrix(ACT_FEATURES, p.b, p.l) @ coef)
-        worst = max(worst, p.peak_bytes / max(est, 1.0))
+        worst = max(worst, peak / max(est, 1.0))
     return act, worst * (1.0 + safety)
+
+
+def _fit_resume_memory(
+    samples: ProfileSamples, points: Sequence[PointSample]
+) -> tuple[tuple[float, ...], float]:
+    """The resumed slices' envelope and margin, over the points that measured one
+    (``((), 1.0)`` with too few: resumed slices are then bounded like fresh ones)."""
+    measured = [p for p in points if p.resume_peak_bytes is not None]
+    if len(measured) < len(ACT_FEATURES) + 2:
+        return (), 1.0
+    act, margin = _fit_memory(measured, samples.kv_bytes_per_token, samples.slice_length,
+                              memory_safety(samples), _resume_peak)
+    return tuple(float(a) for a in act), float(margin)
 
 
 def _model_from(
@@ -258,6 +290,7 @@ def _model_from(
         margin = fallback.mem_margin
     else:
         raise ValueError("no peak memory was measured and no fallback model was given")
+    resume_act, resume_margin = _fit_resume_memory(samples, points)
     model = CostModel(
         slice_length=samples.slice_length,
         prefill_features=times.prefill_features,
@@ -268,6 +301,8 @@ def _model_from(
         act_features=tuple(act_features),
         act_coef=tuple(act_coef),
         mem_margin=float(margin),
+        resume_act_coef=resume_act,
+        resume_margin=resume_margin,
         model=samples.model,
         device=samples.device,
         dtype=samples.dtype,
@@ -383,8 +418,22 @@ def _heldout_rows(model: CostModel, points: Sequence[PointSample]) -> list[dict[
             "process_ratio": (
                 est_mem * model.heap_overhead / process if process > 0 else float("nan")
             ),
+            "resume_ratio": (
+                float(model.resume_memory(p.b, p.l, p.s)) / p.resume_peak_bytes
+                if p.resume_peak_bytes else float("nan")
+            ),
         })
     return rows
+
+
+def _nanmin(values: Sequence[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return min(finite) if finite else float("nan")
+
+
+def _nanmax(values: Sequence[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return max(finite) if finite else float("nan")
 
 
 def fit_cost_model(
@@ -441,6 +490,8 @@ def fit_cost_model(
         n_points=len(points),
         n_heldout=len(test),
         heldout=tuple(rows),
+        resume_ratio_min=_nanmin([r["resume_ratio"] for r in rows]),
+        resume_ratio_max=_nanmax([r["resume_ratio"] for r in rows]),
     )
     final = _model_from(samples, points, _fit_times(points, prefill, decode), fallback)
     return replace(final, errors=report.errors()), report

@@ -24,7 +24,7 @@ import typer
 from services.worker.engine import SliceEngine, SliceInput
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
-from services.worker.peaks import AllocatorPeak, PeakMeter
+from services.worker.peaks import measure_after
 from services.worker.profile_cache import load_or_profile
 from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel, load_model
@@ -60,20 +60,6 @@ class _Requests:
                 for r, o in zip(rows, outputs, strict=True)]
 
 
-def _peak(device: torch.device, before: Any, block: Any) -> int:
-    """Peak bytes ``block`` allocates beyond the level before it (``before`` runs first:
-    on CPU inside the same profiler session, so that the frees ``block`` makes of what
-    ``before`` allocated are seen; frees of older tensors, e.g. pool entries it evicts,
-    are not, which can only overstate the peak)."""
-    if device.type == "cuda":
-        before()
-        meter = PeakMeter(device)
-        meter.start()
-        block()
-        return int(meter.peak() or 0)
-    return AllocatorPeak.measure_after(before, block)
-
-
 def _measure_point(
     device: torch.device, reqs: _Requests, engine: SliceEngine, b: int, length: int,
     resumed: int, s: int,
@@ -88,7 +74,9 @@ def _measure_point(
         if resumed:
             warm.extend(reqs.advance(reqs.new(resumed, length - s, 10 * s), s))
 
-    peak = _peak(device, first_slices, lambda: engine.run_slice(warm + fresh, s))
+    # Frees of older tensors (pool entries the slice evicts) are not seen on CPU, which
+    # can only overstate the peak.
+    peak = measure_after(device, first_slices, lambda: engine.run_slice(warm + fresh, s))
     return peak, max(len(r.prompt_ids) + len(r.generated_ids) for r in warm + fresh)
 
 

@@ -156,3 +156,18 @@ class AllocatorPeak:
         return peak
 
 
+
+
+def measure_after(device: torch.device, before: Callable[[], Any],
+                  block: Callable[[], Any]) -> int:
+    """Peak bytes ``block`` allocates beyond the level before it, ``before`` run first:
+    CUDA's peak counter, or on CPU torch's allocator events in one session with
+    ``before`` (:meth:`AllocatorPeak.measure_after`), so that ``block``'s frees of what
+    ``before`` allocated are seen."""
+    if device.type == "cuda":
+        before()
+        meter = PeakMeter(device)
+        meter.start()
+        block()
+        return int(meter.peak() or 0)
+    return AllocatorPeak.measure_after(before, block)

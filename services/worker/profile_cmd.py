@@ -111,6 +111,8 @@ def result_dict(
         "heap_overhead": cost.heap_overhead,
         "process_ratio_min": errors.get("process_ratio_min"),
         "process_ratio_max": errors.get("process_ratio_max"),
+        "resume_ratio_min": errors.get("resume_ratio_min"),
+        "resume_ratio_max": errors.get("resume_ratio_max"),
         "n_points": errors.get("n_points"),
         "n_heldout": errors.get("n_heldout"),
         "prefill_features": list(cost.prefill_features),
@@ -189,6 +191,12 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
         f"max {_fmt(result['mem_ratio_max'], '.3f')}  "
         f"({result['total_seconds']:.0f}s)"
     )
+    if result.get("resume_ratio_min") is not None:
+        console.print(
+            f"resumed slices (rows from the KV pool): memory estimate/measured: min "
+            f"{_fmt(result['resume_ratio_min'], '.3f')}, "
+            f"max {_fmt(result['resume_ratio_max'], '.3f')}"
+        )
     if result.get("process_ratio_min") is not None:
         console.print(
             f"process growth (resident set): heap overhead {result['heap_overhead']:.3f}, "

@@ -42,7 +42,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,8 @@ import torch
 
 from services.worker.engine import SliceEngine, SliceInput
 from services.worker.fit import FitReport, fit_cost_model
-from services.worker.peaks import AllocatorPeak, PeakMeter
+from services.worker.kv_pool import KvPool
+from services.worker.peaks import AllocatorPeak, PeakMeter, measure_after
 from services.worker.samples import PointSample, ProfileSamples
 from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel
@@ -60,7 +61,7 @@ from shared.policy.costmodel import CostModel, analytic_cost_model
 
 log = get_logger(__name__)
 
-PROFILER_VERSION = 2  # bump when measurement changes: cached profiles then become stale
+PROFILER_VERSION = 3  # bump when measurement changes: cached profiles then become stale
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +220,13 @@ def run_profile(
     allocator = _allocator_peaks(engine, points, slice_length, vocab, rng, loaded.device)
     if allocator and progress is not None:
         progress(f"allocator peaks of {len(points)} points")
+    resumed = _resumed_peaks(loaded, points, slice_length, rng, bool(allocator) or meter.cuda)
+    if resumed and progress is not None:
+        progress(f"resumed-slice peaks of {len(resumed)} points")
     return ProfileSamples(
         points=tuple(
-            _summarise(b, x, slice_length, runs[(b, x)], allocator.get((b, x)))
+            replace(_summarise(b, x, slice_length, runs[(b, x)], allocator.get((b, x))),
+                    resume_peak_bytes=resumed.get((b, x)))
             for b, x in points
         ),
         slice_length=slice_length,
@@ -261,6 +266,41 @@ def _allocator_peaks(
     for b, x in points:
         rows = _rows(b, x, s, vocab, rng)
         peaks[(b, x)] = meter.measure(lambda rows=rows: engine.run_slice(rows, s))
+    return peaks
+
+
+def _resumed_peaks(
+    loaded: LoadedModel,
+    points: list[tuple[int, int]],
+    s: int,
+    rng: np.random.Generator,
+    exact: bool,
+) -> dict[tuple[int, int], int]:
+    """Peak of a slice of ``b`` rows of context ``l`` that all resume from a KV pool,
+    per point with ``l > s`` (their first slice runs just before, inside the measurement,
+    so the release of their old entries is seen); only where peaks are exact (CUDA's
+    counter or CPU allocator events), else empty."""
+    if not exact:
+        return {}
+    pool = KvPool(1 << 62)  # never evicts: the slice's own entries are all it frees
+    engine = SliceEngine(loaded, pool=pool, pass_tokens=math.inf)
+    vocab = loaded.info.vocab_size
+    peaks = {}
+    for b, x in points:
+        if x <= s:
+            continue
+        two_slices = RequestParams(max_tokens=2 * s, ignore_eos=True)
+        first = [replace(r, fence=1, params=two_slices) for r in _rows(b, x - s, s, vocab, rng)]
+        later: list[SliceInput] = []
+
+        def first_slice(first: list[SliceInput] = first, later: list[SliceInput] = later) -> None:
+            outputs, _ = engine.run_slice(first, s)
+            later.extend(replace(r, generated_ids=o.new_ids, fence=2, kv_fence=1)
+                         for r, o in zip(first, outputs, strict=True))
+
+        peaks[(b, x)] = measure_after(loaded.device, first_slice,
+                                      lambda later=later: engine.run_slice(later, s))
+        pool.clear()
     return peaks
 
 

@@ -25,6 +25,9 @@ class PointSample:
     slice_s: float
     peak_bytes: int | None = None
     process_peak_bytes: int | None = None
+    # Peak of a slice of the same shape whose rows all resume from retained K/V (context
+    # ``l``, their entries made before it), beyond the level before it; None: not measured.
+    resume_peak_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.step_s) != self.s - 1:

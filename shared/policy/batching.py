@@ -36,6 +36,9 @@ def slice_cost_matrix(
         return np.empty((0, 1))
     lens = np.asarray(sorted_lens, dtype=np.float64)
     largest = largest_fitting(lens, cost, capacity, slice_length, min(max_batch, n))
+    if resumed is not None and resumed.any():  # resumed slices need less memory
+        largest[resumed] = largest_fitting(lens[resumed], _ResumeMemory(cost), capacity,
+                                           slice_length, min(max_batch, n))
     width = max(1, int(largest.max()))
     sizes = np.arange(1, width + 1)
     times = np.asarray(cost.slice_time(sizes[None, :], lens[:, None], slice_length))
@@ -47,6 +50,16 @@ def slice_cost_matrix(
     if group_start is not None:
         limit = np.minimum(limit, np.arange(1, n + 1) - group_start)
     return np.where(sizes[None, :] > limit[:, None], np.inf, times)
+
+
+class _ResumeMemory:
+    """``cost`` seen by :func:`largest_fitting` for resumed rows: their memory model."""
+
+    def __init__(self, cost: SliceCost) -> None:
+        self.cost = cost
+
+    def slice_memory(self, b: np.ndarray, l: np.ndarray, s: int | None = None) -> np.ndarray:  # noqa: E741
+        return self.cost.resume_memory(b, l, s)
 
 
 def largest_fitting(

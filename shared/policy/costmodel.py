@@ -111,6 +111,11 @@ class CostModel:
     act_coef: tuple[float, ...]  # coefficients of ``act_features``
     mem_margin: float  # multiplies the whole memory estimate; >= 1
     act_features: tuple[str, ...] = ACT_FEATURES
+    # Slices whose rows resume from retained K/V have no prefill activations: their own
+    # fitted envelope (coefficients of ``act_features``) and margin; () = not measured,
+    # such slices are bounded by ``slice_memory``.
+    resume_act_coef: tuple[float, ...] = ()
+    resume_margin: float = 1.0
     decode_batched_extra: float = 0.0  # e: seconds added to each decode step when b >= 2
     # Process growth / allocator estimate, largest over the profile (>= 1): what the heap
     # adds on top of torch's tensors on CPU. The instance's budget is divided by it.
@@ -129,6 +134,8 @@ class CostModel:
             raise ValueError("prefill_features and prefill_coef differ in length")
         if len(self.act_features) != len(self.act_coef):
             raise ValueError("act_features and act_coef differ in length")
+        if self.resume_act_coef and len(self.resume_act_coef) != len(self.act_features):
+            raise ValueError("act_features and resume_act_coef differ in length")
         if len(self.decode_coef) != len(DECODE_FEATURES):
             raise ValueError(f"decode_coef needs {len(DECODE_FEATURES)} values")
         if self.slice_length < 1:
@@ -241,6 +248,30 @@ class CostModel:
         raw = self.kv_cache_bytes(b, l, s) + self.activation_bytes(b, l)
         return self.mem_margin * raw
 
+    def resume_memory(self, b: ArrayLike, l: ArrayLike, s: ArrayLike | None = None) -> np.ndarray:  # noqa: E741
+        """Peak bytes of a slice whose rows all resume from retained K/V: the same cache,
+        no prefill activations (the fitted resume envelope); ``slice_memory`` when the
+        profile did not measure resumed slices."""
+        if not self.resume_act_coef:
+            return self.slice_memory(b, l, s)
+        raw = self.kv_cache_bytes(b, l, s) + _linear(self.act_features, self.resume_act_coef,
+                                                     b, l)
+        return self.resume_margin * raw
+
+    def mixed_memory(
+        self, b: ArrayLike, l: ArrayLike, s: ArrayLike | None,  # noqa: E741
+        fresh_rows: ArrayLike, fresh_len: ArrayLike,
+    ) -> np.ndarray:
+        """Peak bytes of a slice of ``b`` rows (cache width ``l``) of which ``fresh_rows``
+        are prefilled (padded to ``fresh_len``) and the rest resume: the larger of its
+        prefill phase (the whole cache plus that pass's activations) and its decode phase
+        (as a resumed slice). All rows prefilled: ``slice_memory``."""
+        if not self.resume_act_coef:
+            return self.slice_memory(b, l, s)
+        prefill = self.mem_margin * (self.kv_cache_bytes(b, l, s)
+                                     + self.activation_bytes(fresh_rows, fresh_len))
+        return np.maximum(prefill, self.resume_memory(b, l, s))
+
     # --- serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists, NaN errors become None)."""
@@ -262,7 +293,8 @@ class CostModel:
             raise ValueError(f"cost model schema version {version}, expected {SCHEMA_VERSION}")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        for key in ("prefill_features", "prefill_coef", "decode_coef", "act_coef", "act_features"):
+        for key in ("prefill_features", "prefill_coef", "decode_coef", "act_coef", "act_features",
+                    "resume_act_coef"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         return cls(**kw)

@@ -153,7 +153,7 @@ def plan_cycle(
     batches = _affine_batches(regular, insts, config, slice_length, ref)
     batches += single_batching(oversize, ref.cost, 0, slice_length, 1)
     times, memory = _estimates(batches, insts, open_)
-    home = _price_at_home(batches, insts, times, memory, open_)
+    home = _price_at_home(batches, insts, times, memory)
     arrival = np.array([b.oldest_arrival for b in batches])
     age_limit = -np.inf if now is None else now - config.max_wait_s
     problem = Placement(
@@ -245,7 +245,8 @@ def _join_guests(
         base = np.array([out[h].estimated_s for h in hosts])[:, None]
         b = size + rows[None, :]
         width = np.maximum(np.array([out[h].padded_len for h in hosts])[:, None], lens[None, :])
-        memory = np.asarray(cost.slice_memory(b, width, s), dtype=float)
+        memory = np.asarray(cost.mixed_memory(b, width, s, rows[None, :], lens[None, :]),
+                            dtype=float)
         added = prefill[None, :] + np.asarray(cost.resume_time(b, width, s), dtype=float) - base
         good = (free[None, :] & (b <= max_batch) & (width <= inst.context_limit)
                 & (memory <= inst.memory_budget_bytes) & (added < own[None, :]))
@@ -310,7 +311,7 @@ def _affine_batches(
 
 def _price_at_home(
     batches: Sequence[FormedBatch], insts: Sequence[InstanceView], times: np.ndarray,
-    memory: np.ndarray, open_: np.ndarray,
+    memory: np.ndarray,
 ) -> np.ndarray:
     """Put each homed batch's resume time in its home's column (open or not: the offloader
     weighs waiting for a busy home against re-prefilling elsewhere); returns the home's
@@ -328,11 +329,9 @@ def _price_at_home(
         sizes = np.array([len(batches[j].request_ids) for j in rows])
         padded = np.array([batches[j].padded_len for j in rows])
         s = batches[rows[0]].slice_length
-        if open_[k]:
-            fits = np.isfinite(times[idx, k])
-        else:
-            memory[idx, k] = inst.cost.slice_memory(sizes, padded, s)
-            fits = (memory[idx, k] <= inst.memory_budget_bytes) & (padded <= inst.context_limit)
+        # Resuming needs less memory than the prefill _estimates priced it with.
+        memory[idx, k] = inst.cost.resume_memory(sizes, padded, s)
+        fits = (memory[idx, k] <= inst.memory_budget_bytes) & (padded <= inst.context_limit)
         resume = np.asarray(inst.cost.resume_time(sizes, padded, s), dtype=float)
         times[idx, k] = np.where(fits, resume, np.inf)
         home[idx] = k

@@ -37,11 +37,25 @@ class SliceCost(Protocol):
         """Estimated seconds of a slice whose rows all resume from retained K/V."""
         ...
 
+    def resume_memory(
+        self, b: ArrayLike, l: ArrayLike, s: int | None = None, /  # noqa: E741
+    ) -> np.ndarray:
+        """Estimated peak bytes of a slice whose rows all resume (no prefill activations)."""
+        ...
+
+    def mixed_memory(
+        self, b: ArrayLike, l: ArrayLike, s: int | None,  # noqa: E741
+        fresh_rows: ArrayLike, fresh_len: ArrayLike, /,
+    ) -> np.ndarray:
+        """Estimated peak bytes of a slice where ``fresh_rows`` rows prefill, the rest resume."""
+        ...
+
 
 @dataclass(frozen=True)
 class ResumeCost:
-    """A cost model seen by batching for rows resuming on their own instance: the same
-    memory, but a slice's time has no prefill (:meth:`SliceCost.resume_time`)."""
+    """A cost model seen by batching for rows resuming on their own instance: a slice's
+    time and memory have no prefill (:meth:`SliceCost.resume_time`,
+    :meth:`SliceCost.resume_memory`); the cache it allocates is the same."""
 
     cost: SliceCost
 
@@ -50,8 +64,8 @@ class ResumeCost:
         return self.cost.resume_time(b, l, s)
 
     def slice_memory(self, b: ArrayLike, l: ArrayLike, s: int | None = None) -> np.ndarray:  # noqa: E741
-        """Memory as for any slice: the batch cache is allocated the same way."""
-        return self.cost.slice_memory(b, l, s)
+        """Memory of a resumed slice."""
+        return self.cost.resume_memory(b, l, s)
 
     def resume_time(self, b: ArrayLike, l: ArrayLike, s: int | None = None) -> np.ndarray:  # noqa: E741
         """Time of a resumed slice."""
