@@ -7,8 +7,9 @@ fills a pool to capacity with real requests, then runs slices of every kind over
 all rows resuming from the pool, half resuming and half prefilled, all prefilled. For each
 it measures the peak bytes the slice allocates beyond the level before it (the pool's
 bytes included in that level: torch's CPU allocator events, or CUDA's peak counter) and
-compares it with ``M(b, l)``. An estimate/measured ratio of at least 1 at every point, with
-the pool never above its capacity, is what "0 OOM" rests on.
+compares it with the estimate the scheduler checks for that kind of slice (``M(b, l)``,
+``resume_memory`` or ``mixed_memory``). An estimate/measured ratio of at least 1 at every
+point, with the pool never above its capacity, is what "0 OOM" rests on.
 """
 
 from __future__ import annotations
@@ -99,7 +100,13 @@ def measure(
         for kind in KINDS:
             resumed = {"resumed": b, "mixed": b // 2, "fresh": 0}[kind]
             peak, padded = _measure_point(loaded.device, reqs, engine, b, length, resumed, s)
-            estimate = float(cost.slice_memory(b, padded, s))
+            # The estimate the scheduler checks for this kind of batch (docs/design.md §9.6).
+            if resumed == b:
+                estimate = float(cost.resume_memory(b, padded, s))
+            elif resumed:
+                estimate = float(cost.mixed_memory(b, padded, s, b - resumed, length))
+            else:
+                estimate = float(cost.slice_memory(b, padded, s))
             rows.append({
                 "b": b, "l": padded, "kind": kind, "resumed_rows": resumed,
                 "measured_bytes": peak, "estimate_bytes": estimate,
