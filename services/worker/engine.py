@@ -144,11 +144,11 @@ class SliceEngine:
         self.pool = pool
         self.pass_tokens = pass_tokens
         config = self.model.config.get_text_config(decoder=True)
-        self._heads = int(getattr(config, "num_key_value_heads", None)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None)
                           or config.num_attention_heads)
-        self._head_dim = int(getattr(config, "head_dim", None)
+        self.head_dim = int(getattr(config, "head_dim", None)
                              or config.hidden_size // config.num_attention_heads)
-        self._dtype = next(self.model.parameters()).dtype
+        self.dtype = next(self.model.parameters()).dtype
 
     # ----------------------------------------------------------------------------------------
     # Public
@@ -294,7 +294,7 @@ class SliceEngine:
         if not kv_cache.supports_assembly(cache):
             raise RuntimeError("this model's cache layers cannot be assembled by hand: run "
                                "it with SCLS_KV_RETENTION=false")
-        kv_cache.allocate(cache, len(rows), self._heads, self._head_dim, self._dtype,
+        kv_cache.allocate(cache, len(rows), self.kv_heads, self.head_dim, self.dtype,
                           self.device, width)
         shapes, first = [], 0
         for pass_rows in passes:

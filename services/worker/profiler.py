@@ -50,7 +50,7 @@ import torch
 
 from services.worker.engine import SliceEngine, SliceInput
 from services.worker.fit import FitReport, fit_cost_model
-from services.worker.kv_pool import KvPool
+from services.worker.kv_pool import KvEntry, KvPool
 from services.worker.peaks import AllocatorPeak, PeakMeter, measure_after
 from services.worker.samples import PointSample, ProfileSamples
 from shared.core.records import RequestParams
@@ -277,29 +277,41 @@ def _resumed_peaks(
     exact: bool,
 ) -> dict[tuple[int, int], int]:
     """Peak of a slice of ``b`` rows of context ``l`` that all resume from a KV pool,
-    per point with ``l > s`` (their first slice runs just before, inside the measurement,
-    so the release of their old entries is seen); only where peaks are exact (CUDA's
-    counter or CPU allocator events), else empty."""
+    per point with ``l > s``, beyond the level before it; only where peaks are exact
+    (CUDA's counter or CPU allocator events), else empty.
+
+    The rows' entries are made (zeros: memory does not depend on values) inside the same
+    measurement just before the slice, so their release when the slice copies them in is
+    seen; the pool never evicts, so the slice's own entries are all it frees.
+    """
     if not exact:
         return {}
-    pool = KvPool(1 << 62)  # never evicts: the slice's own entries are all it frees
+    pool = KvPool(1 << 62)
     engine = SliceEngine(loaded, pool=pool, pass_tokens=math.inf)
+    config = loaded.model.config.get_text_config(decoder=True)
+    layers = int(config.num_hidden_layers)
+    dtype = next(loaded.model.parameters()).dtype
     vocab = loaded.info.vocab_size
+    params = RequestParams(max_tokens=2 * s, ignore_eos=True)
     peaks = {}
     for b, x in points:
         if x <= s:
             continue
-        two_slices = RequestParams(max_tokens=2 * s, ignore_eos=True)
-        first = [replace(r, fence=1, params=two_slices) for r in _rows(b, x - s, s, vocab, rng)]
-        later: list[SliceInput] = []
+        rows = [replace(r, generated_ids=rng.integers(3, vocab, size=s).tolist(), params=params,
+                        fence=2, kv_fence=1)
+                for r in _rows(b, x - s, s, vocab, rng)]
 
-        def first_slice(first: list[SliceInput] = first, later: list[SliceInput] = later) -> None:
-            outputs, _ = engine.run_slice(first, s)
-            later.extend(replace(r, generated_ids=o.new_ids, fence=2, kv_fence=1)
-                         for r, o in zip(first, outputs, strict=True))
+        def entries(rows: list[SliceInput] = rows) -> None:
+            for r in rows:
+                tokens = r.context[:-1]
+                shape = (layers, engine.kv_heads, len(tokens), engine.head_dim)
+                keys = torch.zeros(shape, dtype=dtype, device=loaded.device)
+                pool.put(r.request_id, KvEntry(keys, torch.zeros_like(keys), tokens, 1))
 
-        peaks[(b, x)] = measure_after(loaded.device, first_slice,
-                                      lambda later=later: engine.run_slice(later, s))
+        peaks[(b, x)] = measure_after(loaded.device, entries,
+                                      lambda rows=rows: engine.run_slice(rows, s))
+        if pool.counters.misses:
+            raise RuntimeError("a profiled resumed row did not resume")
         pool.clear()
     return peaks
 
