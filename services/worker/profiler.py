@@ -61,7 +61,7 @@ from shared.policy.costmodel import CostModel, analytic_cost_model
 
 log = get_logger(__name__)
 
-PROFILER_VERSION = 3  # bump when measurement changes: cached profiles then become stale
+PROFILER_VERSION = 4  # bump when measurement changes: cached profiles then become stale
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +292,9 @@ def _resumed_peaks(
     layers = int(config.num_hidden_layers)
     dtype = next(loaded.model.parameters()).dtype
     vocab = loaded.info.vocab_size
-    params = RequestParams(max_tokens=2 * s, ignore_eos=True)
+    # Unfinished after the slice (max_tokens beyond it), so their K/V goes back to the
+    # pool while the slice's cache is still allocated: part of the peak.
+    params = RequestParams(max_tokens=4 * s, ignore_eos=True)
     peaks = {}
     for b, x in points:
         if x <= s:
