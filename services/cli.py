@@ -177,7 +177,7 @@ def _register_tools() -> None:
     from services.simulator.command import simulate_command
     from services.simulator.fidelity import fidelity_command
     from services.status import status_command
-    from services.worker.kv_memory import kv_memory_command
+    from services.worker.kv_memory_cmd import kv_memory_command
     from services.worker.profile_cmd import profile_command
 
     app.command("profile")(profile_command)
