@@ -11,29 +11,13 @@ from services.simulator import SimInstance, simulate
 from services.simulator.kv import SimKvPool
 from shared.bench.workload import WorkItem, synthetic_workload, with_arrivals
 from shared.policy import planning
-from shared.policy.costmodel import PREFILL_BASE, CostModel
 from shared.settings import Settings
+from tests.test_simulator import ROUND, items, settings
 
-# As in tests/test_simulator.py: a prefill costs 1 s + 1 ms per padded token, a decode step
-# 0.1 s whatever the batch; one byte per cached position. A resumed slice of S steps is
-# estimated at 0.1 * S s (no prefill), a re-prefilled one at 1 + 0.001 * l + 0.1 * (S - 1).
-ROUND = CostModel(
-    slice_length=4, prefill_features=PREFILL_BASE, prefill_coef=(1.0, 0.0, 0.001, 0.0),
-    decode_coef=(0.1, 0.0, 0.0, 0.0), kv_bytes_per_token=1, act_coef=(0.0, 0.0, 0.0, 0.0),
-    mem_margin=1.0, source="test",
-)
-
-
-def settings(policy_name: str = "scls", **kw: object) -> Settings:
-    base = {"slice_length": 4, "max_gen_length": 64, "max_batch_size": 2, "horizon_s": 100.0}
-    return Settings(policy=policy_name, **{**base, **kw})
-
-
-def items(prompts: list[int], outputs: list[int], arrivals: list[float] | None = None
-          ) -> list[WorkItem]:
-    arrivals = arrivals or [0.0] * len(prompts)
-    return [WorkItem(i, a, p, o) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs,
-                                                                    strict=True))]
+# ROUND, settings and items as in tests/test_simulator.py: a prefill costs 1 s + 1 ms per
+# padded token, a decode step 0.1 s whatever the batch; one byte per cached position. A
+# resumed slice of S steps is estimated at 0.1 * S s (no prefill), a re-prefilled one at
+# 1 + 0.001 * l + 0.1 * (S - 1).
 
 
 def instances(n: int, budget: int = 10**9, pool: int | None = None) -> list[SimInstance]:
