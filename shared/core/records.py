@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from shared.core.states import FinishReason, RequestStatus
 
@@ -26,7 +26,11 @@ def new_batch_id() -> str:
 
 @dataclass(frozen=True)
 class RequestParams:
-    """Generation parameters of one request (OpenAI fields plus ``ignore_eos``)."""
+    """Generation parameters of one request: OpenAI's fields plus vLLM's extras.
+
+    Every field only depends on the request's own tokens, so a request gives the same
+    result however it is sliced and batched.
+    """
 
     max_tokens: int
     temperature: float = 0.0
@@ -34,11 +38,25 @@ class RequestParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0  # keep the k most likely tokens before top-p; 0 keeps all
+    min_tokens: int = 0  # EOS and stop strings are ignored before this many tokens
+    presence_penalty: float = 0.0  # OpenAI: over the generated tokens
+    frequency_penalty: float = 0.0  # OpenAI: over the generated tokens
+    repetition_penalty: float = 1.0  # vLLM/HF: over prompt + generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # None: no log-probabilities; k >= 0: each generated token's log-probability (of the
+    # model's raw distribution) plus the k most likely alternatives.
+    logprobs: int | None = None
+    stream: bool = False  # the worker publishes tokens to the event stream per decode step
 
     def to_json(self) -> str:
-        """Compact JSON for the request hash."""
-        data = asdict(self)
-        data["stop"] = list(self.stop)
+        """Compact JSON for the request hash (fields at their default are left out)."""
+        data = {k: v for k, v in asdict(self).items()
+                if k == "max_tokens" or v != _PARAM_DEFAULTS[k]}
+        if self.stop:
+            data["stop"] = list(self.stop)
+        if self.logit_bias:
+            data["logit_bias"] = [list(pair) for pair in self.logit_bias]
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
@@ -46,7 +64,44 @@ class RequestParams:
         """Inverse of :meth:`to_json`."""
         data = json.loads(raw)
         data["stop"] = tuple(data.get("stop") or ())
+        data["logit_bias"] = tuple((int(t), float(b)) for t, b in data.get("logit_bias") or ())
         return cls(**data)
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether token selection depends on the tokens so far (penalties)."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
+
+
+_PARAM_DEFAULTS = {f.name: f.default for f in fields(RequestParams)}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives.
+
+    Stored in the request hash's ``logprobs`` field, a JSON array in generated order whose
+    items are ``[logprob, [[token_id, logprob], ...]]`` (alternatives most likely first).
+    """
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def to_json(self) -> list[object]:
+        """The stored form (rounded: 7 significant digits are more than clients use)."""
+        return [_round(self.logprob), [[t, _round(lp)] for t, lp in self.top]]
+
+    @classmethod
+    def from_json(cls, item: list[object]) -> TokenLogprob:
+        """Inverse of :meth:`to_json`."""
+        chosen, top = item
+        return cls(float(chosen), tuple((int(t), float(lp)) for t, lp in top))  # type: ignore[misc, arg-type, union-attr]
+
+
+def _round(value: float) -> float:
+    # -inf (a token masked by top-k/bias) has no JSON form: store the float minimum.
+    return float(f"{max(value, -3.4e38):.7g}")
 
 
 @dataclass
@@ -75,6 +130,8 @@ class RequestRecord:
     kv_instance: str = ""
     kv_fence: int = 0
     kv_boot: str = ""
+    # One entry per generated token when ``params.logprobs`` is set (see TokenLogprob).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def context_len(self) -> int:
@@ -136,6 +193,7 @@ class RequestRecord:
             kv_instance=raw.get("kv_instance", ""),
             kv_fence=int(raw.get("kv_fence") or 0),
             kv_boot=raw.get("kv_boot", ""),
+            logprobs=[TokenLogprob.from_json(x) for x in json.loads(raw.get("logprobs") or "[]")],
         )
 
 
