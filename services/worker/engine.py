@@ -20,6 +20,7 @@ row's K/V goes back to the pool at exact length, for its next slice. Without a p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,8 +28,8 @@ from transformers import StaticCache
 
 from services.worker import kv_cache
 from services.worker.kv_pool import KvEntry, KvPool
-from services.worker.sampling import select_tokens
-from shared.core.records import RequestParams
+from services.worker.sampling import RowTokens, adjust_logits, select_tokens, token_logprobs
+from shared.core.records import RequestParams, StepTokens, TokenLogprob
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
 
@@ -58,6 +59,11 @@ class SliceOutput:
     new_ids: list[int]  # tokens generated in THIS slice (an EOS token is never included)
     finish_reason: FinishReason | None  # None = unfinished; STOP or LENGTH otherwise
     kv_retained: bool = False  # its K/V is in the pool, written at the input's fence
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per new id, if asked
+
+
+# Called after each step with the tokens streaming rows took (see run_slice).
+TokenSink = Callable[[list[StepTokens]], None]
 
 
 @dataclass
@@ -92,6 +98,7 @@ class _Row:
     spec: SliceInput
     budget: int  # tokens this row may still produce in this slice
     new_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishReason | None = None
     done: bool = False  # finished, or its slice budget is used up
     entry: KvEntry | None = None  # retained K/V it resumes from
@@ -143,6 +150,7 @@ class SliceEngine:
         self.context_limit = loaded.info.context_limit
         self.pool = pool
         self.pass_tokens = pass_tokens
+        self._on_tokens: TokenSink | None = None  # the running slice's (run_slice sets it)
         config = self.model.config.get_text_config(decoder=True)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None)
                           or config.num_attention_heads)
@@ -156,9 +164,13 @@ class SliceEngine:
 
     @torch.inference_mode()
     def run_slice(
-        self, rows: list[SliceInput], slice_len: int
+        self, rows: list[SliceInput], slice_len: int, on_tokens: TokenSink | None = None
     ) -> tuple[list[SliceOutput], SliceStats]:
         """Generate up to ``slice_len`` tokens for every row; outputs follow the input order.
+
+        ``on_tokens``, if given, is called after every step (each prefill pass and each
+        decode step) with the tokens taken by rows whose request streams
+        (``params.stream``); it is not called for steps where none did.
 
         A row finishes with STOP when it emits an EOS id (unless ``ignore_eos``; the EOS token
         is not returned) or when its generated text so far contains a stop string (the token
@@ -171,6 +183,7 @@ class SliceEngine:
         """
         if slice_len < 1:
             raise ValueError(f"slice_len must be >= 1, got {slice_len}")
+        self._on_tokens = on_tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         states = [self._row_state(i, r, slice_len) for i, r in enumerate(rows)]
@@ -184,8 +197,8 @@ class SliceEngine:
             s.retained = s.retained and self.pool is not None and self.pool.holds(
                 s.spec.request_id, s.spec.fence)
         stats.kv_stored = sum(s.retained for s in states)
-        outputs = [SliceOutput(s.spec.request_id, s.new_ids, s.finish, s.retained)
-                   for s in states]
+        outputs = [SliceOutput(s.spec.request_id, s.new_ids, s.finish, s.retained,
+                               s.new_logprobs) for s in states]
         return outputs, stats
 
     # ----------------------------------------------------------------------------------------
@@ -242,7 +255,7 @@ class SliceEngine:
             decode_rows.append(len(batch.rows))
             logits = self._decode(batch, pending)
             pending = self._select(batch.rows, logits)
-            self._accept(batch.rows, pending)
+            self._accept(batch.rows, pending, logits)
         evicted = self._retain(batch, batch.rows)
         self._sync()
         contexts = [len(r.spec.context) for r in live]
@@ -329,7 +342,8 @@ class SliceEngine:
             use_cache=True,
             logits_to_keep=1,  # only the last position: full prefill logits cost gigabytes
         )
-        self._accept(rows, self._select(rows, out.logits[:, -1, :]))
+        logits = out.logits[:, -1, :]
+        self._accept(rows, self._select(rows, logits), logits)
         return width
 
     def _decode(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
@@ -350,28 +364,47 @@ class SliceEngine:
     def _select(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Next token of every batch row (done rows too: their tokens are ignored)."""
         params = [r.spec.params for r in rows]
-        return select_tokens(
+        adjusted = adjust_logits(
             logits,
+            [RowTokens(r.spec.params, r.spec.prompt_ids, r.spec.generated_ids + r.new_ids)
+             for r in rows],
+            self.codec.eos_ids,
+        )
+        return select_tokens(
+            adjusted,
             temperatures=[p.temperature for p in params],
             top_ps=[p.top_p for p in params],
             seeds=[p.seed if p.seed is not None else 0 for p in params],
             positions=[r.position for r in rows],
+            top_ks=[p.top_k for p in params],
         )
 
-    def _accept(self, rows: list[_Row], tokens: torch.Tensor) -> None:
-        """Record each live row's token."""
-        for row, token in zip(rows, tokens.tolist(), strict=True):
-            if not row.done:
-                self._take(row, int(token))
+    def _accept(self, rows: list[_Row], tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record each live row's token (and its log-probabilities when the row asks)."""
+        wanted = [None if r.done else r.spec.params.logprobs for r in rows]
+        logprobs = token_logprobs(logits, tokens, wanted)
+        taken: list[StepTokens] = []
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs, strict=True):
+            if row.done:
+                continue
+            before = len(row.new_ids)
+            self._take(row, int(token), logprob)
+            if row.spec.params.stream and len(row.new_ids) > before:
+                taken.append(StepTokens(row.spec.request_id, row.spec.fence,
+                                        row.position - 1, [int(token)]))
+        if taken and self._on_tokens is not None:
+            self._on_tokens(taken)
 
-    def _take(self, row: _Row, token: int) -> None:
+    def _take(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
         """Append ``token`` to ``row`` and decide whether the row is finished or done."""
         params = row.spec.params
         if token in self.codec.eos_ids and not params.ignore_eos:
             row.done, row.finish = True, FinishReason.STOP
             return
         row.new_ids.append(token)
-        if params.stop and self._hit_stop(row):
+        if logprob is not None:
+            row.new_logprobs.append(logprob)
+        if params.stop and row.position >= params.min_tokens and self._hit_stop(row):
             row.done, row.finish = True, FinishReason.STOP
         elif len(row.new_ids) >= row.budget:
             row.done = True

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from services.worker.engine import SliceEngine, SliceInput, SliceOutput, SliceStats
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
+from services.worker.token_stream import TokenPublisher
 from shared.core.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
 from shared.core.states import RequestStatus
 from shared.core.store import CommitRejected, Store
@@ -92,6 +93,7 @@ class WorkerRuntime:
         self.engines = {True: SliceEngine(loaded, pool=self.pool, pass_tokens=pass_tokens),
                         False: SliceEngine(loaded, False, pass_tokens=pass_tokens)}
         self.started_at = now()
+        self.publisher = TokenPublisher(store)
         # This runtime's own registry: several workers may live in one (test) process.
         self.metrics = WorkerMetrics(loaded.device)
         if self.pool is not None:
@@ -103,6 +105,7 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         """Stop background parts."""
+        self.publisher.close()
 
     def in_progress(self) -> int:
         """Requests started and not yet committed. A slice runs inside its RQ job, so none
@@ -171,8 +174,10 @@ class WorkerRuntime:
         rows = [to_slice_input(rec, batch.fences[rec.id], self._kv_fence(rec))
                 for rec in records]
         started = time.perf_counter()
-        outputs, stats = self.engines[batch.drop_finished].run_slice(rows, batch.slice_length)
+        outputs, stats = self.engines[batch.drop_finished].run_slice(
+            rows, batch.slice_length, lambda steps: self.publisher.submit(batch.id, steps))
         busy = time.perf_counter() - started
+        self.publisher.flush()  # a stream's token entries come before its commit entry
         items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,
                                                                          strict=True)]
         counters = slice_counters(stats, busy, self.cost)
@@ -239,6 +244,7 @@ class WorkerRuntime:
                                   final=out.finish_reason is not None),
             final_text=final_text,
             kv_retained=out.kv_retained,
+            logprobs=tuple(out.logprobs),
         )
 
 

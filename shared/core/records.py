@@ -247,6 +247,17 @@ class CommitItem:
     delta_text: str
     final_text: str = ""
     kv_retained: bool = False  # the worker's pool keeps its K/V, written at ``fence``
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new id when the request asks
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """Tokens one streaming request took in one decode step (per-token streaming)."""
+
+    request_id: str
+    fence: int  # the slice's fence for the request: publishing is fenced like the commit
+    position: int  # index within the request's generated tokens of the first of ``ids``
+    ids: list[int]
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,14 @@ from typing import Any
 
 import redis
 
+from shared.core.connection import sync_client
 from shared.core.keys import Keys
 from shared.core.records import (
     BatchRecord,
     CommitItem,
     InstanceInfo,
     RequestRecord,
+    StepTokens,
     now,
 )
 from shared.core.states import FinishReason
@@ -108,7 +110,7 @@ class CommitRejected(Exception):
 
 def connect(url: str) -> redis.Redis:
     """A client that decodes responses to str (every field scls stores is text)."""
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    return sync_client(url, decode_responses=True, health_check_interval=30)
 
 
 class Store:
@@ -127,6 +129,7 @@ class Store:
         self._submit = client.register_script(lua_source("submit"))
         self._cancel = client.register_script(lua_source("cancel"))
         self._kv_evicted = client.register_script(lua_source("kv_evicted"))
+        self._publish_tokens = client.register_script(lua_source("publish_tokens"))
 
     # --- requests ---------------------------------------------------------------
     def submit(self, record: RequestRecord, max_pending: int = 0) -> bool:
@@ -265,11 +268,24 @@ class Store:
                 item.delta_text,
                 item.final_text,
                 int(item.kv_retained),
+                # Items of the stored JSON array, without its brackets: the script appends.
+                ",".join(json.dumps(lp.to_json(), separators=(",", ":"))
+                         for lp in item.logprobs),
             ]
         ok, detail = self._commit(keys=keys, args=args)
         if int(ok) != 1:
             raise CommitRejected(str(detail))
         return int(detail)
+
+    def publish_tokens(self, batch_id: str, steps: Sequence[StepTokens]) -> int:
+        """Append streaming requests' new tokens to their event streams, fenced (see
+        ``lua/publish_tokens.lua``); returns how many entries were written."""
+        keys: list[str] = []
+        args: list[str | int] = [batch_id]
+        for step in steps:
+            keys += [self.keys.request(step.request_id), self.keys.events(step.request_id)]
+            args += [step.fence, step.position, ",".join(map(str, step.ids))]
+        return int(self._publish_tokens(keys=keys, args=args)) if steps else 0
 
     def requeue_batch(
         self,

@@ -2,8 +2,10 @@
 -- KEYS: pending, inflight, batch, instance_batches, stats, instance_stats, wakeup,
 --       then per request i: req_i, events_i
 -- ARGV: batch_id, now, result_ttl, stats_json, n, kv_boot, kv_drop_head, kv_drop_tail,
---       then per request i (7 each): rid, fence, new_ids_csv, finish_reason ('' = unfinished),
---                                    delta_text, final_text, kv_retained ('1' / '0')
+--       then per request i (8 each): rid, fence, new_ids_csv, finish_reason ('' = unfinished),
+--                                    delta_text, final_text, kv_retained ('1' / '0'),
+--                                    logprobs (JSON array items without brackets, '' = none)
+-- Every event entry carries pos (index of its first token in the generated ids) and ids.
 -- All or nothing: if the batch is no longer in flight or any request's batch/fence/status
 -- differs, nothing is written and {0, reason} is returned. Otherwise {1, finished_count}.
 -- An unfinished request whose cancellation was asked (cancel.lua) ends cancelled here.
@@ -14,7 +16,7 @@ local batch_id, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local n = tonumber(ARGV[5])
 local kv_boot, drop_head, drop_tail = ARGV[6], ARGV[7], ARGV[8]
 local instance = redis.call('HGET', KEYS[3], 'instance')
-local W, B = 7, 8  -- ARGV per request, ARGV before the first request
+local W, B = 8, 8  -- ARGV per request, ARGV before the first request
 if not redis.call('ZSCORE', KEYS[2], batch_id) then
   return {0, 'batch ' .. batch_id .. ' is not in flight'}
 end
@@ -32,6 +34,7 @@ for i = 1, n do
   local rid, new_ids, reason = ARGV[a + 1], ARGV[a + 3], ARGV[a + 4]
   local delta, final_text = ARGV[a + 5], ARGV[a + 6]
   local kv_kept = ARGV[a + 7] == '1' and reason == ''
+  local logprobs = ARGV[a + 8]
   local gen = redis.call('HGET', req, 'generated_ids')
   local added = 0
   if new_ids ~= '' then
@@ -40,6 +43,13 @@ for i = 1, n do
     added = commas + 1
   end
   local total = redis.call('HINCRBY', req, 'completion_tokens', added)
+  local pos = total - added
+  if logprobs ~= '' then
+    local held = redis.call('HGET', req, 'logprobs')
+    if not held or held == '[]' then held = '[' .. logprobs .. ']'
+    else held = string.sub(held, 1, -2) .. ',' .. logprobs .. ']' end
+    redis.call('HSET', req, 'logprobs', held)
+  end
   local slices = redis.call('HINCRBY', req, 'slices', 1)
   redis.call('HSET', req, 'generated_ids', gen, 'batch', '')
   redis.call('HSETNX', req, 'first_slice_at', now)
@@ -48,6 +58,7 @@ for i = 1, n do
     redis.call('HSET', req, 'status', status, 'finish_reason', reason, 'finished_at', now,
       'text', final_text)
     redis.call('XADD', events, '*', 'kind', 'final', 'delta', delta, 'tokens', added,
+      'pos', pos, 'ids', new_ids,
       'status', status, 'finish_reason', reason)
     kv_forget(req, rid, drop_head, drop_tail, instance)  -- this worker keeps nothing of it
     redis.call('EXPIRE', req, ttl)
@@ -59,6 +70,7 @@ for i = 1, n do
       redis.call('HSET', req, 'status', 'cancelled', 'finish_reason', 'cancelled',
         'error', cancel, 'finished_at', now)
       redis.call('XADD', events, '*', 'kind', 'final', 'delta', delta, 'tokens', added,
+      'pos', pos, 'ids', new_ids,
         'status', 'cancelled', 'finish_reason', 'cancelled', 'error', cancel)
       redis.call('EXPIRE', req, ttl)
       redis.call('EXPIRE', events, ttl)
@@ -80,6 +92,7 @@ for i = 1, n do
       redis.call('HSET', req, 'status', 'pending')
       redis.call('ZADD', KEYS[1], redis.call('HGET', req, 'arrival'), rid)
       redis.call('XADD', events, '*', 'kind', 'slice', 'delta', delta, 'tokens', added,
+      'pos', pos, 'ids', new_ids,
         'slice', slices)
     end
   end
