@@ -117,6 +117,29 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0, description="how long POST waits for the completion"
     )
+    # Readiness (GET /health): Redis answers, a scheduler holds the leader lock, and at
+    # least one worker instance is alive. Without them accepted requests only sit pending.
+    reject_when_unready: bool = Field(
+        True,
+        description="answer new completions 503 (Retry-After) while the deployment is not "
+        "ready (no scheduler leader or no live worker), storing nothing",
+    )
+    unready_grace_s: float = Field(
+        30.0, gt=0,
+        description="waiting clients get 503 (or a stream error event) once readiness has "
+        "been lost this long; their requests stay pending and go on when it recovers",
+    )
+
+    max_n: int = Field(
+        16, ge=1, description="largest n (choices per prompt) and best_of a request may ask"
+    )
+    max_prompts: int = Field(
+        64, ge=1, description="most prompts in one batched /v1/completions request"
+    )
+    max_logprobs: int = Field(
+        20, ge=0, description="most alternatives per token a request's logprobs may ask"
+    )
+
 
     api_key: str | None = Field(
         None, description="when set, /v1/* requires `Authorization: Bearer <key>`"

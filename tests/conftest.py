@@ -60,6 +60,9 @@ def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settin
         torch_threads=1,
         profile_mode="analytic",  # measured profiles: tests/test_profiler.py
         log_format="console",
+        # Most tests play the scheduler and worker through the store, with neither running:
+        # tests/test_readiness.py covers refusing requests while the deployment is unready.
+        reject_when_unready=False,
     )
 
 

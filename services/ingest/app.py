@@ -5,28 +5,34 @@ It validates and tokenises a request, applies backpressure (a bounded pending po
 event stream for its final entry and answers with the text the workers committed.
 
 This module builds the app (:func:`create_app`: lifespan, middleware); the endpoints are
-:mod:`services.ingest.routes`, request checks and errors :mod:`services.ingest.validation`,
-submitting, waiting and streaming :mod:`services.ingest.completion`. Nothing here reads the
-environment: :func:`create_app` takes a :class:`Settings`.
+:mod:`services.ingest.routes` and :mod:`services.ingest.aux_routes` (readiness, vLLM's
+tokenize/detokenize/version/model), request checks and errors
+:mod:`services.ingest.validation`, submitting, waiting and streaming
+:mod:`services.ingest.completion`, readiness :mod:`services.ingest.readiness`. Nothing here
+reads the environment: :func:`create_app` takes a :class:`Settings`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.ingest import aux_routes
 from services.ingest.completion import Ingest
+from services.ingest.readiness import RETRY_AFTER_S, Readiness
 from services.ingest.routes import require_api_key, router
-from services.ingest.validation import register_error_handlers
+from services.ingest.validation import error_response, register_error_handlers
 from shared.core.async_store import AsyncStore
 from shared.core.keys import Keys
-from shared.core.waiter import EventWaiter
+from shared.core.waiter import EventWaiter, Unready
 from shared.modeling.registry import ModelInfo, TextCodec, load_codec, model_info
+from shared.obs.logging import get_logger
 from shared.obs.prometheus import IngestMetrics
 from shared.settings import Settings
 
@@ -72,6 +78,23 @@ class RequestCounter:
             self.metrics.observe_request(_endpoint(scope), status)
 
 
+def _unready_handler(keys: Keys) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """The handler answering a wait ended by lost readiness (:class:`Unready`): 503 in
+    OpenAI's shape, naming the request, which stays pending."""
+    events_head = keys.request("")
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        key = exc.key if isinstance(exc, Unready) else ""
+        rid = key.removeprefix(events_head).removesuffix(":events")
+        get_logger("services.ingest").warning("wait ended: deployment not ready",
+                                              request_id=rid, error=str(exc))
+        return error_response(
+            503, f"request {rid}: {exc}; poll GET /v1/requests/{rid} for its result",
+            headers={"Retry-After": str(RETRY_AFTER_S), "X-Request-Id": rid}, code="not_ready")
+
+    return handle
+
+
 # --- factory -------------------------------------------------------------------------------
 
 
@@ -100,7 +123,9 @@ def create_app(
         # Requests hold a connection of the store's pool only briefly: waiting for results
         # goes through the one EventWaiter connection.
         ingest.async_store = AsyncStore.open(redis_url, ingest.keys, _REDIS_POOL_SIZE)
-        ingest.waiter = EventWaiter(redis_url)
+        readiness = app.state.readiness = Readiness.open(redis_url, ingest.keys)
+        ingest.waiter = EventWaiter(redis_url, health=readiness.unready_reason,
+                                    grace_s=settings.unready_grace_s)
         await ingest.waiter.start()
         try:
             yield
@@ -111,11 +136,16 @@ def create_app(
             ingest.waiter = None
             await ingest.async_store.aclose()
             ingest.async_store = None
+            await readiness.aclose()
+            app.state.readiness = None
 
     app = FastAPI(title="scls ingest", version="0.1.0", lifespan=lifespan,
                   summary="OpenAI-compatible front of the SCLS serving system")
     app.state.ingest = ingest
+    app.state.readiness = None  # set while the lifespan runs
     register_error_handlers(app)
+    app.add_exception_handler(Unready, _unready_handler(ingest.keys))
     app.add_middleware(RequestCounter, metrics=ingest.metrics)
     app.include_router(router, dependencies=[Depends(require_api_key)])
+    app.include_router(aux_routes.router, dependencies=[Depends(require_api_key)])
     return app

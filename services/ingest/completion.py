@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from services.ingest.readiness import reject_when_unready
 from services.ingest.schemas import GenerationParams, SclsInfo, Usage
 from services.ingest.streaming import ChunkFormat, Finished, StopHoldback, stream_chunks
 from services.ingest.validation import APIError, ClientDisconnected, RequestChecks, error_type
@@ -207,6 +208,7 @@ async def accept(
     if not prompt_ids:
         raise APIError(400, f"{prompt_param}: must not be empty", param=prompt_param)
     params = ingest.build_params(body, max_tokens, len(prompt_ids), prompt_param)
+    await reject_when_unready(request)  # 503 while no scheduler/worker could serve it
     record = await ingest.submit(prompt_ids, params)
     with bound(request_id=record.id):
         _log().info("request accepted", path=request.url.path, prompt_tokens=len(prompt_ids),

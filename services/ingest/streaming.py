@@ -147,8 +147,9 @@ async def stream_chunks(
             except asyncio.TimeoutError:
                 raise timeout_error() from None
             kind = entry.get("kind")
-            if kind == "closed":
-                raise RuntimeError("the server is shutting down; the request goes on")
+            if kind == "closed":  # the waiter stopped: shutdown, or readiness lost (its error)
+                raise RuntimeError(entry.get("error")
+                                   or "the server is shutting down; the request goes on")
             if kind == "final":
                 done = await finish()
                 rest = holdback.finish(done.text)

@@ -11,18 +11,27 @@ from their start, so a final entry written before the waiter registered is still
 Streaming responses :meth:`EventWaiter.subscribe` instead: every entry of the stream (each
 slice's text delta, then the final entry) is put in the subscriber's queue, over the same
 connection.
+
+Given a ``health`` check, a guard task watches the deployment's readiness while anyone
+waits: once it has been lost for ``grace_s`` (no scheduler, no worker, no Redis), waits
+raise :class:`Unready` and subscribers get ``{"kind": "closed", "error": ...}`` rather than
+hanging until the request timeout. The requests themselves stay pending in Redis.
+A Redis error (the connection drops during a Redis restart) never ends the loops: they log
+it once, back off and reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from shared.core.connection import async_client
 from shared.obs.logging import get_logger
 
 log = get_logger(__name__)
@@ -31,7 +40,19 @@ _BLOCK_MS = 2_000  # longest block; registrations and events cut it short
 # redis-py's connections time reads out after 5 s by default: the reader's must outlast
 # its longest block, or an idle XREAD ends in a TimeoutError and a reconnect.
 _READER_SOCKET_TIMEOUT_S = _BLOCK_MS / 1000 + 10
-_RETRY_S = 0.5  # back-off after a Redis error (the waiters keep waiting)
+_RETRY_S = 0.5  # first back-off after a Redis error (the waiters keep waiting)
+_RETRY_MAX_S = 4.0  # the back-off doubles up to this while Redis stays away
+_GUARD_PERIOD_S = 1.0  # how often the guard checks readiness (at most; less for tiny graces)
+
+
+class Unready(RuntimeError):
+    """The deployment has not been ready for longer than the grace period: the wait for
+    ``key`` ends; its request stays pending and goes on when the deployment recovers."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
 
 
 @dataclass
@@ -48,8 +69,20 @@ class _Watch:
 class EventWaiter:
     """Waits for ``final`` entries on many event streams over one connection."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        health: Callable[[], Awaitable[str | None]] | None = None,
+        grace_s: float = 30.0,
+    ) -> None:
+        """``health`` answers None when the deployment is ready, else what is missing;
+        without it waits end only with their final entry or their timeout."""
         self._url = url
+        self._health = health
+        self._grace_s = grace_s
+        self._unready_since: float | None = None
+        self._guard_task: asyncio.Task[None] | None = None
+        self._redis_down = False  # logged once per outage
         self._watch: dict[str, _Watch] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -62,14 +95,16 @@ class EventWaiter:
     async def start(self) -> None:
         """Prepare the clients; the reader loop starts with the first wait (so it runs in
         the loop that serves requests, and an idle server holds no blocked connection)."""
-        self._reader = aioredis.Redis.from_url(self._url, decode_responses=True,
-                                               single_connection_client=True,
-                                               socket_timeout=_READER_SOCKET_TIMEOUT_S)
-        self._control = aioredis.Redis.from_url(self._url, decode_responses=True)
+        self._reader = async_client(self._url, decode_responses=True,
+                                    single_connection_client=True,
+                                    socket_timeout=_READER_SOCKET_TIMEOUT_S)
+        self._control = async_client(self._url, decode_responses=True)
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="event-waiter")
+        if self._health is not None and (self._guard_task is None or self._guard_task.done()):
+            self._guard_task = asyncio.create_task(self._guard(), name="event-waiter-guard")
 
     async def stop(self) -> None:
         """Stop the loop; pending waits are cancelled."""
@@ -79,10 +114,12 @@ class EventWaiter:
         if self._reader_id is not None and self._control is not None:
             with contextlib.suppress(RedisError):  # end a blocked read now, not in 5 s
                 await self._control.client_unblock(self._reader_id)
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, self._guard_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
             # Bounded: shutdown must not hang on a connection stuck mid-handshake.
-            await asyncio.wait([self._task], timeout=2.0)
+            await asyncio.wait(tasks, timeout=2.0)
         for watch in self._watch.values():
             for fut in watch.futures:
                 fut.cancel()
@@ -151,7 +188,7 @@ class EventWaiter:
                 assert self._control is not None
                 if await self._control.client_unblock(self._reader_id):
                     return
-            except RedisError:
+            except (RedisError, OSError):  # the reader's own error handling recovers
                 return
             await asyncio.sleep(0.002)
 
@@ -160,6 +197,7 @@ class EventWaiter:
         # The task copied the context of the request that started it: unbind that
         # request's id so the loop's own log lines are not attributed to it.
         structlog.contextvars.clear_contextvars()
+        backoff = _RETRY_S
         while not self._closing:
             try:
                 if self._reader_id is None:
@@ -167,12 +205,62 @@ class EventWaiter:
                 await self._read_once()
             except asyncio.CancelledError:
                 raise
-            except RedisError as exc:
+            except (RedisError, OSError) as exc:
                 if self._closing:
                     return
-                log.warning("event_waiter_redis_error", error=str(exc))
+                # redis-py reconnects the reader on its next command; the new connection
+                # has a new client id, which CLIENT UNBLOCK needs.
                 self._reader_id = None
-                await asyncio.sleep(_RETRY_S)
+                if not self._redis_down:
+                    log.warning("event_waiter_redis_error", error=str(exc),
+                                retry_in_s=backoff, watching=len(self._watch))
+                    self._redis_down = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RETRY_MAX_S)
+                continue
+            if self._redis_down:
+                log.info("event_waiter_redis_back", watching=len(self._watch))
+                self._redis_down = False
+            backoff = _RETRY_S
+
+    async def _guard(self) -> None:
+        """While anyone waits, end the waits once readiness has been lost for the grace
+        period; exits when nobody waits (the next wait starts it again)."""
+        assert self._health is not None
+        structlog.contextvars.clear_contextvars()
+        loop = asyncio.get_running_loop()
+        period = min(_GUARD_PERIOD_S, self._grace_s / 4)
+        while not self._closing and self._watch:
+            try:
+                reason = await self._health()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failed check is itself a sign of trouble
+                reason = f"the readiness check failed: {exc!r}"
+            if reason is None:
+                if self._unready_since is not None:
+                    log.info("deployment_ready_again")
+                self._unready_since = None
+            else:
+                if self._unready_since is None:
+                    log.warning("deployment_not_ready", missing=reason, grace_s=self._grace_s)
+                    self._unready_since = loop.time()
+                if loop.time() - self._unready_since >= self._grace_s:
+                    self._fail_all(reason)
+            await asyncio.sleep(period)
+
+    def _fail_all(self, reason: str) -> None:
+        """End every current wait with :class:`Unready` (the requests stay pending)."""
+        message = (f"the deployment has not been ready for over {self._grace_s:g} s "
+                   f"({reason}); the request stays pending and goes on when it recovers")
+        log.warning("waits_ended_unready", waits=len(self._watch), missing=reason)
+        watches, self._watch = self._watch, {}
+        for key, watch in watches.items():
+            for fut in watch.futures:
+                if not fut.done():
+                    fut.set_exception(Unready(message, key))
+            for queue in watch.followers:
+                queue.put_nowait({"kind": "closed", "error": message})
 
     async def _read_once(self) -> None:
         assert self._reader is not None

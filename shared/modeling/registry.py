@@ -58,8 +58,11 @@ class TextCodec(Protocol):
         """Text of ``ids``, skipping special tokens."""
         ...
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat (``role``/``content`` dicts) ending with the generation prompt."""
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a chat (``role``/``content`` dicts), ending with the generation
+        prompt unless ``add_generation_prompt`` is False."""
         ...
 
 
@@ -103,10 +106,12 @@ class ByteCodec:
         )
         return data.decode("utf-8", errors="replace")
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
         """``role: content`` lines followed by ``assistant: `` as the generation prompt."""
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return self.encode(text + "assistant: ")
+        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
 
 
 @dataclass
@@ -125,12 +130,14 @@ class HFCodec:
         """Text of ``ids``, skipping special tokens."""
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Apply the chat template (with the generation prompt) and tokenize it."""
         # Render to text first: in transformers 5 tokenize=True returns a dict by default, and
         # the template already contains every special token it needs.
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         return self.encode(text)
 
