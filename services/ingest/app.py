@@ -25,11 +25,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.ingest import aux_routes
 from services.ingest.completion import Ingest
-from services.ingest.readiness import RETRY_AFTER_S, Readiness
+from services.ingest.readiness import RETRY_AFTER_S
 from services.ingest.routes import require_api_key, router
 from services.ingest.validation import error_response, register_error_handlers
 from shared.core.async_store import AsyncStore
 from shared.core.keys import Keys
+from shared.core.readiness import Readiness
 from shared.core.waiter import EventWaiter, Unready
 from shared.modeling.registry import ModelInfo, TextCodec, load_codec, model_info
 from shared.obs.logging import get_logger
