@@ -14,7 +14,6 @@ import json
 import time
 from collections import deque
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import redis
 import typer
@@ -24,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from shared.core.connection import describe
 from shared.core.keys import Keys
 from shared.core.records import now
 from shared.core.store import Store, connect
@@ -152,8 +152,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _where(url: str) -> str:
     """host:port of a Redis URL, without any password in it."""
-    parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+    return describe(url)  # a Sentinel URL names several hosts
 
 
 def open_store(settings: Settings) -> Store:

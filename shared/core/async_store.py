@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+from shared.core.connection import async_blocking_client
 from shared.core.keys import Keys
 from shared.core.records import RequestRecord
 from shared.core.store import CancelOutcome, cancel_call, cancel_outcome, lua_source, submit_call
@@ -33,10 +34,9 @@ class AsyncStore:
         failing with "Too many connections" (redis-py's plain pool raises at its default
         cap of 100). Create it on the event loop that will use it.
         """
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=10, decode_responses=True,
-            health_check_interval=30)
-        return cls(aioredis.Redis.from_pool(pool), keys)
+        client = async_blocking_client(url, max_connections=max_connections, timeout=10,
+                                       decode_responses=True, health_check_interval=30)
+        return cls(client, keys)
 
     async def aclose(self) -> None:
         """Close the client and its pool."""

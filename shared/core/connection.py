@@ -28,6 +28,7 @@ What survives a failover is in docs/operations.md ("Redis Sentinel").
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,10 @@ class _SyncConnection(ssentinel.SentinelManagedConnection):
             if not _refused_write(exc):
                 raise
             self.disconnect()
+            # redis-py reconnects a dropped connection to its last host (only a fresh one
+            # asks Sentinel), so point it at the primary Sentinel names now.
+            with contextlib.suppress(redis.ConnectionError):  # no sentinel: retry as is
+                self.host, self.port = self.connection_pool.get_master_address()
             raise _moved(exc) from exc
 
 
@@ -98,6 +103,8 @@ class _AsyncConnection(asentinel.SentinelManagedConnection):
             if not _refused_write(exc):
                 raise
             await self.disconnect()
+            with contextlib.suppress(redis.ConnectionError):  # see _SyncConnection
+                self.host, self.port = await self.connection_pool.get_master_address()
             raise _moved(exc) from exc
 
 
