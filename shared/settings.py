@@ -140,7 +140,6 @@ class Settings(BaseSettings):
         20, ge=0, description="most alternatives per token a request's logprobs may ask"
     )
 
-
     api_key: str | None = Field(
         None, description="when set, /v1/* requires `Authorization: Bearer <key>`"
     )

@@ -106,10 +106,10 @@ BAD_INPUTS = [
      ["request body is not valid JSON: "], None),
     ("empty-body", COMPLETIONS, b"", 400, ["request body is not valid JSON: "], None),
     ("list-body", COMPLETIONS, b'[{"prompt": "hi"}]', 400, ["must be a JSON object"], None),
-    ("batched-strings", COMPLETIONS, {"prompt": ["a", "b"]}, 400,
-     ["batched prompts are not supported: send one request per prompt"], "prompt"),
-    ("batched-ids", COMPLETIONS, {"prompt": [[5, 6], [7]]}, 400,
-     ["batched prompts are not supported"], "prompt"),
+    ("batched-empty-member", COMPLETIONS, {"prompt": ["a", ""]}, 400,
+     ["prompt: prompt 1: must not be empty"], "prompt"),
+    ("batched-bad-ids", COMPLETIONS, {"prompt": [[5, 6], [7, "x"]]}, 400,
+     ["prompt 1: must be a string or a list of token ids"], "prompt"),
     ("prompt-number", COMPLETIONS, {"prompt": 42}, 400, ["prompt: must be a string"], "prompt"),
     ("token-out-of-vocab", COMPLETIONS, {"prompt": [5, 512]}, 400,
      ["token id 512 is outside the vocabulary"], "prompt"),
@@ -119,7 +119,8 @@ BAD_INPUTS = [
      {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
      ["stream_options.include_usage: Input should be a valid boolean"],
      "stream_options.include_usage"),
-    ("n-2", COMPLETIONS, {"prompt": "hi", "n": 2}, 400, ["only n=1 is supported"], "n"),
+    ("n-above-max-n", COMPLETIONS, {"prompt": "hi", "n": 17}, 400,
+     ["n: at most 16 choices"], "n"),
     ("stop-too-many", COMPLETIONS, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400,
      ["at most 4 stop strings"], "stop"),
     ("stop-number", COMPLETIONS, {"prompt": "hi", "stop": 7}, 400,
@@ -176,7 +177,7 @@ async def test_completion_answers_the_committed_text(
     prompt = "Once upon a time"
     call = asyncio.create_task(client.post(
         COMPLETIONS, json={"model": "tiny-random", "prompt": prompt, "max_tokens": 20,
-                           "stop": "\n", "user": "ignored", "unknown_field": 1}))
+                           "stop": "\n", "user": "ignored"}))
     rid = await play_worker(store, "Hello there", FinishReason.STOP)
     resp = await call
     assert resp.status_code == 200, resp.text

@@ -9,8 +9,11 @@ submits a request, :func:`serve` waits for its final event and reads it back, an
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import hashlib
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import structlog
@@ -20,8 +23,23 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from services.ingest.readiness import reject_when_unready
-from services.ingest.schemas import GenerationParams, SclsInfo, Usage
-from services.ingest.streaming import ChunkFormat, Finished, StopHoldback, stream_chunks
+from services.ingest.schemas import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    GenerationParams,
+    SclsInfo,
+    TopLogprob,
+    Usage,
+)
+from services.ingest.streaming import (
+    ChoiceStream,
+    ChunkFormat,
+    Finished,
+    StopHoldback,
+    TokenText,
+    stream_chunks,
+)
 from services.ingest.validation import APIError, ClientDisconnected, RequestChecks, error_type
 from shared.core.async_store import AsyncStore
 from shared.core.keys import Keys
@@ -178,8 +196,12 @@ def usage(record: RequestRecord) -> Usage:
                  total_tokens=prompt + completion)
 
 
-def scls_info(record: RequestRecord) -> SclsInfo:
-    return SclsInfo(request_id=record.id, slices=record.slices, **timings(record))
+def scls_info(record: RequestRecord, others: list[RequestRecord] | None = None) -> SclsInfo:
+    """The response's ``scls`` block: ``record``'s, listing every request run when
+    ``others`` (all of them, ``record`` included) holds several."""
+    ids = [r.id for r in others] if others and len(others) > 1 else None
+    return SclsInfo(request_id=record.id, slices=record.slices, request_ids=ids,
+                    **timings(record))
 
 
 def finish_reason(record: RequestRecord) -> str | None:
@@ -192,29 +214,66 @@ def ingest_of(request: Request) -> Ingest:
     return ingest
 
 
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of a prompt when the client gave ``seed``: the first
+    choice uses it as given (so ``n=1`` is unchanged), choice i > 0 the first 63 bits of
+    SHA-256 of ``"<seed>:<i>"`` (distinct per choice, the same on every run)."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def choice_params(params: RequestParams, given_seed: int | None, index: int) -> RequestParams:
+    """Choice ``index``'s parameters: its own seed, so n samples differ (greedy choices are
+    identical, as with OpenAI)."""
+    if index == 0:
+        return params
+    if given_seed is not None:
+        return replace(params, seed=choice_seed(given_seed, index))
+    return replace(params, seed=secrets.randbits(63) if params.temperature > 0 else None)
+
+
 async def accept(
     request: Request,
     body: GenerationParams,
-    encode: Callable[[], list[int]],
+    encoders: list[Callable[[], list[int]]],
     max_tokens: int | None,
     prompt_param: str,
-) -> RequestRecord:
-    """Tokenise, check and submit one request (both endpoints, streaming or not)."""
+    logprobs: int | None = None,
+    copies: int = 1,
+) -> list[RequestRecord]:
+    """Tokenise, check and submit the requests of one HTTP request (both endpoints,
+    streaming or not): ``copies`` requests per prompt (``n``, or ``best_of``), in choice
+    order (prompt p's copy i at ``p * copies + i``). All or none: if one is refused (429),
+    those already submitted are cancelled."""
     ingest = ingest_of(request)
     ingest.check_model(body.model)
-    ingest.check_supported(body)
-    # Tokenising a long prompt is CPU work: keep it off the event loop.
-    prompt_ids = await run_in_threadpool(encode)
-    if not prompt_ids:
-        raise APIError(400, f"{prompt_param}: must not be empty", param=prompt_param)
-    params = ingest.build_params(body, max_tokens, len(prompt_ids), prompt_param)
+    ingest.check_supported(body, logprobs, len(encoders))
+    planned: list[tuple[list[int], RequestParams]] = []
+    for encode in encoders:
+        # Tokenising a long prompt is CPU work: keep it off the event loop.
+        prompt_ids = await run_in_threadpool(encode)
+        if not prompt_ids:
+            raise APIError(400, f"{prompt_param}: must not be empty", param=prompt_param)
+        params = ingest.build_params(body, max_tokens, len(prompt_ids), prompt_param, logprobs)
+        planned += [(prompt_ids, choice_params(params, body.seed, i)) for i in range(copies)]
     await reject_when_unready(request)  # 503 while no scheduler/worker could serve it
-    record = await ingest.submit(prompt_ids, params)
-    with bound(request_id=record.id):
-        _log().info("request accepted", path=request.url.path, prompt_tokens=len(prompt_ids),
-                    max_tokens=params.max_tokens, temperature=params.temperature,
-                    stream=bool(body.stream))
-    return record
+    records: list[RequestRecord] = []
+    try:
+        for prompt_ids, params in planned:
+            records.append(await ingest.submit(prompt_ids, params))
+    except Exception:
+        for record in records:  # all or none: the client gets an error, not these
+            ingest.cancel_in_background(record.id, "another request of its batch was refused")
+        raise
+    for record in records:
+        with bound(request_id=record.id):
+            _log().info("request accepted", path=request.url.path,
+                        prompt_tokens=len(record.prompt_ids), max_tokens=record.params.max_tokens,
+                        temperature=record.params.temperature, stream=bool(body.stream),
+                        choices=len(records))
+    return records
 
 
 async def finished(ingest: Ingest, record: RequestRecord) -> RequestRecord:
@@ -230,56 +289,175 @@ async def finished(ingest: Ingest, record: RequestRecord) -> RequestRecord:
     return done
 
 
-async def serve(request: Request, response: Response, record: RequestRecord) -> RequestRecord:
-    """Wait for an accepted request to end and read it back (non-streaming)."""
+async def serve(
+    request: Request, response: Response, records: list[RequestRecord]
+) -> list[RequestRecord]:
+    """Wait for accepted requests to end, together, and read them back (non-streaming)."""
     ingest = ingest_of(request)
-    response.headers["X-Request-Id"] = record.id
-    with bound(request_id=record.id):
-        final = await ingest.wait_final(record.id, request)
-    if final is None:
-        raise _timeout(record.id, ingest.settings.request_timeout_s)
-    return await finished(ingest, record)
+    response.headers["X-Request-Id"] = records[0].id
+
+    async def wait(record: RequestRecord) -> dict[str, str] | None:
+        with bound(request_id=record.id):
+            return await ingest.wait_final(record.id, request)
+
+    finals = await asyncio.gather(*(wait(r) for r in records), return_exceptions=True)
+    for record, final in zip(records, finals, strict=True):
+        if isinstance(final, BaseException):
+            raise final
+        if final is None:
+            raise _timeout(record.id, ingest.settings.request_timeout_s)
+    return [await finished(ingest, record) for record in records]
 
 
-def stream(request: Request, record: RequestRecord, body: GenerationParams,
-            chat: bool) -> StreamingResponse:
-    """Server-sent events of an accepted request (``stream: true``), see
-    :mod:`services.ingest.streaming`."""
+def total_usage(records: list[RequestRecord], copies: int) -> Usage:
+    """Usage of the requests of one HTTP request: every generated token, and each prompt's
+    tokens once (its ``copies`` requests share the prompt, as OpenAI counts ``n``)."""
+    prompt = sum(len(r.prompt_ids) for r in records[::copies])
+    completion = sum(len(r.generated_ids) for r in records)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion)
+
+
+def summed_logprob(record: RequestRecord) -> float:
+    """The log-probability of the whole completion (``best_of``'s ranking)."""
+    return sum(lp.logprob for lp in record.logprobs)
+
+
+def best_of(records: list[RequestRecord], copies: int, n: int) -> list[RequestRecord]:
+    """Per prompt, the ``n`` of its ``copies`` requests with the highest summed logprob,
+    best first (ties keep submission order)."""
+    out: list[RequestRecord] = []
+    for start in range(0, len(records), copies):
+        group = records[start:start + copies]
+        out += sorted(group, key=summed_logprob, reverse=True)[:n]
+    return out
+
+
+class TokenStrings:
+    """Each token's text, decoded alone with the codec (a token that is part of a
+    multi-byte character reads U+FFFD), cached per id."""
+
+    def __init__(self, codec: TextCodec) -> None:
+        self.codec = codec
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        """The token's text."""
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.codec.decode([token_id])
+        return text
+
+
+def completion_logprobs(strings: TokenStrings, record: RequestRecord) -> CompletionLogprobs:
+    """OpenAI's legacy ``logprobs`` of a text completion: per generated token its text, its
+    logprob, ``{text: logprob}`` of the chosen token and the k alternatives (vLLM's shape),
+    and its offset in the choice's text."""
+    tokens = [strings(t) for t in record.generated_ids[:len(record.logprobs)]]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    tops = [{**{strings(t): v for t, v in lp.top}, tok: lp.logprob}
+            for tok, lp in zip(tokens, record.logprobs, strict=False)]
+    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in record.logprobs],
+                              top_logprobs=tops, text_offset=offsets)
+
+
+def chat_logprobs(strings: TokenStrings, record: RequestRecord) -> ChatLogprobs:
+    """Chat's ``logprobs.content``: per generated token its text, logprob, UTF-8 bytes and
+    its ``top_logprobs`` alternatives."""
+
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        text = strings(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    content = [
+        ChatTokenLogprob(**top(t, lp.logprob).model_dump(),
+                         top_logprobs=[top(a, v) for a, v in lp.top])
+        for t, lp in zip(record.generated_ids, record.logprobs, strict=False)
+    ]
+    return ChatLogprobs(content=content)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How the choices of one HTTP request are answered."""
+
+    chat: bool
+    copies: int  # requests per prompt
+    logprobs: bool  # the client asked for logprobs (best_of alone asks internally)
+    echo: tuple[str, ...] = ()  # per prompt: text prepended to its choices (completions)
+
+    def logprobs_of(self, strings: TokenStrings, record: RequestRecord) -> Any:
+        """The choice's ``logprobs`` block, or None when the client did not ask."""
+        if not self.logprobs:
+            return None
+        return (chat_logprobs if self.chat else completion_logprobs)(strings, record)
+
+    def echoed(self, index: int) -> str:
+        """Text choice ``index`` starts with (its prompt, with ``echo``)."""
+        return self.echo[index // self.copies] if self.echo else ""
+
+
+def stream(request: Request, records: list[RequestRecord], body: GenerationParams,
+           shape: Shape) -> StreamingResponse:
+    """Server-sent events of accepted requests (``stream: true``), see
+    :mod:`services.ingest.streaming`; choice ``i`` is ``records[i]``."""
     ingest = ingest_of(request)
     timeout_s = ingest.settings.request_timeout_s
+    first = records[0]
     fmt = ChunkFormat(
-        chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{record.id}",
-        created=int(record.arrival), model=ingest.info.name,
+        chat=shape.chat, id=f"{'chatcmpl' if shape.chat else 'cmpl'}-{first.id}",
+        created=int(first.arrival), model=ingest.info.name,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
+    strings = TokenStrings(ingest.codec)
+    ended: dict[str, RequestRecord] = {}
 
-    async def finish() -> Finished:
-        done = await finished(ingest, record)
-        return Finished(done.text, finish_reason(done), usage(done).model_dump(),
-                        scls_info(done).model_dump())
+    def finisher(record: RequestRecord) -> Callable[[], Awaitable[Finished]]:
+        async def finish() -> Finished:
+            done = ended[record.id] = await finished(ingest, record)
+            logprobs = shape.logprobs_of(strings, done)
+            return Finished(done.text, finish_reason(done), usage(done).model_dump(),
+                            scls_info(done).model_dump(),
+                            None if logprobs is None else logprobs.model_dump())
+        return finish
+
+    def total() -> dict[str, int]:
+        return total_usage([ended[r.id] for r in records], shape.copies).model_dump()
 
     async def events() -> AsyncIterator[str]:
         if ingest.waiter is None:
             raise RuntimeError("the ingest app is not started: run it with its lifespan")
-        key = ingest.keys.events(record.id)
         # Subscribed here, in the body, so that a client gone before the body starts
-        # leaves no watch behind; the stream is read from its start either way.
-        queue = await ingest.waiter.subscribe(key)
+        # leaves no watch behind; the streams are read from their start either way.
+        keys = [ingest.keys.events(r.id) for r in records]
+        choices = [
+            ChoiceStream(
+                index=i, events=await ingest.waiter.subscribe(key),
+                holdback=StopHoldback(r.params.stop), text=TokenText(ingest.codec.decode),
+                finish=finisher(r), timeout_error=partial(_timeout, r.id, timeout_s),
+                echo=shape.echoed(i),
+            )
+            for i, (r, key) in enumerate(zip(records, keys, strict=True))
+        ]
         ended = False
         try:
-            async for event in stream_chunks(
-                queue, fmt, StopHoldback(record.params.stop), finish, timeout_s,
-                error_event, lambda: _timeout(record.id, timeout_s),
-            ):
+            async for event in stream_chunks(choices, fmt, total, timeout_s, error_event):
                 yield event
-            ended = True
+            ended = True  # an error event ends it too: a timed-out request goes on
         finally:
-            ingest.waiter.unsubscribe(key, queue)
-            if not ended:  # the client went away mid-stream: stop spending slices on it
-                ingest.cancel_in_background(record.id, "the streaming client disconnected")
+            for key, choice in zip(keys, choices, strict=True):
+                ingest.waiter.unsubscribe(key, choice.events)
+            for record, choice in zip(records, choices, strict=True):
+                if not ended and not choice.done:  # the client went away mid-stream:
+                    # stop spending slices on it
+                    ingest.cancel_in_background(record.id,
+                                                "the streaming client disconnected")
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"X-Request-Id": record.id, "Cache-Control": "no-cache"})
+                             headers={"X-Request-Id": first.id, "Cache-Control": "no-cache"})
 
 
 def error_event(exc: Exception) -> dict[str, Any]:

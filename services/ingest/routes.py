@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -14,14 +15,17 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from services.ingest.completion import (
+    Shape,
+    TokenStrings,
     accept,
+    best_of,
     finish_reason,
     ingest_of,
     scls_info,
     serve,
     stream,
     timings,
-    usage,
+    total_usage,
 )
 from services.ingest.schemas import (
     AssistantMessage,
@@ -65,36 +69,53 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
 async def completions(request: Request, response: Response) -> Any:
-    """OpenAI text completion: one prompt, one choice (``stream: true``: server-sent
-    events, a chunk per slice)."""
+    """OpenAI text completion: one prompt or a batch, ``n`` choices each (``best_of``: the
+    best ``n`` of that many); ``stream: true``: server-sent events as tokens come."""
     body = await parse_body(request, CompletionRequest)
     ingest = ingest_of(request)
-    prompt = body.prompt
+    prompts = body.prompts
 
-    def encode() -> list[int]:
-        if isinstance(prompt, str):
-            return ingest.codec.encode(prompt)
-        ingest.check_token_ids(prompt)
-        return list(prompt)
+    def encoder(prompt: str | list[int]) -> Callable[[], list[int]]:
+        def encode() -> list[int]:
+            if isinstance(prompt, str):
+                return ingest.codec.encode(prompt)
+            ingest.check_token_ids(prompt)
+            return list(prompt)
+        return encode
 
-    accepted = await accept(request, body, encode, body.max_tokens, "prompt")
+    n = body.choices
+    copies = max(n, body.best_of or 1)
+    ranked = copies > n  # best_of: rank by summed logprob, which every request then needs
+    logprobs = body.logprobs if body.logprobs is not None or not ranked else 0
+    accepted = await accept(request, body, [encoder(p) for p in prompts], body.max_tokens,
+                            "prompt", logprobs, copies)
+    echo = tuple(p if isinstance(p, str) else ingest.codec.decode(p) for p in prompts) \
+        if body.echo else ()
+    shape = Shape(chat=False, copies=copies, logprobs=body.logprobs is not None, echo=echo)
     if body.stream:
-        return stream(request, accepted, body, chat=False)
-    record = await serve(request, response, accepted)
+        return stream(request, accepted, body, shape)
+    records = await serve(request, response, accepted)
+    chosen = best_of(records, copies, n) if ranked else records
+    strings = TokenStrings(ingest.codec)
+    choices = [
+        CompletionChoice(index=i, text=(echo[i // n] if echo else "") + r.text,
+                         finish_reason=finish_reason(r), logprobs=shape.logprobs_of(strings, r))
+        for i, r in enumerate(chosen)
+    ]
     return CompletionResponse(
-        id=f"cmpl-{record.id}",
-        created=int(record.arrival),
+        id=f"cmpl-{chosen[0].id}",
+        created=int(chosen[0].arrival),
         model=ingest.info.name,
-        choices=[CompletionChoice(text=record.text, finish_reason=finish_reason(record))],
-        usage=usage(record),
-        scls=scls_info(record),
+        choices=choices,
+        usage=total_usage(records, copies),
+        scls=scls_info(chosen[0], chosen + [r for r in records if r not in chosen]),
     )
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
 async def chat_completions(request: Request, response: Response) -> Any:
-    """OpenAI chat completion: messages through the model's chat template (``stream:
-    true``: server-sent events, a chunk per slice)."""
+    """OpenAI chat completion: messages through the model's chat template, ``n`` choices
+    (``stream: true``: server-sent events as tokens come)."""
     body = await parse_body(request, ChatCompletionRequest)
     ingest = ingest_of(request)
     messages = body.as_dicts()
@@ -107,18 +128,24 @@ async def chat_completions(request: Request, response: Response) -> Any:
                            param="messages") from None
 
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
-    accepted = await accept(request, body, encode, max_tokens, "messages")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    n = body.choices
+    accepted = await accept(request, body, [encode], max_tokens, "messages", logprobs, n)
+    shape = Shape(chat=True, copies=n, logprobs=logprobs is not None)
     if body.stream:
-        return stream(request, accepted, body, chat=True)
-    record = await serve(request, response, accepted)
+        return stream(request, accepted, body, shape)
+    records = await serve(request, response, accepted)
+    strings = TokenStrings(ingest.codec)
     return ChatCompletionResponse(
-        id=f"chatcmpl-{record.id}",
-        created=int(record.arrival),
+        id=f"chatcmpl-{records[0].id}",
+        created=int(records[0].arrival),
         model=ingest.info.name,
-        choices=[ChatChoice(message=AssistantMessage(content=record.text),
-                            finish_reason=finish_reason(record))],
-        usage=usage(record),
-        scls=scls_info(record),
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                            finish_reason=finish_reason(r),
+                            logprobs=shape.logprobs_of(strings, r))
+                 for i, r in enumerate(records)],
+        usage=total_usage(records, n),
+        scls=scls_info(records[0], records),
     )
 
 

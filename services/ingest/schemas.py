@@ -1,9 +1,12 @@
 """Request and response bodies of the ingest's OpenAI-compatible API.
 
-Request models are strict (``"10"`` is not an integer, ``1`` is not a boolean) and ignore
-unknown fields, like OpenAI's API. Limits that depend on the deployment (``max_tokens`` up to
-the server's ``max_gen_length``, prompt length against the model's context) are checked by
-the app, which knows them; everything checkable without settings is checked here.
+Request models are strict (``"10"`` is not an integer, ``1`` is not a boolean). Unknown
+fields are refused with a 400 naming them (:func:`unknown_field_problem`), except a short
+allow-list of harmless OpenAI fields (:data:`IGNORED_FIELDS`) that are accepted and ignored;
+see docs/openai.md. Limits that depend on the deployment (``max_tokens`` up to the server's
+``max_gen_length``, prompt length against the model's context, ``n`` and ``logprobs`` bounds,
+``logit_bias`` token ids) are checked by the app, which knows them; everything checkable
+without settings is checked here.
 
 Fields that accept several shapes (``prompt``, ``stop``, message ``content``) are typed
 ``Any`` and checked by a validator: a plain union would report one error per union member
@@ -20,8 +23,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_STOP_STRINGS = 4
 #: ``max_tokens`` when a completion request gives none (OpenAI's default).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+#: OpenAI's bound on a ``logit_bias`` value.
+MAX_LOGIT_BIAS = 100.0
 
-BATCHED_PROMPT_MESSAGE = "batched prompts are not supported: send one request per prompt"
+#: Top-level OpenAI fields accepted and ignored: they do not change what is generated.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+
+#: Known OpenAI (and vLLM) fields this server does not implement: 400 with the reason.
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "suffix": "insertion after a suffix is not supported",
+    "prompt_logprobs": "log-probabilities of prompt tokens are not supported",
+    "guided_json": "guided decoding is not supported",
+    "guided_regex": "guided decoding is not supported",
+    "guided_choice": "guided decoding is not supported",
+    "guided_grammar": "guided decoding is not supported",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "this server serves no reasoning model",
+    "web_search_options": "web search is not supported",
+}
 
 
 def _is_token_id(value: Any) -> bool:
@@ -29,10 +54,27 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _StrictBody(BaseModel):
-    """Base of the request bodies: strict types, unknown fields ignored."""
+def unknown_field_problem(model: type[BaseModel], data: dict[str, Any]) -> tuple[str, str] | None:
+    """``(param, message)`` for the first top-level field of ``data`` that ``model`` neither
+    declares nor ignores (:data:`IGNORED_FIELDS`); None when every field is known."""
+    unknown = [k for k in data if k not in model.model_fields and k not in IGNORED_FIELDS]
+    if not unknown:
+        return None
+    first = unknown[0]
+    if first in UNSUPPORTED_FIELDS:
+        return first, f"{first}: {UNSUPPORTED_FIELDS[first]} by this server"
+    names = ", ".join(repr(k) for k in unknown)
+    return first, (
+        f"unknown parameter{'s' if len(unknown) > 1 else ''} {names}: this server refuses "
+        "parameters it does not implement rather than ignore them (see docs/openai.md)"
+    )
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+
+class _StrictBody(BaseModel):
+    """Base of the request bodies: strict types; unknown fields of nested objects are refused
+    (the top level is checked by :func:`unknown_field_problem` first, with its allow-list)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_StrictBody):
@@ -48,6 +90,9 @@ class GenerationParams(_StrictBody):
     nulls expect.
     """
 
+    # Top-level: unknown fields were refused before validation; the allow-listed ones remain.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -58,6 +103,14 @@ class GenerationParams(_StrictBody):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
+    # vLLM's extras: -1 (vLLM's "off") and 0 both keep every token.
+    top_k: int | None = Field(None, ge=-1)
+    min_tokens: int | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: Any = None
+    response_format: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -74,34 +127,88 @@ class GenerationParams(_StrictBody):
             raise ValueError("stop strings must not be empty")
         return tuple(items)
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: Any) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``{"<token id>": bias}`` as sorted ``(id, bias)`` pairs, bias -100..100
+        (whether the ids are in the vocabulary is checked by the app)."""
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            raise ValueError('must be an object {"<token id>": bias}')
+        pairs = []
+        for key, bias in value.items():
+            if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+                raise ValueError(f"key {key!r} is not a token id")
+            if not isinstance(bias, (int, float)) or isinstance(bias, bool):
+                raise ValueError(f"the bias of token {key} must be a number")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {key} must be between -100 and 100")
+            pairs.append((int(key), float(bias)))
+        return tuple(sorted(pairs))
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, value: Any) -> None:
+        """Only plain text: JSON mode and structured outputs are not implemented."""
+        if value is None or value == {"type": "text"}:
+            return None
+        raise ValueError('only {"type": "text"} is supported (no JSON mode or structured '
+                         "outputs)")
+
     @property
     def stop_strings(self) -> tuple[str, ...]:
         """The validated stop strings (the validator has turned ``stop`` into a tuple)."""
         return tuple(self.stop or ())
 
+    @property
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """The validated ``logit_bias`` as ``(token id, bias)`` pairs."""
+        return tuple(self.logit_bias or ())
+
+    @property
+    def choices(self) -> int:
+        """Choices asked per prompt (``n``)."""
+        return self.n or 1
+
 
 class CompletionRequest(GenerationParams):
     """Body of ``POST /v1/completions``."""
 
-    prompt: Any = Field(..., description="a string, or a list of token ids")
+    prompt: Any = Field(..., description="a string, a list of token ids, or a batch of either")
+    # The chosen token's log-probability plus this many alternatives per token.
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod
-    def _check_prompt(cls, value: Any) -> str | list[int]:
-        """One non-empty prompt: a string or a list of token ids, never a batch."""
-        if isinstance(value, str):
-            if not value:
-                raise ValueError("must not be empty")
-            return value
-        if not isinstance(value, list):
-            raise ValueError("must be a string or a list of token ids")
+    def _check_prompt(cls, value: Any) -> list[str | list[int]]:
+        """The prompts: a string, a list of token ids, or a non-empty list of either (a
+        batch); each prompt non-empty."""
+        if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+            return [_one_prompt(v, f"prompt {i}: ") for i, v in enumerate(value)]
+        return [_one_prompt(value, "")]
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The validated prompts, in order (one unless the request is a batch)."""
+        return list(self.prompt)
+
+
+def _one_prompt(value: Any, where: str) -> str | list[int]:
+    """One non-empty prompt: a string or a list of token ids."""
+    if isinstance(value, str):
         if not value:
-            raise ValueError("must not be empty")
-        if any(isinstance(v, (str, list)) for v in value):
-            raise ValueError(BATCHED_PROMPT_MESSAGE)
-        if not all(_is_token_id(v) for v in value):
-            raise ValueError("must be a string or a list of token ids (integers)")
-        return list(value)
+            raise ValueError(f"{where}must not be empty")
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"{where}must be a string or a list of token ids")
+    if not value:
+        raise ValueError(f"{where}must not be empty")
+    if not all(_is_token_id(v) for v in value):
+        raise ValueError(f"{where}must be a string or a list of token ids (integers)")
+    return list(value)
 
 
 def _is_text_part(part: Any) -> bool:
@@ -116,6 +223,7 @@ class ChatMessage(_StrictBody):
 
     role: Literal["system", "user", "assistant"]
     content: Any = Field(..., description="a string, or a list of text parts")
+    name: str | None = None  # OpenAI's participant name: accepted, not shown to the model
 
     @field_validator("content")
     @classmethod
@@ -134,6 +242,8 @@ class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessage] = Field(..., min_length=1)
     # OpenAI's newer name for max_tokens in chat; max_tokens wins when both are given.
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def as_dicts(self) -> list[dict[str, str]]:
         """Messages in the shape :meth:`TextCodec.encode_chat` takes."""
@@ -159,15 +269,47 @@ class SclsInfo(BaseModel):
     queue_time_s: float | None = Field(None, description="first claim minus arrival")
     ttft_s: float | None = Field(None, description="first slice committed minus arrival")
     e2e_s: float | None = Field(None, description="finished minus arrival")
+    request_ids: list[str] | None = Field(
+        None, description="with several choices or prompts: every request run, in choice "
+        "order (best_of: all of them, best first per prompt); the fields above are the first's")
+
+
+class CompletionLogprobs(BaseModel):
+    """``logprobs`` of a text completion choice (OpenAI's legacy shape)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    """One token and its log-probability (chat)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A generated token with its most likely alternatives (chat)."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """``logprobs`` of a chat choice."""
+
+    content: list[ChatTokenLogprob]
 
 
 class CompletionChoice(BaseModel):
-    """The single choice of a text completion."""
+    """One choice of a text completion."""
 
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -190,12 +332,12 @@ class AssistantMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
-    """The single choice of a chat completion."""
+    """One choice of a chat completion."""
 
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

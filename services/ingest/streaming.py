@@ -1,9 +1,17 @@
-"""Server-sent events for ``stream: true``: each slice's text as it is committed.
+"""Server-sent events for ``stream: true``: a request's text as its tokens come.
 
-A worker commits a slice's text delta into the request's event stream (``kind=slice``) and
-the last one with ``kind=final``; the ingest forwards them as OpenAI stream chunks
-(``text_completion`` or ``chat.completion.chunk``), then ``data: [DONE]``. SLS and ILS
-requests run in one go, so they stream as one chunk; SCLS requests stream once per slice.
+A worker publishes a streaming request's new token ids into its event stream once per
+decode step (``kind=tokens``, fields ``pos`` and ``ids``), commits each slice (``kind=slice``,
+the last ``kind=final``; with ``pos``/``ids`` of the whole slice and its text ``delta``).
+The ingest decodes the ids it holds (:class:`TokenText`) and forwards the new text as OpenAI
+stream chunks (``text_completion`` or ``chat.completion.chunk``), then ``data: [DONE]``.
+Entries without ``pos`` (older workers, the ILS runtime) are forwarded by their ``delta``:
+once per slice. With ``n`` > 1 or batched prompts, every choice is a request of its own and
+the chunks of all are interleaved, each with its choice ``index`` (:func:`stream_chunks`).
+
+Log-probabilities, when asked, travel in each choice's last chunk, for all its tokens (they
+are read from the finished request's record): text chunks before it carry ``"logprobs":
+null``.
 
 Stop strings: the worker ends a request at a stop string and the final text is cut before
 it, but a stop string can begin in one slice and end in the next. Text that could be the
@@ -72,6 +80,42 @@ class StopHoldback:
         return out
 
 
+#: What a multi-byte character cut between tokens decodes to until its last byte arrives.
+_INCOMPLETE = "\ufffd"
+
+
+@dataclass
+class TokenText:
+    """A streaming request's text, decoded from its generated ids as they arrive.
+
+    Entries with ``pos``/``ids`` (per-step ``tokens`` entries, and slice commits) extend the
+    ids held when ``pos`` is the number held; ids already held are skipped (a retried slice
+    republishes the same tokens) and an entry beyond what is held waits for the slice's
+    commit entry, which covers the whole slice. The text is decoded as the worker's
+    ``text_delta`` does: a trailing U+FFFD (a character cut between tokens) is held back.
+    """
+
+    decode: Callable[[list[int]], str]
+    ids: list[int] = field(default_factory=list)
+    sent: str = ""  # the decoded text handed out so far
+
+    def take(self, entry: dict[str, str]) -> str | None:
+        """The text ``entry`` adds; None when it carries no ``pos`` (an old worker, or the
+        ILS runtime: use its ``delta``)."""
+        if "pos" not in entry:
+            return None
+        pos, held = int(entry["pos"]), len(self.ids)
+        new = [int(t) for t in entry.get("ids", "").split(",") if t]
+        if pos > held or pos + len(new) <= held:
+            return ""  # a gap (missed entries) or nothing new
+        self.ids.extend(new[held - pos:])
+        text = self.decode(self.ids).rstrip(_INCOMPLETE)
+        if not text.startswith(self.sent):  # a decoder that rewrites earlier text
+            return ""  # sent text cannot be taken back: the final text settles it
+        out, self.sent = text[len(self.sent):], text
+        return out
+
+
 @dataclass
 class ChunkFormat:
     """The envelope of one endpoint's stream chunks."""
@@ -81,20 +125,23 @@ class ChunkFormat:
     created: int
     model: str
     include_usage: bool = False
-    _started: bool = field(default=False, init=False)
 
-    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        """A chunk carrying ``text`` (chat: the first one also says the role)."""
+    def role(self, index: int = 0) -> dict[str, Any]:
+        """Chat's first chunk of a choice: the role, no text yet (as OpenAI does)."""
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""},
+                  "logprobs": None, "finish_reason": None}
+        return self._envelope([choice])
+
+    def chunk(self, text: str, finish_reason: str | None = None, index: int = 0,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A chunk of choice ``index`` carrying ``text`` (and ``logprobs``, if given)."""
         if self.chat:
             delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
-            if not self._started:
-                delta = {"role": "assistant", **delta}
-            choice = {"index": 0, "delta": delta, "logprobs": None,
+            choice = {"index": index, "delta": delta, "logprobs": logprobs,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None,
+            choice = {"index": index, "text": text, "logprobs": logprobs,
                       "finish_reason": finish_reason}
-        self._started = True
         return self._envelope([choice])
 
     def usage(self, usage: dict[str, int]) -> dict[str, Any]:
@@ -118,51 +165,101 @@ class Finished:
     finish_reason: str | None
     usage: dict[str, int]
     scls: dict[str, Any] = field(default_factory=dict)  # the non-streamed body's scls block
+    logprobs: dict[str, Any] | None = None  # every token's, in the choice's last chunk
 
 
-async def stream_chunks(
-    events: asyncio.Queue[dict[str, str]],
-    fmt: ChunkFormat,
-    holdback: StopHoldback,
-    finish: Callable[[], Awaitable[Finished]],
-    timeout_s: float,
-    error_body: Callable[[Exception], dict[str, Any]],
-    timeout_error: Callable[[], Exception],
-) -> AsyncIterator[str]:
-    """Server-sent events for one request: a chunk per non-empty slice delta, the final
-    chunk with its finish reason (after ``finish()`` read the ended request), the usage
-    chunk when asked, then ``[DONE]``. An error (the request failed, timed out, or the
-    server is shutting down) ends the stream with an ``{"error": ...}`` event instead."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    if fmt.chat:
-        yield sse(fmt.chunk(""))  # the role first, as OpenAI does
-    try:
+@dataclass
+class ChoiceStream:
+    """One choice of a stream: its request's event queue and what turns entries into text."""
+
+    index: int
+    events: asyncio.Queue[dict[str, str]]
+    holdback: StopHoldback
+    text: TokenText
+    finish: Callable[[], Awaitable[Finished]]  # reads the ended request back
+    timeout_error: Callable[[], Exception]
+    echo: str = ""  # completions' ``echo``: the prompt, sent first
+    done: bool = False  # its last chunk was produced
+
+    async def chunks(self, fmt: ChunkFormat, deadline: float) -> AsyncIterator[dict[str, Any]]:
+        """This choice's chunks: the echoed prompt, a chunk per event that releases text,
+        then the last one with the finish reason (and all logprobs, when asked)."""
+        loop = asyncio.get_running_loop()
+        if self.echo:
+            yield fmt.chunk(self.echo, index=self.index)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise timeout_error()
+                raise self.timeout_error()
             try:
-                entry = await asyncio.wait_for(events.get(), remaining)
+                entry = await asyncio.wait_for(self.events.get(), remaining)
             except asyncio.TimeoutError:
-                raise timeout_error() from None
+                raise self.timeout_error() from None
             kind = entry.get("kind")
             if kind == "closed":  # the waiter stopped: shutdown, or readiness lost (its error)
+                self.done = True  # not cancelled when the stream ends: the request goes on
                 raise RuntimeError(entry.get("error")
                                    or "the server is shutting down; the request goes on")
             if kind == "final":
-                done = await finish()
-                rest = holdback.finish(done.text)
-                last = fmt.chunk(rest, done.finish_reason)
+                done = await self.finish()
+                last = fmt.chunk(self.holdback.finish(done.text), done.finish_reason,
+                                 self.index, done.logprobs)
                 if done.scls:  # our extension, as in the non-streamed body; clients ignore it
                     last["scls"] = done.scls
-                yield sse(last)
-                if fmt.include_usage:
-                    yield sse(fmt.usage(done.usage))
-                break
-            text = holdback.feed(entry.get("delta", ""))
-            if text:
-                yield sse(fmt.chunk(text))
+                self.done = True
+                yield last
+                return
+            new = self.text.take(entry)
+            released = self.holdback.feed(entry.get("delta", "") if new is None else new)
+            if released:
+                yield fmt.chunk(released, index=self.index)
+
+
+_END = object()  # a choice's pump has no more chunks
+
+
+async def stream_chunks(
+    choices: list[ChoiceStream],
+    fmt: ChunkFormat,
+    usage: Callable[[], dict[str, int]],
+    timeout_s: float,
+    error_body: Callable[[Exception], dict[str, Any]],
+) -> AsyncIterator[str]:
+    """Server-sent events for a request's choices (several with ``n`` or batched prompts,
+    their chunks interleaved as they come, each with its ``index``), then the usage chunk
+    when asked (``usage()``, called once every choice has finished), then ``[DONE]``. An
+    error (a request failed, timed out, or the server is shutting down) ends the stream
+    with an ``{"error": ...}`` event instead."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    out: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump(choice: ChoiceStream) -> None:
+        try:
+            async for payload in choice.chunks(fmt, deadline):
+                await out.put(payload)
+            await out.put(_END)
+        except Exception as exc:
+            await out.put(exc)
+
+    if fmt.chat:
+        for choice in choices:
+            yield sse(fmt.role(choice.index))
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        running = len(tasks)
+        while running:
+            item = await out.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield sse(item)
+        if fmt.include_usage:
+            yield sse(fmt.usage(usage()))
     except Exception as exc:  # headers are sent: the error travels as an event
         yield sse(error_body(exc))
+    finally:
+        for task in tasks:
+            task.cancel()
     yield DONE

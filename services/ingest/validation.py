@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import structlog
@@ -21,7 +21,13 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.ingest.schemas import DEFAULT_COMPLETION_MAX_TOKENS, GenerationParams
+from services.ingest.schemas import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationParams,
+    unknown_field_problem,
+)
 from shared.core.records import RequestParams
 from shared.modeling.registry import ModelInfo
 from shared.obs.logging import get_logger
@@ -59,6 +65,11 @@ class APIError(Exception):
 
 class ClientDisconnected(Exception):
     """The HTTP client went away while its request was being served (which goes on)."""
+
+
+#: RequestParams fields the ``ils`` policy refuses unless at their default.
+_ILS_UNSUPPORTED = ("stop", "top_k", "min_tokens", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "logit_bias", "logprobs")
 
 
 def error_type(status: int) -> str:
@@ -150,6 +161,9 @@ async def parse_body(request: Request, model: type[B]) -> B:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, not {type(data).__name__}")
+    problem = unknown_field_problem(model, data) if issubclass(model, GenerationParams) else None
+    if problem is not None:
+        raise APIError(400, problem[1], param=problem[0])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -179,10 +193,46 @@ class RequestChecks:
             param="model",
         )
 
-    def check_supported(self, body: GenerationParams) -> None:
-        """400 for OpenAI options the server does not implement."""
-        if body.n not in (None, 1):
-            raise APIError(400, f"n: only n=1 is supported, got {body.n}", param="n")
+    def check_supported(self, body: GenerationParams, logprobs: int | None,
+                        prompts: int = 1) -> None:
+        """400 for what the server does not implement or allow: ``n``, ``best_of`` and the
+        number of prompts above the settings' bounds, ``logprobs`` above ``max_logprobs``,
+        ``best_of`` below ``n`` or with ``stream``, ``echo`` with ``logprobs``."""
+        max_n, n = self.settings.max_n, body.choices
+        if n > max_n:
+            raise APIError(400, f"n: at most {max_n} choices are supported (the server's "
+                           f"max_n), got {n}", param="n")
+        if prompts > self.settings.max_prompts:
+            raise APIError(400, f"prompt: at most {self.settings.max_prompts} prompts per "
+                           f"request (the server's max_prompts), got {prompts}", param="prompt")
+        if logprobs is not None and logprobs > self.settings.max_logprobs:
+            param = "top_logprobs" if isinstance(body, ChatCompletionRequest) else "logprobs"
+            raise APIError(400, f"{param}: at most {self.settings.max_logprobs} alternatives "
+                           f"per token are supported, got {logprobs}", param=param)
+        if isinstance(body, CompletionRequest):
+            self._check_completion_extras(body, n, max_n)
+        elif isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None \
+                and not body.logprobs:
+            raise APIError(400, "top_logprobs: logprobs must be true when top_logprobs is "
+                           "given", param="top_logprobs")
+
+    def _check_completion_extras(self, body: CompletionRequest, n: int, max_n: int) -> None:
+        best_of = body.best_of
+        if best_of is not None:
+            if best_of < n:
+                raise APIError(400, f"best_of: must be at least n ({n}), got {best_of}",
+                               param="best_of")
+            if best_of > max_n:
+                raise APIError(400, f"best_of: at most {max_n} is supported (the server's "
+                               f"max_n), got {best_of}", param="best_of")
+            if body.stream and best_of > 1:
+                raise APIError(400, "best_of: not supported with stream", param="best_of")
+            if best_of > n and is_continuous(self.settings.policy):
+                raise APIError(400, "best_of: the ils policy (continuous-batching baseline) "
+                               "does not support best_of above n (it needs logprobs)",
+                               param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo: echo with logprobs is not supported", param="echo")
 
     def check_token_ids(self, ids: list[int]) -> None:
         """400 if a token id given by the client is outside the model's vocabulary."""
@@ -194,10 +244,50 @@ class RequestChecks:
                 param="prompt",
             )
 
+    def check_logit_bias(self, pairs: tuple[tuple[int, float], ...]) -> None:
+        """400 if a ``logit_bias`` key is not a token id of the model's vocabulary."""
+        vocab = self.info.vocab_size
+        bad = next((t for t, _ in pairs if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias: token id {bad} is outside the vocabulary "
+                           f"(0..{vocab - 1})", param="logit_bias")
+
     def build_params(
-        self, body: GenerationParams, max_tokens: int | None, prompt_len: int, prompt_param: str
+        self, body: GenerationParams, max_tokens: int | None, prompt_len: int, prompt_param: str,
+        logprobs: int | None = None,
     ) -> RequestParams:
         """Generation parameters with defaults applied and the length limits checked."""
+        max_tokens = self._checked_max_tokens(max_tokens, prompt_len, prompt_param)
+        min_tokens = body.min_tokens or 0
+        if min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens: must not exceed max_tokens ({max_tokens}), got "
+                           f"{min_tokens}", param="min_tokens")
+        self.check_logit_bias(body.bias_pairs)
+        params = RequestParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=body.stop_strings,
+            ignore_eos=bool(body.ignore_eos),
+            top_k=max(0, body.top_k or 0),  # -1 (vLLM's "off") and 0 both keep every token
+            min_tokens=min_tokens,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=(1.0 if body.repetition_penalty is None
+                                else body.repetition_penalty),
+            logit_bias=body.bias_pairs,
+            logprobs=logprobs,
+            stream=bool(body.stream),
+        )
+        self.check_policy_supports(params)
+        if params.temperature > 0 and params.seed is None:
+            # Stored with the request so every slice, on any worker, draws the same stream.
+            params = replace(params, seed=secrets.randbits(63))
+        return params
+
+    def _checked_max_tokens(self, max_tokens: int | None, prompt_len: int,
+                            prompt_param: str) -> int:
         limit, max_gen = self.info.context_limit, self.settings.max_gen_length
         if max_tokens is None:
             max_tokens = self.default_max_tokens(prompt_param, prompt_len)
@@ -216,32 +306,25 @@ class RequestChecks:
                 "max_tokens; shorten the prompt or lower max_tokens",
                 param=prompt_param,
             )
-        temperature = 1.0 if body.temperature is None else body.temperature
-        self.check_policy_supports(temperature, body.stop_strings)
-        seed = body.seed
-        if temperature > 0 and seed is None:
-            # Stored with the request so every slice, on any worker, draws the same stream.
-            seed = secrets.randbits(63)
-        return RequestParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=seed,
-            stop=body.stop_strings,
-            ignore_eos=bool(body.ignore_eos),
-        )
+        return max_tokens
 
-    def check_policy_supports(self, temperature: float, stop: tuple[str, ...]) -> None:
-        # The ILS baseline runs transformers' continuous batching, which decodes greedily
-        # with no stop strings here: refuse rather than silently ignore what was asked.
+    def check_policy_supports(self, params: RequestParams) -> None:
+        """400 for what the ``ils`` policy cannot do.
+
+        The ILS baseline runs transformers' continuous batching, which decodes greedily with
+        no stop strings, no sampling extras and no log-probabilities here: refuse rather than
+        silently ignore what was asked.
+        """
         if not is_continuous(self.settings.policy):
             return
-        if temperature > 0:
+        if params.temperature > 0:
             raise APIError(400, "temperature: the ils policy (continuous-batching baseline) "
                            "decodes greedily; send temperature 0", param="temperature")
-        if stop:
-            raise APIError(400, "stop: the ils policy does not support stop strings",
-                           param="stop")
+        defaults = RequestParams(max_tokens=params.max_tokens)
+        for name in _ILS_UNSUPPORTED:
+            if getattr(params, name) != getattr(defaults, name):
+                raise APIError(400, f"{name}: the ils policy (continuous-batching baseline) "
+                               f"does not support {name}", param=name)
 
     def default_max_tokens(self, prompt_param: str, prompt_len: int) -> int:
         # Completions default to OpenAI's 16; chat (like OpenAI) to whatever room is left.
