@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
@@ -25,9 +26,11 @@ import uvicorn
 
 from services.ingest.app import create_app
 from services.ingest.completion import choice_seed
+from services.ingest.streaming import TokenText
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
 from shared.modeling.loading import LoadedModel
+from shared.modeling.registry import load_codec
 from shared.settings import Settings
 
 T = TypeVar("T")
@@ -408,3 +411,25 @@ def test_results_do_not_depend_on_the_slice_length(
         # the same tokens; the logprobs up to float noise (cached K/V vs one prefill)
         assert logprobs == pytest.approx(logprobs_1, abs=1e-4)
     assert results[0][0][0] != results[0][1][0]  # two choices, two samples
+
+
+# --- per-token stream text -----------------------------------------------------------------
+
+
+def test_token_text_extends_skips_repeats_and_waits_over_gaps() -> None:
+    """``pos``/``ids`` entries: a retried slice's repeats add nothing, a gap waits for the
+    slice commit that covers it, and a character cut between tokens is held back."""
+    codec = load_codec(MODEL, Path("/nonexistent"))
+    ids = codec.encode("ab¥c")  # "¥" is two byte tokens
+    text = TokenText(codec.decode)
+
+    def entry(pos: int, new: list[int]) -> dict[str, str]:
+        return {"kind": "tokens", "pos": str(pos), "ids": ",".join(map(str, new))}
+
+    assert text.take({"kind": "slice", "delta": "x"}) is None  # no pos: the delta path
+    assert text.take(entry(0, ids[:2])) == "ab"
+    assert text.take(entry(0, ids[:2])) == ""  # republished by a retried slice
+    assert text.take(entry(3, ids[3:4])) == ""  # beyond what is held: missed one, wait
+    assert text.take(entry(2, ids[2:3])) == ""  # half of "¥": held back
+    assert text.take({"kind": "slice", "pos": "0", "ids": ",".join(map(str, ids))}) == "¥c"
+    assert text.ids == ids and text.sent == "ab¥c"
