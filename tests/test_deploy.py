@@ -34,6 +34,10 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu-dev", "gpu")
+# Built on the gpu overlay: Redis with Sentinel; KEDA worker autoscaling (a CRD, validated
+# against tests/data/keda/, not by kubernetes-validate).
+EXTRA_OVERLAYS = ("redis-sentinel", "autoscale")
+KEDA_SCHEMA = Path(__file__).parent / "data" / "keda" / "scaledobject-v1alpha1.schema.json"
 # Oldest Kubernetes minor we support (autoscaling/v2 and policy/v1 are GA well before) and
 # the newest schemas the pinned kubernetes-validate ships.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
@@ -183,7 +187,24 @@ def dockerfile_stages() -> dict[str, list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlay", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+@functools.cache
+def keda_validator() -> Any:
+    """A strict JSON-schema validator for KEDA ScaledObjects (tests/data/keda/)."""
+    import jsonschema
+
+    schema = json.loads(KEDA_SCHEMA.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def keda_errors(obj: dict[str, Any]) -> list[str]:
+    """Schema errors of a ScaledObject, as ``path: message`` lines."""
+    return [f"{list(e.absolute_path)}: {e.message}" for e in keda_validator().iter_errors(obj)]
+
+
+@pytest.mark.parametrize("overlay", ["base", *(f"overlays/{o}" for o in
+                                              (*OVERLAYS, *EXTRA_OVERLAYS))])
 def test_kustomize_renders_objects_that_validate_strictly(overlay: str) -> None:
     import kubernetes_validate
 
@@ -192,6 +213,9 @@ def test_kustomize_renders_objects_that_validate_strictly(overlay: str) -> None:
     assert {"StatefulSet", "Deployment", "Service", "ConfigMap", "Secret",
             "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
     for obj in objects:
+        if obj["apiVersion"].startswith("keda.sh/"):  # a CRD: kubernetes-validate lacks it
+            assert not keda_errors(obj), f"{overlay}: {obj['kind']}: {keda_errors(obj)}"
+            continue
         for version in K8S_VERSIONS:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -451,6 +475,97 @@ def test_prometheus_scrape_annotations(overlay: str) -> None:
         notes = obj["spec"]["template"]["metadata"]["annotations"]
         assert notes == {"prometheus.io/scrape": "true", "prometheus.io/port": expected[name],
                          "prometheus.io/path": "/metrics"}
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes: the redis-sentinel and autoscale overlays
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", EXTRA_OVERLAYS)
+def test_extra_overlays_are_namespaced_and_keep_the_settings_valid(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "scls", (obj["kind"], overlay)
+    check_settings(find(objects, "ConfigMap", "scls-config")["data"], overlay)
+
+
+def test_redis_sentinel_replaces_the_single_redis_and_every_service_uses_it() -> None:
+    from shared.core.connection import parse_sentinel_url
+
+    objects = render("overlays/redis-sentinel")
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert not {("StatefulSet", "scls-redis"), ("Service", "scls-redis"),
+                ("Service", "scls-redis-headless")} & names
+    ha = find(objects, "StatefulSet", "scls-redis-ha")
+    assert ha["spec"]["replicas"] == 3 and ha["spec"]["serviceName"] == "scls-redis-ha"
+    assert {c["name"] for c in ha["spec"]["template"]["spec"]["containers"]} == {
+        "redis", "sentinel"}
+    assert find(objects, "Service", "scls-redis-ha")["spec"]["clusterIP"] == "None"
+    sentinel_svc = find(objects, "Service", "scls-redis-sentinel")
+    scripts = find(objects, "ConfigMap", "scls-redis-ha-scripts")["data"]
+    assert "--appendonly yes" in scripts["redis.sh"]
+    assert "--min-replicas-to-write 1" in scripts["redis.sh"]  # no writes a failover drops
+    quorum = re.search(r"sentinel monitor (\S+) \$PRIMARY 6379 (\d+)", scripts["sentinel.sh"])
+    assert quorum and int(quorum[2]) == 2  # a majority of the 3 sentinels
+    assert find(objects, "PodDisruptionBudget", "scls-redis-ha")["spec"]["maxUnavailable"] == 1
+    for kind, name in (("Deployment", "scls-ingest"), ("Deployment", "scls-scheduler"),
+                       ("StatefulSet", "scls-worker")):
+        c = container(find(objects, kind, name), name.removeprefix("scls-"))
+        names_in_order = [e["name"] for e in c["env"]]
+        assert names_in_order.index("REDIS_PASSWORD") < names_in_order.index("SCLS_REDIS_URL")
+        url = env_of(c)["SCLS_REDIS_URL"]["value"]
+        target = parse_sentinel_url(url)
+        assert target.service == quorum[1] and target.password == "$(REDIS_PASSWORD)"
+        assert target.sentinels == (("scls-redis-sentinel", 26379),)
+        assert target.sentinel_password == "$(REDIS_PASSWORD)"  # sentinels have requirepass
+        assert sentinel_svc["spec"]["ports"][0]["port"] == 26379
+        check_settings({"SCLS_REDIS_URL": url}, name)
+
+
+def test_autoscale_scales_the_worker_statefulset_on_scheduler_metrics() -> None:
+    objects = render("overlays/autoscale")
+    scaled = find(objects, "ScaledObject", "scls-worker")
+    worker = find(objects, "StatefulSet", "scls-worker")
+    assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                "name": worker["metadata"]["name"]}
+    assert "replicas" not in worker["spec"]  # the HPA owns it; apply must not reset it
+    assert scaled["spec"]["minReplicaCount"] >= 1  # a cold start profiles for minutes
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    exported = (ROOT / "shared" / "obs" / "prometheus.py").read_text()
+    metrics = re.findall(r"\b(scls_[a-z_]+)\{", trigger["metadata"]["query"])
+    assert metrics and all(f'"{m}"' in exported for m in metrics), metrics
+    float(trigger["metadata"]["threshold"])
+
+
+def test_autoscale_scale_down_gives_each_drain_its_grace_period() -> None:
+    objects = render("overlays/autoscale")
+    behavior = find(objects, "ScaledObject", "scls-worker")["spec"]["advanced"][
+        "horizontalPodAutoscalerConfig"]["behavior"]
+    grace = find(objects, "StatefulSet", "scls-worker")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"]
+    data = find(objects, "ConfigMap", "scls-config")["data"]
+    (down,) = behavior["scaleDown"]["policies"]
+    # One pod per period, longer than a drain may take: drains never overlap.
+    assert down == {"type": "Pods", "value": 1, "periodSeconds": down["periodSeconds"]}
+    assert down["periodSeconds"] > grace
+    # The grace period covers an ILS drain, and a cut-short slice is requeued in the end.
+    assert grace > float(data.get("SCLS_DRAIN_TIMEOUT_S", Settings().drain_timeout_s))
+    assert float(data["SCLS_SLICE_TIMEOUT_S"]) > grace
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= down["periodSeconds"]
+
+
+def test_keda_schema_catches_a_bad_field() -> None:
+    scaled = json.loads(json.dumps(find(render("overlays/autoscale"), "ScaledObject",
+                                        "scls-worker")))
+    assert not keda_errors(scaled)
+    scaled["spec"]["minReplicas"] = scaled["spec"].pop("minReplicaCount")
+    assert keda_errors(scaled)
+    scaled["spec"]["minReplicaCount"] = scaled["spec"].pop("minReplicas")
+    scaled["spec"]["triggers"][0]["metadata"]["threshold"] = 1  # KEDA wants strings
+    assert keda_errors(scaled)
 
 
 # --------------------------------------------------------------------------------------------
