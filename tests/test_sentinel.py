@@ -10,6 +10,7 @@ sent over a connection still open to the old primary is refused there (``NOREPLI
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import time
@@ -34,8 +35,11 @@ from shared.core.embedded_redis import free_port, redis_server_binary
 from shared.core.keys import Keys
 from shared.core.records import RequestParams, RequestRecord, now
 from shared.core.store import Store, connect
+from shared.core.waiter import EventWaiter
 
 SERVICE = "scls"
+# Sentinel demotes the old primary (and closes its clients) ~10 s after a manual failover.
+DEMOTION_TIMEOUT_S = 20.0
 START_TIMEOUT_S = 10.0
 FAILOVER_TIMEOUT_S = 10.0
 # The primary refuses writes unless a replica is attached (as in the k8s overlay): after a
@@ -251,3 +255,30 @@ async def test_async_single_connection_client_follows_the_primary(cluster: Clust
         assert int(info["tcp_port"]) == cluster.primary_port()
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_event_waiter_sees_events_written_after_a_failover(cluster: Cluster) -> None:
+    """The ingest's reader, blocked in XREAD on the old primary, gets a final entry written
+    on the new primary: late (until Sentinel demotes the old primary), not lost."""
+    waiter = EventWaiter(cluster.url)
+    await waiter.start()
+    store = Store(connect(cluster.url), Keys("scls:"))
+    old = cluster.primary_port()
+    try:
+        store.r.xadd("ev:before", {"kind": "final", "n": "0"})
+        assert await waiter.wait("ev:before", 5.0) == {"kind": "final", "n": "0"}
+        waiting = asyncio.ensure_future(waiter.wait("ev:after", DEMOTION_TIMEOUT_S))
+        await asyncio.sleep(0.2)  # the reader is blocked on the old primary now
+        cluster.sentinel().execute_command("SENTINEL", "FAILOVER", SERVICE)
+        await asyncio.to_thread(wait_until, lambda: cluster.primary_port() != old,
+                                FAILOVER_TIMEOUT_S, "the sentinel to switch the primary")
+        await asyncio.to_thread(
+            wait_until, lambda: cluster.node(old).info("replication")["connected_slaves"] == 0,
+            FAILOVER_TIMEOUT_S, "the old primary to lose its replicas")
+        store.r.xadd("ev:after", {"kind": "final", "n": "1"})  # a write: on the new primary
+        assert cluster.node(cluster.primary_port()).xlen("ev:after") == 1
+        assert await waiting == {"kind": "final", "n": "1"}
+    finally:
+        await waiter.stop()
+        store.r.close()
