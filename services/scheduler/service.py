@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import redis
 from rq import Queue
 
+from shared.core.connection import rq_connection as open_rq_connection
 from shared.core.keys import Keys
 from shared.core.records import InstanceInfo, new_batch_id, now
 from shared.core.states import FinishReason
@@ -303,4 +304,4 @@ def create_scheduler(settings: Settings, redis_url: str | None = None) -> Schedu
     if settings.policy not in POLICIES:
         raise ValueError(f"unknown policy {settings.policy!r}; choose from {', '.join(POLICIES)}")
     store = Store(connect(url), Keys(settings.key_prefix))
-    return Scheduler(settings, store, redis.Redis.from_url(url))
+    return Scheduler(settings, store, open_rq_connection(url))

@@ -24,6 +24,7 @@ from services.worker import jobs
 from services.worker.ils_runtime import IlsRuntime
 from services.worker.profile_cache import instance_memory_budget, load_or_profile
 from services.worker.runtime import WorkerRuntime
+from shared.core.connection import rq_connection as open_rq_connection
 from shared.core.keys import Keys
 from shared.core.states import BatchStatus
 from shared.core.store import Store, connect
@@ -242,4 +243,4 @@ def create_worker(
         pool = settings.kv_pool_capacity(budget) if retains_kv(
             settings.policy, settings.batching) else 0
         runtime = WorkerRuntime(settings, store, loaded, iid, cost, budget - pool, pool)
-    return WorkerService(settings, runtime, redis.Redis.from_url(url))
+    return WorkerService(settings, runtime, open_rq_connection(url))
