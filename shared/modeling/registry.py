@@ -10,9 +10,15 @@ Two built-in names are served:
 
 Any other name that is an existing local Hugging Face model directory is loaded from it.
 Nothing here ever touches the network, Redis or global settings: everything is an argument.
-torch is imported only inside the functions that need it (converting the smollm2 cache,
-counting parameters for :func:`model_info`), so the ingest can tokenize without it; loading
-weights is :mod:`shared.modeling.loading`.
+
+The ingest needs a codec and a few facts but never the model, so neither path imports torch
+or transformers where the files allow it: :func:`load_codec` builds the codec from
+``tokenizer.json`` with the ``tokenizers`` package (:mod:`shared.modeling.codec`), and
+:func:`model_info` reads ``config.json`` and counts parameters from the safetensors headers
+(or, for tiny-random, from its shapes). What needs transformers (the GGUF file before the
+smollm2 cache exists, tokenizer classes transformers rebuilds, configs it must interpret)
+falls back to it, with a log line saying why. Loading weights is
+:mod:`shared.modeling.loading`.
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
+import struct
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from shared.modeling.codec import fast_codec, why_not_fast
+from shared.obs.logging import get_logger
 
 if TYPE_CHECKING:
     import torch
@@ -284,22 +296,28 @@ def ensure_cached(name: str, cache_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+#: The tiny random Llama's config.json, as a dict (read without transformers).
+_TINY_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": _BYTE_VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
 def tiny_config() -> Any:
     """Config of the tiny random Llama (about 107 k parameters)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=_BYTE_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    return LlamaConfig(**_TINY_CONFIG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,11 +392,132 @@ def model_info(name: str, cache_dir: Path, device: str | None = None) -> ModelIn
     ``device`` picks the dtype the sizes are computed for, as :func:`load_model` would:
     fp32 on CPU, bf16 on CUDA (None: CUDA if available). For smollm2-135m it reads the
     cached config, or the GGUF header when the cache does not exist yet (nothing is written).
+    Without torch or transformers where the files allow it (see the module's docstring).
     """
     canonical = resolve_model_name(name)
+    light = _light_info(canonical, cache_dir, device)
+    if isinstance(light, ModelInfo):
+        return light
+    _log().info("model facts via transformers", model=canonical, reason=light)
     config = _config_of(canonical, cache_dir)
     dtype = dtype_for(pick_device(device))
     return info_from(canonical, config, _param_bytes_from_config(config, dtype), dtype)
+
+
+def _log() -> Any:
+    return get_logger("shared.modeling")
+
+
+def _cuda_in_use(device: str | None) -> bool:
+    """Whether sizes are for CUDA (bf16). With no device given: torch's answer when torch is
+    loaded anyway, else whether an NVIDIA driver is present (no torch import for the ingest,
+    which uses none of the sizes)."""
+    if device is not None:
+        return device.startswith("cuda")
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def _config_json(canonical: str, cache_dir: Path) -> dict[str, Any] | str:
+    """The model's config.json as a dict, or why it cannot be read without transformers."""
+    if canonical == TINY_RANDOM:
+        return dict(_TINY_CONFIG)
+    model_dir = Path(canonical)
+    if canonical == SMOLLM2:
+        model_dir = _smollm2_cache(cache_dir)
+        if not model_dir.is_dir():
+            return "the smollm2-135m cache does not exist yet: its config is in the GGUF file"
+    if not (model_dir / "config.json").is_file():
+        return "it has no config.json"
+    config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
+    if "text_config" in config or "quantization_config" in config:
+        return "its config (multimodal or quantized) needs transformers to interpret"
+    return config
+
+
+def _light_info(canonical: str, cache_dir: Path, device: str | None) -> ModelInfo | str:
+    """ModelInfo from config.json and safetensors headers, or why transformers is needed."""
+    config = _config_json(canonical, cache_dir)
+    if isinstance(config, str):
+        return config
+    needed = ("num_attention_heads", "num_hidden_layers", "hidden_size",
+              "max_position_embeddings", "vocab_size")
+    if any(not isinstance(config.get(k), int) for k in needed):
+        return "its config.json lacks one of " + ", ".join(needed)
+    if canonical == TINY_RANDOM:
+        count: int | str = _llama_param_count(config)
+    else:
+        count = _safetensors_param_count(Path(_model_dir_no_convert(canonical, cache_dir)),
+                                         config)
+    if isinstance(count, str):
+        return count
+    dtype_bytes = 2 if _cuda_in_use(device) else 4
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return ModelInfo(
+        name=canonical,
+        context_limit=int(config["max_position_embeddings"]),
+        kv_bytes_per_token=2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes,
+        weights_bytes=count * dtype_bytes,
+        vocab_size=int(config["vocab_size"]),
+    )
+
+
+def _model_dir_no_convert(canonical: str, cache_dir: Path) -> Path:
+    return _smollm2_cache(cache_dir) if canonical == SMOLLM2 else Path(canonical)
+
+
+def _llama_param_count(config: dict[str, Any]) -> int:
+    """Parameters of a Llama without biases, from its shapes (tied embeddings once)."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q, o; k, v
+    layer = attention + 3 * hidden * inter + 2 * hidden  # gate, up, down; two norms
+    embed = config["vocab_size"] * hidden
+    head = 0 if config.get("tie_word_embeddings") else embed
+    return embed + config["num_hidden_layers"] * layer + hidden + head  # + the final norm
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from one safetensors file's header (8-byte length, then JSON)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header: dict[str, Any] = json.loads(handle.read(length))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _safetensors_param_count(model_dir: Path, config: dict[str, Any]) -> int | str:
+    """Parameters stored in the directory's safetensors files (headers only, no weights),
+    the tied output embedding counted once; or why they cannot be counted so."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return "it has no safetensors weights to count parameters from"
+    shapes: dict[str, list[int]] = {}
+    for name in files:
+        shapes.update(_safetensors_shapes(model_dir / name))
+    if any(k.endswith("inv_freq") for k in shapes):
+        return "its weights hold buffers besides parameters"
+    if "lm_head.weight" in shapes and len(shapes) > 1:
+        tied = config.get("tie_word_embeddings")
+        if tied is None:
+            return "its config does not say whether the output embedding is tied"
+        if tied:  # saved twice, one parameter
+            del shapes["lm_head.weight"]
+    count = 0
+    for shape in shapes.values():
+        n = 1
+        for dim in shape:
+            n *= int(dim)
+        count += n
+    return count
 
 
 def load_codec(name: str, cache_dir: Path) -> TextCodec:
@@ -390,6 +529,14 @@ def load_codec(name: str, cache_dir: Path) -> TextCodec:
     canonical = resolve_model_name(name)
     if canonical == TINY_RANDOM:
         return ByteCodec()
+    if canonical != SMOLLM2 or _smollm2_cache(cache_dir).is_dir():
+        model_dir = _model_dir_no_convert(canonical, cache_dir)
+        reason = why_not_fast(model_dir)
+        if reason is None:
+            return fast_codec(model_dir)
+    else:
+        reason = "the smollm2-135m cache does not exist yet: its tokenizer is in the GGUF file"
+    _log().info("tokenizer via transformers", model=canonical, reason=reason)
     from transformers import AutoTokenizer
 
     if canonical == SMOLLM2 and not _smollm2_cache(cache_dir).is_dir():
