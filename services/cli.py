@@ -173,6 +173,7 @@ def demo(model: ModelOpt = None, workers: WorkersOpt = None, slice_length: Slice
 def _register_tools() -> None:
     """Commands whose code lives beside the service it measures."""
     from services.bench.command import bench_command
+    from services.chaos.command import chaos_command
     from services.scheduler.bench import scheduler_bench_command
     from services.simulator.command import simulate_command
     from services.simulator.fidelity import fidelity_command
@@ -187,6 +188,7 @@ def _register_tools() -> None:
     app.command("fidelity")(fidelity_command)
     app.command("status")(status_command)
     app.command("kv-memory")(kv_memory_command)
+    app.command("chaos")(chaos_command)
 
 
 _register_tools()
