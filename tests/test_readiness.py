@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 import redis
+import structlog
 
 from shared.core.records import InstanceInfo, now
 from shared.core.states import RequestStatus
@@ -160,10 +161,14 @@ async def test_the_waiter_survives_a_dropped_connection(
         while waiter._reader_id is None or not waiter._blocked_on:
             await asyncio.sleep(0.01)
         first_id = waiter._reader_id
-        assert rclient.client_kill_filter(_id=str(first_id)) == 1
-        await asyncio.sleep(0.1)
-        rclient.xadd("ev:1", {"kind": "final", "n": "1"})
-        assert await waiting == {"kind": "final", "n": "1"}
+        with structlog.testing.capture_logs() as logs:
+            assert rclient.client_kill_filter(_id=str(first_id)) == 1
+            await asyncio.sleep(0.1)
+            rclient.xadd("ev:1", {"kind": "final", "n": "1"})
+            assert await waiting == {"kind": "final", "n": "1"}
+        events = [e["event"] for e in logs]
+        assert events.count("event_waiter_redis_error") == 1, events  # logged once
+        assert "event_waiter_redis_back" in events
         assert waiter._reader_id not in (None, first_id)  # a new connection
         rclient.xadd("ev:2", {"kind": "final", "n": "2"})
         assert await waiter.wait("ev:2", 5.0) == {"kind": "final", "n": "2"}
