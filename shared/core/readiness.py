@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from shared.core.connection import async_client
 from shared.core.keys import Keys
 
 #: A ready answer is reused this long (probes and submissions share it).
@@ -75,7 +76,7 @@ class Readiness:
     @classmethod
     def open(cls, url: str, keys: Keys) -> Readiness:
         """A checker with its own client on ``url`` (short timeouts: a probe must answer)."""
-        client = aioredis.Redis.from_url(
+        client = async_client(  # the factory: plain and Sentinel URLs alike
             url, decode_responses=True, socket_timeout=CHECK_TIMEOUT_S,
             socket_connect_timeout=CHECK_TIMEOUT_S, max_connections=4)
         return cls(client, keys)
