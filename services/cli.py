@@ -180,6 +180,7 @@ def _register_tools() -> None:
     from services.status import status_command
     from services.worker.kv_memory_cmd import kv_memory_command
     from services.worker.profile_cmd import profile_command
+    from services.worker.stream_bench_cmd import stream_overhead_command
 
     app.command("profile")(profile_command)
     app.command("bench")(bench_command)
@@ -189,6 +190,7 @@ def _register_tools() -> None:
     app.command("status")(status_command)
     app.command("kv-memory")(kv_memory_command)
     app.command("chaos")(chaos_command)
+    app.command("stream-overhead")(stream_overhead_command)
 
 
 _register_tools()

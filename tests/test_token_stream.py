@@ -4,6 +4,12 @@ request's log-probabilities accumulate across slices (docs/design.md §5)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from services.cli import app
 from services.worker.token_stream import TokenPublisher
 from shared.core.records import (
     CommitItem,
@@ -65,3 +71,17 @@ def test_publisher_writes_before_flush_returns(store: Store) -> None:
             (str(p), str(20 + p)) for p in range(5)]
     finally:
         publisher.close()
+
+
+def test_stream_overhead_command_measures_both_kinds(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    result = CliRunner().invoke(app, [
+        "stream-overhead", "--model", "tiny-random", "--batch", "2", "--prompt-len", "8",
+        "--slice-length", "4", "--repeats", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    # Every streaming row wrote one entry per token: 2 runs x 2 rows x 4 tokens.
+    assert report["entries_published"] == 2 * 2 * 4
+    assert len(report["runs"]["plain"]) == len(report["runs"]["streaming"]) == 2
+    assert report["plain_tokens_per_s"] > 0 and report["streaming_tokens_per_s"] > 0
+    assert "streaming overhead:" in result.output
