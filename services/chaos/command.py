@@ -52,27 +52,26 @@ class Plan:
     freeze_s: float = 15.0
     redis_down_s: float = 2.0
     burst: int = 2000
+    max_pending: int = 300  # the pending bound the burst is sent against
     fuzz_cases: int = 1000
     settle_s: float = 300.0  # how long requests may take to end after the faults
 
 
 FULL = Plan()
 QUICK = Plan(requests=24, concurrency=6, kill_duration_s=12.0, kill_every_s=3.0, freeze_s=5.0,
-             redis_down_s=1.0, burst=600, fuzz_cases=100, settle_s=120.0)
-#: The pending bound the burst is sent against.
-MAX_PENDING = 300
+             redis_down_s=1.0, burst=400, max_pending=100, fuzz_cases=100, settle_s=120.0)
 
 
-def chaos_settings(model: str | None) -> Settings:
+def chaos_settings(model: str | None, plan: Plan) -> Settings:
     """Settings of the chaos deployment: 3 workers, short slices and timers (the tests'
-    values), the pending bound of :data:`MAX_PENDING`, JSON logs; ``SCLS_*`` variables
-    still apply to every field not set here."""
+    values), the plan's pending bound, JSON logs; ``SCLS_*`` variables still apply to every
+    field not set here."""
     settings = build_settings(model=model)
     tiny = resolve_model_name(settings.model) == TINY_RANDOM
     return settings.model_copy(update={
         "workers": 3, "slice_length": 4, "max_gen_length": 64, "max_batch_size": 8,
         "cycle_interval_s": 0.02, "heartbeat_interval_s": 0.5, "instance_ttl_s": 3.0,
-        "torch_threads": 1, "max_pending": MAX_PENDING, "log_format": "json",
+        "torch_threads": 1, "max_pending": plan.max_pending, "log_format": "json",
         # tiny-random: the analytic cost model, as in the tests; a real model: its cached
         # profile (`scls profile`), else the analytic one, never minutes of profiling here
         "profile_mode": "analytic" if tiny else "cached",
@@ -160,7 +159,7 @@ async def run_chaos(dep: ChaosDeployment, plan: Plan, console: Console) -> dict[
     console.print("faulted run ...")
     fault_results = await _faulted(dep, plan, specs, ledgers["faulted"], console)
     console.print(f"burst: {plan.burst} requests over a bound of {dep.settings.max_pending} ...")
-    burst_specs = make_specs(8, dep.settings.slice_length)
+    burst_specs = make_specs(8, dep.settings.max_gen_length)
     ctx = faults.FaultContext(dep, ledgers["burst"], specs[0])
     fault_results["burst"] = await faults.burst(ctx, ledgers["burst"], burst_specs, plan.burst,
                                                 plan.settle_s)
@@ -222,7 +221,7 @@ def chaos_command(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    settings = chaos_settings(model or TINY_RANDOM)
+    settings = chaos_settings(model or TINY_RANDOM, plan)
     configure_logging("console", "WARNING", service="chaos")
     console = Console()
     dep = ChaosDeployment(settings)

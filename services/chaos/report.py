@@ -6,7 +6,9 @@ error the client was told of) or are ``lost`` (accepted and never ended). ``dupl
 counts requests whose events carry two final entries or more tokens than they generated;
 ``mismatched`` counts greedy texts that differ from the undisturbed run's.
 ``server_errors`` counts 5xx answers outside a Redis outage (a 503 while Redis is down or
-frozen is documented and counted as ``unavailable_503``), fuzzing's 5xx and failed requests.
+frozen is documented and counted as ``unavailable_503``; a 503 ``not_ready`` refusal, while
+no scheduler leads or no worker lives, as ``not_ready_503``), fuzzing's 5xx and failed
+requests.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def phase_dict(ledger: Ledger, verdict: Verdict) -> dict[str, Any]:
         "sent": ledger.sent, "accepted": len(ledger.accepted), "completed": verdict.completed,
         "failed": verdict.failed, "lost": verdict.lost, "duplicated": verdict.duplicated,
         "mismatched": verdict.mismatched, "server_errors": ledger.server_errors,
-        "unavailable_503": ledger.unavailable_503, "rejected_429": ledger.statuses.get(429, 0),
+        "unavailable_503": ledger.unavailable_503, "not_ready_503": ledger.not_ready_503,
+        "rejected_429": ledger.statuses.get(429, 0),
         "statuses": {str(k): v for k, v in sorted(ledger.statuses.items())},
         "transport_errors": dict(ledger.transport_errors),
         "stream_errors": ledger.stream_errors, "polled": verdict.polled,
@@ -44,7 +47,7 @@ def phase_dict(ledger: Ledger, verdict: Verdict) -> dict[str, Any]:
 def totals(phases: dict[str, dict[str, Any]], fuzz_errors: int) -> dict[str, Any]:
     """The headline figures summed over the phases."""
     keys = ("sent", "accepted", "completed", "failed", "lost", "duplicated", "mismatched",
-            "unavailable_503", "rejected_429")
+            "unavailable_503", "not_ready_503", "rejected_429")
     out: dict[str, Any] = {k: sum(p[k] for p in phases.values()) for k in keys}
     out["server_errors"] = (sum(p["server_errors"] for p in phases.values()) + fuzz_errors
                             + out["failed"])
@@ -73,12 +76,13 @@ def _fmt(value: Any) -> str:
 def print_table(report: dict[str, Any], console: Console) -> None:
     """The headline figures, then one row per fault."""
     head = Table(title="scls chaos: requests", show_header=True)
+    head.add_column("figure")
+    head.add_column("value", justify="right")
     for name in ("sent", "accepted", "completed", "failed", "lost", "duplicated", "mismatched",
-                 "server_errors", "unavailable_503", "rejected_429", "failover_s",
-                 "redis_recovery_s"):
+                 "server_errors", "unavailable_503", "not_ready_503", "rejected_429",
+                 "failover_s", "redis_recovery_s"):
         bad = name in MUST_BE_ZERO and report.get(name)
-        head.add_column(name, style="bold red" if bad else None, justify="right")
-    head.add_row(*(_fmt(report.get(c.header)) for c in head.columns))  # type: ignore[arg-type]
+        head.add_row(name, _fmt(report.get(name)), style="bold red" if bad else None)
     console.print(head)
     faults = Table(title="faults", show_header=True)
     faults.add_column("fault")

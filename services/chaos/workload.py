@@ -79,8 +79,9 @@ class Ledger:
     """Everything the clients saw: accepted requests and HTTP statuses.
 
     ``redis_outage`` is set by the Redis faults while Redis is down or frozen, and until it
-    works again: a 503 then is documented behaviour (docs/operations.md), any other 5xx
-    is a server error.
+    works again: a 503 then is documented behaviour, as is a 503 ``not_ready`` (no leader or
+    no live worker: the request was refused before anything was stored, docs/operations.md
+    "Readiness"); any other 5xx is a server error.
     """
 
     sent: int = 0  # submission attempts (each POST)
@@ -88,6 +89,7 @@ class Ledger:
     statuses: Counter[int] = field(default_factory=Counter)
     server_errors: int = 0
     unavailable_503: int = 0
+    not_ready_503: int = 0  # refused before anything was stored: no leader or no worker
     transport_errors: Counter[str] = field(default_factory=Counter)
     stream_errors: int = 0  # streams that ended with an error event or broke
     error_samples: list[str] = field(default_factory=list)
@@ -96,7 +98,10 @@ class Ledger:
     def note(self, status: int, detail: str = "") -> None:
         """Count one HTTP status seen by a client."""
         self.statuses[status] += 1
-        if status == 503 and self.redis_outage:
+        if status == 503 and '"not_ready"' in detail:
+            # documented (docs/operations.md, readiness): nothing was stored, retry later
+            self.not_ready_503 += 1
+        elif status == 503 and self.redis_outage:
             self.unavailable_503 += 1
         elif status >= 500:
             self.server_errors += 1
