@@ -24,6 +24,7 @@ from shared.bench.workload import WorkItem
 from shared.core.keys import Keys
 from shared.core.store import Store, connect
 from shared.obs.metrics import InstanceUsage, RequestOutcome, counter_delta, summarize
+from shared.policy.presets import policy_of_mode
 from shared.settings import Settings
 
 
@@ -197,4 +198,4 @@ def attach_run(
 def _deployment_policy(store: Store) -> str | None:
     """The policy a running deployment serves, from its instances' mode (best effort)."""
     modes = {inst.mode for inst in store.live_instances()}
-    return "ils" if modes == {"ils"} else None
+    return policy_of_mode(modes)

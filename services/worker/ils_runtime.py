@@ -20,6 +20,7 @@ from shared.core.store import CommitRejected, Store
 from shared.modeling.loading import LoadedModel
 from shared.obs.logging import bound, get_logger
 from shared.policy.costmodel import CostModel
+from shared.policy.presets import CONTINUOUS_MODE
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -35,7 +36,7 @@ class _Admitted:
 class IlsRuntime(WorkerRuntime):
     """A worker runtime whose jobs feed a continuous-batching engine."""
 
-    mode = "ils"
+    mode = CONTINUOUS_MODE
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from shared.modeling.registry import TextCodec
 from shared.obs.logging import bound, get_logger
 from shared.obs.prometheus import WorkerMetrics
 from shared.policy.costmodel import CostModel
+from shared.policy.presets import SLICE_MODE
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -65,7 +66,7 @@ def text_delta(
 class WorkerRuntime:
     """One instance: a loaded model serving slice batches from its own queue."""
 
-    mode = "slice"
+    mode = SLICE_MODE
 
     def __init__(
         self,

@@ -14,6 +14,9 @@ from shared.policy.types import BatchingFn, BatchPlan, CyclePlan, InstanceView, 
 if TYPE_CHECKING:
     from shared.settings import Settings
 
+#: Batching that forms every home group's batches in one dynamic programme (§9.5).
+JOINT_DP_BATCHING = "scls"
+
 #: Batching policies by name (:data:`~shared.policy.types.BatchingFn`).
 BATCHING: dict[str, BatchingFn] = {
     "scls": scls_batching,

@@ -37,7 +37,7 @@ from shared.policy.batching import (
     single_batching,
     slice_cost_matrix,
 )
-from shared.policy.config import BATCHING, OFFLOADING, PolicyConfig
+from shared.policy.config import BATCHING, JOINT_DP_BATCHING, OFFLOADING, PolicyConfig
 from shared.policy.offloading import Placement
 from shared.policy.presets import WHOLE_GENERATION
 from shared.policy.types import (
@@ -287,7 +287,7 @@ def _affine_batches(
     home = np.array([index.get(c.kv_instance, none) for c in pool.candidates], dtype=np.int64)
     if not len(pool) or (home == none).all():
         return batching(pool, ref.cost, ref.memory_budget_bytes, slice_length, config.max_batch)
-    if config.batching != "scls":
+    if config.batching != JOINT_DP_BATCHING:
         batches = []
         for k in np.unique(home).tolist():
             group = pool.take(np.flatnonzero(home == k))

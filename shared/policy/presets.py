@@ -14,6 +14,11 @@ WHOLE_GENERATION = frozenset({"fcfs-fixed", "single"})
 #: The preset whose instances run continuous batching (iteration-level scheduling).
 ILS_PRESET = "ils"
 
+#: ``InstanceInfo.mode`` of an instance that runs slices, and of one that runs continuous
+#: batching (it serves the ILS preset).
+SLICE_MODE = "slice"
+CONTINUOUS_MODE = "ils"
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -50,6 +55,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 #: Named presets: ``(batching, offloading)``.
 POLICIES: dict[str, tuple[str, str]] = {n: (p.batching, p.offloading) for n, p in PRESETS.items()}
+
+
+def policy_of_mode(modes: set[str]) -> str | None:
+    """The preset implied by the modes of a deployment's instances: ILS when every one
+    runs continuous batching; None when the modes do not tell (slice instances serve any
+    slice preset)."""
+    return ILS_PRESET if modes == {CONTINUOUS_MODE} else None
 
 
 def is_continuous(policy: str) -> bool:
