@@ -261,6 +261,23 @@ def test_streamed_choices_interleave_and_equal_the_whole(system: System) -> None
     assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 4 * 3
 
 
+def test_a_streamed_stop_string_is_never_sent(system: System) -> None:
+    """Per-token text goes through the stop-string holdback: the stream never shows the
+    stop string (nor what follows), and joined equals the non-streamed answer."""
+    free = complete(system, prompt="Stop here", **{**GREEDY, "max_tokens": 16}).choices[0].text
+    # the first two characters that occur nowhere before: the stop string
+    at = next(k for k in range(1, len(free) - 1)
+              if "\ufffd" not in free[k:k + 2] and free[k:k + 2] not in free[:k + 1])
+    stop = free[at:at + 2]
+    body = {"prompt": "Stop here", "stop": [stop], **{**GREEDY, "max_tokens": 16}}
+    whole = complete(system, **body).choices[0]
+    assert whole.text == free[:at] and whole.finish_reason == "stop"
+    chunks = system.call(lambda: list(system.client.completions.create(
+        model=MODEL, stream=True, **body)))
+    texts = [c.choices[0].text for c in chunks]
+    assert "".join(texts) == whole.text and not any(stop in t for t in texts)
+
+
 def test_chat_stream_with_n_and_logprobs(system: System) -> None:
     body = {"n": 2, "logprobs": True, "top_logprobs": 1, **GREEDY}
     whole = chat(system, **body)
