@@ -6,20 +6,26 @@ worker's registration are written through the real store API, as those services 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 import structlog
 
+from shared.core.embedded_redis import free_port, redis_server_binary
+from shared.core.keys import Keys
 from shared.core.records import InstanceInfo, now
 from shared.core.states import RequestStatus
-from shared.core.store import Store
+from shared.core.store import Store, connect
 from shared.core.waiter import EventWaiter
 from shared.settings import Settings
 from tests.helpers import serve
+from tests.test_ingest import play_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -174,3 +180,56 @@ async def test_the_waiter_survives_a_dropped_connection(
         assert await waiter.wait("ev:2", 5.0) == {"kind": "final", "n": "2"}
     finally:
         await waiter.stop()
+
+
+def _start_redis(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    """A redis-server with an append-only file in ``folder``, so a restart keeps the data."""
+    proc = subprocess.Popen(
+        [str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1",
+         "--dir", str(folder), "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.ConnectionError):
+            if client.ping():
+                client.close()
+                return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("redis-server did not start")
+
+
+async def test_a_waiting_request_survives_a_redis_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Redis restarts (every connection of the ingest drops) while a client waits: the
+    waiter reconnects, the final entry written after the restart reaches the client, and
+    /health is ready again."""
+    port = free_port()
+    proc = _start_redis(port, tmp_path)
+    local = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0",
+                                        "request_timeout_s": 30})
+    store = Store(connect(local.redis_url or ""), Keys(local.key_prefix))
+    try:
+        make_ready(store)
+        async with serve(local) as http:
+            await health_until(http, 200)
+            waiting = asyncio.create_task(http.post("/v1/completions", json=BODY))
+            while not store.pending_ids(10):
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(redis.ConnectionError):
+                store.r.shutdown()  # saves the append-only file, drops every connection
+            proc.wait(timeout=10)
+            await asyncio.sleep(0.3)  # the ingest's reader notices and backs off
+            proc = _start_redis(port, tmp_path)
+            rid = await play_worker(store, "Hello there")
+            resp = await waiting
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["choices"][0]["text"] == "Hello there"
+            assert resp.headers["X-Request-Id"] == rid
+            await health_until(http, 200)
+    finally:
+        store.close()
+        proc.kill()
+        proc.wait()

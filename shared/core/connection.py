@@ -256,7 +256,11 @@ def async_blocking_client(url: str, *, max_connections: int, timeout: float,
     caller waits up to ``timeout`` seconds for a free one instead of failing."""
     kwargs = {"max_connections": max_connections, "timeout": timeout, **connection_kwargs}
     if not is_sentinel_url(url):
-        pool = aioredis.BlockingConnectionPool.from_url(url, **kwargs)
+        # A pooled connection left over from before a Redis restart fails its next command:
+        # retry it on a fresh connection (the default Retry covers connection errors only).
+        # Two quick tries: a Redis that is really down still fails fast (503).
+        retry = aretry.Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+        pool = aioredis.BlockingConnectionPool.from_url(url, retry=retry, **kwargs)
     else:
         pool = _async_sentinel_pool(url, _BlockingSentinelPool, kwargs)
     return aioredis.Redis.from_pool(pool)
