@@ -2,8 +2,9 @@
 
 A fresh interpreter builds the ingest app (``create_app`` with the test settings and the
 test Redis), runs its lifespan and serves a few requests, then reports ``sys.modules``:
-once for tiny-random and once for a local model directory (config.json, safetensors
-weights, tokenizer.json with a chat template), whose codec and facts come from its files.
+for tiny-random, for a local model directory (config.json, safetensors weights,
+tokenizer.json with a chat template), whose codec and facts come from its files, and for the
+built-in SmolLM2 from its cache.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shared.modeling.loading import LoadedModel
+from shared.modeling.registry import SMOLLM2
 from shared.settings import Settings
+from tests.conftest import SMOLLM2_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,4 +94,15 @@ def test_the_ingest_loads_no_torch_for_a_local_model(
     assert seen["chat"]["tokens"] == [4, 5, 2, 1, 6, 5]  # the template rendered, </s> = 1
     assert seen["text"] == {"prompt": "hello world"}
     assert "tokenizers" in seen["loaded"]  # the codec is real, not a stand-in
+    assert not {"torch", "transformers"} & set(seen["loaded"])
+
+
+def test_the_ingest_loads_no_torch_for_smollm2(settings: Settings, smollm2: LoadedModel) -> None:
+    """The built-in SmolLM2 from its cache (what the image and `scls up` prepare): the same
+    ids as the worker's codec, facts equal to the loaded model's, and no torch."""
+    seen = run_ingest(settings.model_copy(update={"model": SMOLLM2, "cache_dir": SMOLLM2_CACHE}))
+    assert seen["tokens"]["tokens"] == smollm2.codec.encode("hello world")
+    assert seen["tokens"]["max_model_len"] == smollm2.info.context_limit
+    hello = [{"role": "user", "content": "hello"}]
+    assert seen["chat"]["tokens"] == smollm2.codec.encode_chat(hello)
     assert not {"torch", "transformers"} & set(seen["loaded"])
