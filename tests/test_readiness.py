@@ -25,7 +25,7 @@ from shared.core.store import Store, connect
 from shared.core.waiter import EventWaiter
 from shared.settings import Settings
 from tests.helpers import serve
-from tests.test_ingest import play_worker
+from tests.test_ingest import assert_error, play_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -136,6 +136,33 @@ async def test_waits_end_after_the_grace_period_once_the_scheduler_is_gone(
     record = store.get_request(rid)
     assert record is not None and record.status is RequestStatus.PENDING
     assert store.pending_ids(10) == [rid]
+
+
+async def test_a_draining_worker_refuses_new_work_but_keeps_waits_alive(
+    settings: Settings, store: Store
+) -> None:
+    """The only worker drains (it finishes what it runs): /health is 503 and new requests
+    are refused, but waiting clients are not failed while it lives; once it is gone they
+    are, after the grace period."""
+    quick = settings.model_copy(update={"reject_when_unready": True, "unready_grace_s": 0.3,
+                                        "request_timeout_s": 60})
+    make_ready(store)
+    async with serve(quick) as http:
+        await health_until(http, 200)
+        waiting = asyncio.create_task(http.post("/v1/completions", json=BODY))
+        while not store.pending_ids(10):
+            await asyncio.sleep(0.01)
+        assert store.heartbeat("w0", ttl_s=30, state="draining")
+        body = await health_until(http, 503, "draining", 1)
+        assert body["missing"] == "no live worker instance (1 draining)"
+        refused = await http.post("/v1/completions", json=BODY)
+        assert_error(refused, 503, "no live worker instance (1 draining)")
+        await asyncio.sleep(1.0)  # > grace: a draining worker still counts for waits
+        assert not waiting.done()
+        store.deregister_instance("w0")
+        resp = await waiting
+    assert_error(resp, 503, "has not been ready", "no live worker instance")
+    assert len(store.pending_ids(10)) == 1  # only the accepted one, still pending
 
 
 async def test_a_stream_ends_with_an_error_event_after_the_grace_period(

@@ -44,6 +44,13 @@ class ReadinessState:
         """Redis answers, a scheduler leads and a worker takes work."""
         return self.redis == "ok" and self.scheduler is not None and self.instances > 0
 
+    @property
+    def can_progress(self) -> bool:
+        """Accepted requests can still move: as :attr:`ready`, but a draining instance
+        counts (it finishes the slices it runs; what it hands back waits for a new one)."""
+        return (self.redis == "ok" and self.scheduler is not None
+                and self.instances + self.draining > 0)
+
     def missing(self) -> str:
         """What keeps the deployment from serving, in words ("" when ready)."""
         if self.redis != "ok":
@@ -107,9 +114,10 @@ class Readiness:
             return state
 
     async def unready_reason(self) -> str | None:
-        """None when ready, else what is missing (the waiter's guard calls this)."""
+        """None while accepted requests can progress (:attr:`ReadinessState.can_progress`),
+        else what is missing: the waiter's guard ends waits on it after a grace period."""
         state = await self.state()
-        return None if state.ready else state.missing()
+        return None if state.can_progress else state.missing()
 
     async def _check(self) -> ReadinessState:
         keys = self._keys
