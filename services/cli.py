@@ -62,6 +62,7 @@ def ingest(model: ModelOpt = None, port: PortOpt = None,
     configure_logging(settings.log_format, settings.log_level, service="ingest")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level="warning", access_log=False,
+                log_config=None,  # uvicorn's loggers reach our root handler (JSON lines)
                 # longer than a load balancer's idle timeout (60 s on common ones), so
                 # the server is never the side that closes a connection being reused
                 timeout_keep_alive=75)
@@ -104,7 +105,8 @@ def worker(
     configure_logging(settings.log_format, settings.log_level, service="worker")
     try:
         service = create_worker(settings, reprofile=reprofile)
-        start_exporter(service.metrics.registry, settings)  # SCLS_METRICS_PORT, 0 = off
+        # SCLS_METRICS_PORT (0 = off); GET /livez there is the liveness probe
+        start_exporter(service.metrics.registry, settings, health=service.liveness)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -7,8 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 import httpx
@@ -38,6 +42,29 @@ def default_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Inside the block, the first SIGTERM raises ``SystemExit(143)`` (later ones are
+    ignored, so the clean-up it triggers is not cut short); the handler before it is
+    restored after. Signal handlers exist in the main thread only: elsewhere, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 class LocalDeployment:
     """Start and stop every service locally; use as a context manager."""
 
@@ -64,7 +91,15 @@ class LocalDeployment:
         return f"http://{self.settings.host}:{self.metrics_ports[name]}/metrics"
 
     def start(self, ready_timeout_s: float = 600.0) -> LocalDeployment:
-        """Start everything and wait until ingest answers and every worker registered."""
+        """Start everything and wait until ingest answers and every worker registered.
+
+        A SIGTERM meanwhile stops what was started and exits (143): the children run in
+        sessions of their own, so nothing else would stop them.
+        """
+        with _sigterm_exits():
+            return self._start(ready_timeout_s)
+
+    def _start(self, ready_timeout_s: float) -> LocalDeployment:
         updates: dict[str, object] = {}
         if not self._base.redis_url:
             self.redis = EmbeddedRedis().start()

@@ -410,8 +410,11 @@ def test_scheduler_and_worker_probe_the_metrics_port(overlay: str) -> None:
     for kind, name in (("Deployment", "scls-scheduler"), ("StatefulSet", "scls-worker")):
         c = container(find(objects, kind, name), name.removeprefix("scls-"))
         assert {"name": "metrics", "containerPort": METRICS_PORT} in c["ports"]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+        # The worker's liveness is its heartbeat (/livez: 503 past the instance TTL).
+        live = "/livez" if kind == "StatefulSet" else "/metrics"
+        for probe, path in (("startupProbe", "/metrics"), ("readinessProbe", "/metrics"),
+                            ("livenessProbe", live)):
+            assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
         # Readiness reacts before liveness restarts anything.
         assert probe_seconds(c["readinessProbe"]) < probe_seconds(c["livenessProbe"])
         assert c["livenessProbe"]["timeoutSeconds"] < c["livenessProbe"]["periodSeconds"] + 1

@@ -37,6 +37,9 @@ log = get_logger(__name__)
 
 #: Import path of the worker's job function (RQ resolves it in the worker process).
 SLICE_JOB = "services.worker.jobs.run_slice"
+#: Socket timeout of the scheduler's Redis calls (plus the cycle interval, which the wait
+#: for work may block): each is one short script or pipeline.
+REDIS_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -265,27 +268,48 @@ class Scheduler:
         log.info("scheduler_started", holder=self.holder_id, policy=self.settings.policy,
                  batching=self.config.batching, offloading=self.config.offloading)
         was_leader = False
+        outage: str | None = None  # the error of the current Redis outage, logged once
         try:
             while not self._stop.is_set():
                 try:
                     report = self.cycle()
+                    if outage is not None:
+                        log.info("redis_recovered", after=outage)
+                        outage = None
+                    if report.leader != was_leader:
+                        log.info("leadership", leader=report.leader, holder=self.holder_id)
+                        was_leader = report.leader
+                    if report.batches:
+                        log.info("cycle", batches=len(report.batches),
+                                 requests=report.dispatched_requests,
+                                 instances=report.instances)
+                    self._pause(report)
                 except redis.RedisError as exc:  # down, read timeout, a Redis error reply
-                    log.error("redis_unavailable", error=f"{type(exc).__name__}: {exc}")
+                    if outage is None:
+                        outage = f"{type(exc).__name__}: {exc}"
+                        log.error("redis_unavailable", error=outage)
                     self._stop.wait(1.0)
-                    continue
-                if report.leader != was_leader:
-                    log.info("leadership", leader=report.leader, holder=self.holder_id)
-                    was_leader = report.leader
-                if report.batches:
-                    log.info("cycle", batches=len(report.batches),
-                             requests=report.dispatched_requests, instances=report.instances)
-                if not report.leader:
-                    self._stop.wait(self.settings.leader_ttl_s / 3)
-                elif not report.batches:
-                    self.store.wait_for_work(self.settings.cycle_interval_s)
         finally:
-            self.store.release_leader(self.holder_id)
+            self._release(reachable=outage is None)
             log.info("scheduler_stopped", holder=self.holder_id)
+
+    def _pause(self, report: CycleReport) -> None:
+        """Between cycles: a standby waits a third of the lock's lifetime; an idle leader
+        blocks until woken (new work) or the cycle interval ends."""
+        if not report.leader:
+            self._stop.wait(self.settings.leader_ttl_s / 3)
+        elif not report.batches:
+            self.store.wait_for_work(self.settings.cycle_interval_s)
+
+    def _release(self, reachable: bool) -> None:
+        """Give the leader lock up so a standby takes over at once; with Redis unreachable
+        it cannot be, and expires after ``leader_ttl_s`` instead (no wait at shutdown)."""
+        if not reachable:
+            return
+        try:
+            self.store.release_leader(self.holder_id)
+        except redis.RedisError as exc:
+            log.warning("leader_release_failed", error=f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current cycle."""
@@ -303,5 +327,15 @@ def create_scheduler(settings: Settings, redis_url: str | None = None) -> Schedu
         raise ValueError("the scheduler needs a Redis URL (SCLS_REDIS_URL)")
     if settings.policy not in POLICIES:
         raise ValueError(f"unknown policy {settings.policy!r}; choose from {', '.join(POLICIES)}")
-    store = Store(connect(url), Keys(settings.key_prefix))
-    return Scheduler(settings, store, open_rq_connection(url))
+    # Bounded calls: a Redis that stops answering raises after a few seconds instead of
+    # blocking the loop (and a SIGTERM) forever; the wait for work blocks up to a cycle.
+    timeout_s = REDIS_TIMEOUT_S + settings.cycle_interval_s
+    store = Store(_bounded(connect(url), timeout_s), Keys(settings.key_prefix))
+    return Scheduler(settings, store, _bounded(open_rq_connection(url), timeout_s))
+
+
+def _bounded(client: redis.Redis, timeout_s: float) -> redis.Redis:
+    """``client`` whose connections time out (socket and connect) after ``timeout_s``."""
+    client.connection_pool.connection_kwargs.update(
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return client

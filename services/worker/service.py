@@ -5,20 +5,42 @@ On SIGTERM/SIGINT RQ finishes the slice in progress (warm shutdown) while the he
 publishes the instance as ``draining`` at once (the scheduler places no new batch on it);
 then the worker hands back the batches still queued for it, so no request waits for a dead
 instance, and deregisters.
+
+Faults (docs/operations.md, "Worker faults"):
+
+* Every Redis call is bounded (:data:`REDIS_TIMEOUT_S`), so a Redis that stops answering
+  raises instead of blocking; a SIGTERM then ends the process within seconds, skipping the
+  hand-back that needs Redis (the scheduler's sweep requeues the batches once the instance
+  hash expires).
+* A heartbeat that has failed for longer than the instance TTL makes the instance a
+  zombie the scheduler already treats as dead: the job loop takes no new job, and
+  ``GET /livez`` on the metrics port answers 503 so Kubernetes restarts the pod. When Redis
+  answers again the heartbeat re-registers the instance and the loop resumes.
+* RQ's work loop ends on a Redis error; :meth:`WorkerService.serve` starts it again with
+  a back-off, until a stop is requested.
+* A worker that starts under the id of a previous run (a StatefulSet pod restarted as
+  worker-0) hands that run's batches back at once (:meth:`WorkerService.register`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import redis
 import torch
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
+from rq.job import Job
+from rq.timeouts import TimerDeathPenalty
+from rq.utils import now as rq_now
+from rq.worker import WorkerStatus
 
 from services.worker import jobs
 from services.worker.ils_runtime import IlsRuntime
@@ -37,23 +59,175 @@ from shared.settings import Settings
 
 log = get_logger(__name__)
 
+#: Socket (and connect) timeout of the worker's store client (redis-py's default: 5 s):
+#: every scls call is one short script or pipeline, so a Redis that has not answered in
+#: 2 s is treated as unreachable.
+REDIS_TIMEOUT_S = 2.0
+#: How long one RQ dequeue blocks (BLPOP) before the loop checks the stop flag, the
+#: heartbeat and Redis again; RQ's connection times out this plus 2 s.
+RQ_POLL_S = 1
+#: Back-off between restarts of RQ's work loop after a Redis error.
+RESTART_BACKOFF_S = (0.5, 5.0)
+
+
+def bound_timeouts(client: redis.Redis, timeout_s: float) -> redis.Redis:
+    """Give a client's future connections socket and connect timeouts (plain and Sentinel
+    pools alike): a stopped or partitioned Redis then raises ``TimeoutError`` instead of
+    blocking the caller forever."""
+    client.connection_pool.connection_kwargs.update(
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return client
+
+
+class _RedisLost(StopRequested):
+    """Ends RQ's work loop quietly (as a stop request does) when Redis does not answer;
+    :meth:`WorkerService.serve` restarts the loop once it does."""
+
+
+class _OutageAwareQueue(Queue):
+    """RQ's queue whose dequeue ends the work loop on a lost connection or a timeout,
+    instead of RQ's retry inside the dequeue (which never returns while Redis is away)."""
+
+    @classmethod
+    def dequeue_any(cls, *args: Any, **kwargs: Any) -> Any:
+        """RQ's dequeue; a Redis connection error or timeout raises :class:`_RedisLost`."""
+        try:
+            return super().dequeue_any(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise _RedisLost() from exc
+
 
 class SliceWorker(SimpleWorker):
-    """RQ's in-process worker, usable from a non-main thread (tests, embedded runs)."""
+    """RQ's in-process worker, usable from a non-main thread (tests, embedded runs; job
+    timeouts by a timer there), that
+    polls (a stop request from another thread ends it within :data:`RQ_POLL_S`), takes no
+    job while ``may_take_jobs`` says no, and never writes Redis from a signal handler."""
 
     #: Called from the signal handler when a stop is requested; it must only set flags
     #: (the main thread may hold a Redis connection lock at that moment).
     on_stop_requested: Callable[[], None] | None = None
+    #: Asked before each dequeue; while it returns False the worker waits (a stale
+    #: heartbeat: the scheduler already treats this instance as dead).
+    may_take_jobs: Callable[[], bool] | None = None
+    #: Called once RQ's loop has started (registered with Redis).
+    on_started: Callable[[], None] | None = None
+    queue_class = _OutageAwareQueue
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.redis_lost: Exception | None = None  # why the loop ended, if Redis failed
+        self._in_work = False
+        super().__init__(*args, **kwargs)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """Seconds one BLPOP blocks (RQ's default is the worker TTL less 15 s: 405 s)."""
+        return RQ_POLL_S
+
+    @property
+    def connection_timeout(self) -> int:
+        """RQ sets its connection's socket timeout to this: a poll plus 2 s."""
+        return RQ_POLL_S + 2
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             super()._install_signal_handlers()
 
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        """RQ's work loop; a stop request raises out of a blocking wait only inside it."""
+        if threading.current_thread() is not threading.main_thread():
+            # SIGALRM (RQ's default job timeout) exists for the main thread only.
+            self.death_penalty_class = TimerDeathPenalty
+        self._in_work = True
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            self._in_work = False
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        """RQ's start-up (registers this RQ worker in Redis), then ``on_started``."""
+        super().bootstrap(*args, **kwargs)
+        if self.on_started is not None:
+            self.on_started()
+
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        """Warm shutdown (RQ's), after telling the service that it is draining."""
+        """Warm shutdown (RQ's, less its Redis writes): tell the service it is draining,
+        finish the job in progress, or end the loop now when idle."""
         if self.on_stop_requested is not None:
             self.on_stop_requested()
-        super().request_stop(signum, frame)
+        self._shutdown_requested_date = rq_now()  # a second signal within 1 s is ignored
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.request_force_stop)
+            signal.signal(signal.SIGTERM, self.request_force_stop)
+        self._stop_requested = True
+        if self._in_work and self.get_state() != WorkerStatus.BUSY:
+            raise StopRequested()
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> Any:
+        """RQ's dequeue, one poll at a time: between polls, honour a stop request and wait
+        while ``may_take_jobs`` says no. Redis failing ends the loop (:class:`_RedisLost`)
+        where RQ would retry inside, logging each attempt."""
+        while True:
+            self._wait_until_may_take_jobs()
+            # max_idle_time = one poll: RQ returns None after it instead of looping inside.
+            try:
+                result = super().dequeue_job_and_maintain_ttl(timeout, timeout or max_idle_time)
+            except _RedisLost as lost:  # from the dequeue itself (see _OutageAwareQueue)
+                self.redis_lost = self.redis_lost or lost.__cause__
+                raise
+            if result is not None and not self._may_take_jobs():
+                # The heartbeat went stale during the poll that brought this job.
+                self._put_back(*result)
+                continue
+            if result is not None or timeout is None:  # a job, or a burst found none
+                return result
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's own worker heartbeat; Redis failing ends the loop (:class:`_RedisLost`)."""
+        try:
+            super().heartbeat(timeout, pipeline)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self.redis_lost = exc
+            raise _RedisLost() from exc
+
+    def _may_take_jobs(self) -> bool:
+        return self.may_take_jobs is None or self.may_take_jobs()
+
+    def _put_back(self, job: Job, queue: Queue) -> None:
+        """Return a dequeued, not started job to the head of its queue (RQ moved it to
+        the queue's intermediate list)."""
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            pipe.lpush(queue.key, job.id)
+            pipe.execute()
+
+    def _wait_until_may_take_jobs(self) -> None:
+        paused = False
+        while True:
+            if self._stop_requested:
+                raise StopRequested()
+            if self._may_take_jobs():
+                if paused:
+                    log.info("jobs_resumed", worker=self.name)
+                return
+            if not paused:
+                log.warning("jobs_paused", worker=self.name,
+                            reason="heartbeat stale: the scheduler treats this instance as dead")
+                paused = True
+            time.sleep(0.05)
+
+    def teardown(self) -> None:
+        """RQ's teardown (record this RQ worker's death), skipped when Redis is gone: it
+        would only wait for the socket timeout."""
+        if self.redis_lost is None:
+            try:
+                super().teardown()
+                return
+            except redis.RedisError as exc:
+                self.redis_lost = exc
+        if self.pubsub_thread is not None:
+            self.pubsub_thread.stop()
 
 
 class WorkerService:
@@ -66,8 +240,14 @@ class WorkerService:
         self.rq_connection = rq_connection
         self._stop_heartbeat = threading.Event()
         self._draining = threading.Event()
+        self._stop_requested = threading.Event()  # serve() returns; set by SIGTERM or stop()
         self._wake_heartbeat = threading.Event()  # beat now, not at the next interval
         self._heartbeat_thread: threading.Thread | None = None
+        self._last_beat_ok: float | None = None  # monotonic time of the last good beat
+        self._beat_error: str | None = None  # the last beat's error; None when it succeeded
+        self._loop_error: str | None = None  # why RQ's loop last stopped, until it resumes
+        self._rq_runs = 0
+        self._restart_delay = RESTART_BACKOFF_S[0]
         self.rq_worker: SliceWorker | None = None
 
     @property
@@ -80,11 +260,17 @@ class WorkerService:
         """This instance's id."""
         return self.runtime.instance_id
 
+    # --- registration and heartbeat ---------------------------------------------------
     def register(self) -> None:
-        """Publish the instance and start heartbeating."""
+        """Hand back what a previous run under this id left placed here, publish the
+        instance and start heartbeating."""
+        self.hand_back_previous_run()
         self.store.register_instance(self.runtime.instance_info(), self.settings.instance_ttl_s)
+        self._last_beat_ok = time.monotonic()
+        self._beat_error = None
         self._stop_heartbeat.clear()
         self._draining.clear()
+        self._stop_requested.clear()
         self._wake_heartbeat.clear()
         self._heartbeat_thread = threading.Thread(
             target=self._heartbeat_loop, name=f"heartbeat-{self.instance_id}", daemon=True
@@ -94,6 +280,38 @@ class WorkerService:
         log.info("instance_registered", instance=self.instance_id,
                  device=str(self.runtime.loaded.device), queue=self.runtime.queue_name)
 
+    def hand_back_previous_run(self) -> int:
+        """Requeue, fenced, the batches an earlier process under this instance id left
+        queued or running (it crashed, or its pod restarted under the same name), and drop
+        their RQ jobs; returns how many batches went back.
+
+        Without this they would wait for the old instance hash to expire (the sweep) or,
+        with the hash renewed by this new run, for the slice/queue timeout. A batch the
+        previous run had started counts as a failed attempt (as the sweep counts it: a
+        slice that crashes its worker must not loop forever); one still queued does not.
+        The queue is emptied first: a batch the scheduler places on this id meanwhile is
+        either listed below (and handed back) or keeps its job; a job whose batch went
+        back is skipped when it runs (the batch is no longer in flight).
+        """
+        queue = Queue(self.runtime.queue_name, connection=self.rq_connection)
+        dropped = queue.count
+        queue.empty()
+        handed_back = 0
+        for batch_id in self.store.instance_batch_ids(self.instance_id):
+            batch = self.store.get_batch(batch_id)
+            if batch is None:
+                continue
+            started = batch.status != BatchStatus.QUEUED.value
+            reason = (f"instance {self.instance_id} restarted "
+                      f"({'mid-slice' if started else 'before running it'})")
+            result = self.store.requeue_batch(batch, reason, self.settings.max_retries,
+                                              self.settings.result_ttl_s, count_retry=started)
+            handed_back += result is not None
+        if handed_back or dropped:
+            log.warning("previous_run_handed_back", instance=self.instance_id,
+                        batches=handed_back, jobs_dropped=dropped)
+        return handed_back
+
     def begin_drain(self) -> None:
         """Publish the instance as draining at the next beat, which comes at once.
 
@@ -101,6 +319,18 @@ class WorkerService:
         """
         self._draining.set()
         self._wake_heartbeat.set()
+
+    def _on_stop_signal(self) -> None:
+        """SIGTERM/SIGINT (from RQ's handler): drain, and end :meth:`serve`'s loop."""
+        self.begin_drain()
+        self._stop_requested.set()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return (any thread): the job in progress finishes, the
+        loop ends within a poll."""
+        self._on_stop_signal()
+        if self.rq_worker is not None:
+            self.rq_worker._stop_requested = True
 
     def _heartbeat_loop(self) -> None:
         while True:
@@ -116,37 +346,130 @@ class WorkerService:
             alive = self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, state,
                                          self.runtime.heartbeat_fields())
             if not alive and state == "ready":
-                # We were presumed dead (e.g. a long GC pause): come back as new.
+                # Presumed dead (a long pause, or Redis was away past the TTL and the hash
+                # expired): come back as new. The scheduler's sweep has handed our batches
+                # back, or will; a job of theirs still queued is skipped when it runs.
                 self.store.register_instance(
                     self.runtime.instance_info(), self.settings.instance_ttl_s
                 )
                 log.warning("instance_reregistered", instance=self.instance_id)
-        except redis.RedisError as exc:  # connection lost, read timeout, a Redis error
-            log.error("heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
-        except Exception:  # a beat must never end the heartbeat thread silently
-            log.exception("heartbeat_failed")
+        except Exception as exc:  # a beat must never end the heartbeat thread
+            self._beat_failed(exc)
+            return
+        self._last_beat_ok = time.monotonic()
+        if self._beat_error is not None:
+            log.info("heartbeat_recovered", instance=self.instance_id)
+            self._beat_error = None
+
+    def _beat_failed(self, exc: Exception) -> None:
+        """Log the first failure of an outage (connection lost, read timeout, a Redis
+        error reply, or a bug), not one line per beat."""
+        error = f"{type(exc).__name__}: {exc}"
+        if self._beat_error is None:
+            if isinstance(exc, redis.RedisError):
+                log.error("heartbeat_failed", instance=self.instance_id, error=error)
+            else:
+                log.exception("heartbeat_failed", instance=self.instance_id)
+        self._beat_error = error
+
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the last successful heartbeat (None before registration)."""
+        last = self._last_beat_ok
+        return None if last is None else time.monotonic() - last
+
+    def heartbeat_fresh(self) -> bool:
+        """False once heartbeats have failed for longer than the instance TTL (the
+        instance hash has expired or is about to); True when not heartbeating at all (an
+        instance driven by hand, as in tests)."""
+        age = self.heartbeat_age_s()
+        return self._heartbeat_thread is None or age is None or \
+            age <= self.settings.instance_ttl_s
+
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        """What ``GET /livez`` on the metrics port answers: alive (200) while the last
+        successful heartbeat is younger than the instance TTL, else 503 with the reason."""
+        age = self.heartbeat_age_s()
+        ttl = self.settings.instance_ttl_s
+        body: dict[str, object] = {"instance": self.instance_id, "ttl_s": ttl,
+                                   "heartbeat_age_s": None if age is None else round(age, 3)}
+        if self._heartbeat_thread is None:
+            return True, {**body, "status": "not heartbeating (starting or stopped)"}
+        if self.heartbeat_fresh():
+            return True, {**body, "status": "ok"}
+        return False, {
+            **body, "status": "stale",
+            "reason": f"no successful heartbeat for {age:.1f} s (instance TTL {ttl:g} s): the "
+                      "scheduler treats this instance as dead and it takes no job",
+            "last_error": self._beat_error,
+        }
 
     def _stop_heartbeating(self) -> None:
         """Stop the heartbeat thread and wait for it: a beat still in progress after the
-        deregistration would re-register the instance (a ghost the scheduler feeds)."""
+        deregistration would re-register the instance (a ghost the scheduler feeds). A
+        beat is at most two bounded Redis calls, so the wait is bounded too."""
         self._stop_heartbeat.set()
         self._wake_heartbeat.set()
         if self._heartbeat_thread is not None:
-            self._heartbeat_thread.join(timeout=30)
+            self._heartbeat_thread.join(timeout=2 * REDIS_TIMEOUT_S + 1)
             self._heartbeat_thread = None
 
+    # --- the job loop -------------------------------------------------------------------
     def serve(self, burst: bool = False) -> None:
-        """Run jobs from the instance's queue until stopped (or empty, with ``burst``)."""
-        queue = Queue(self.runtime.queue_name, connection=self.rq_connection)
-        self.rq_worker = SliceWorker(
-            [queue], connection=self.rq_connection, name=f"{self.runtime.queue_name}-{os.getpid()}"
-        )
-        self.rq_worker.on_stop_requested = self.begin_drain
+        """Run jobs from the instance's queue until stopped (or empty, with ``burst``).
+
+        RQ's loop ends when Redis fails under it; it is started again after a back-off
+        (doubling up to :data:`RESTART_BACKOFF_S`), the outage logged once, until a stop
+        is requested. With ``burst`` it runs once.
+        """
         jobs.install_runtime(self.runtime)
+        self._restart_delay = RESTART_BACKOFF_S[0]
         try:
-            self.rq_worker.work(burst=burst, logging_level="WARNING")
+            while not self._stop_requested.is_set():
+                error = self._run_rq_once(burst)
+                if burst or self._stop_requested.is_set():
+                    return
+                if self._loop_error is None:
+                    log.error("job_loop_interrupted", instance=self.instance_id,
+                              error=error, retry_s=self._restart_delay)
+                    self._loop_error = error
+                self._stop_requested.wait(self._restart_delay)
+                self._restart_delay = min(2 * self._restart_delay, RESTART_BACKOFF_S[1])
         finally:
             jobs.install_runtime(None)
+
+    def _run_rq_once(self, burst: bool) -> str:
+        """One run of RQ's work loop; why it ended (when no stop was requested)."""
+        self._rq_runs += 1
+        queue = _OutageAwareQueue(self.runtime.queue_name, connection=self.rq_connection)
+        worker = SliceWorker(
+            [queue], connection=self.rq_connection,
+            name=f"{self.runtime.queue_name}-{os.getpid()}-{self._rq_runs}",
+        )
+        worker.on_stop_requested = self._on_stop_signal
+        worker.may_take_jobs = self.heartbeat_fresh
+        worker.on_started = self._rq_started
+        self.rq_worker = worker
+        try:
+            worker.work(burst=burst, logging_level="WARNING")
+        except StopRequested:  # a signal before RQ's loop began
+            return "stop requested"
+        except redis.RedisError as exc:  # RQ's start-up or a job's bookkeeping
+            return f"{type(exc).__name__}: {exc}"
+        if worker.redis_lost is not None:
+            return f"{type(worker.redis_lost).__name__}: {worker.redis_lost}"
+        return "RQ's work loop ended (see its log line above)"
+
+    def _rq_started(self) -> None:
+        self._restart_delay = RESTART_BACKOFF_S[0]  # a later outage backs off afresh
+        if self._loop_error is not None:
+            log.info("job_loop_resumed", instance=self.instance_id)
+            self._loop_error = None
+
+    # --- shutdown -----------------------------------------------------------------------
+    def redis_reachable(self) -> bool:
+        """False while the heartbeat or the job loop sees Redis failing."""
+        lost = self.rq_worker is not None and self.rq_worker.redis_lost is not None
+        return self._beat_error is None and not lost
 
     def drain(self) -> int:
         """Mark the instance draining, hand queued batches back to pending, deregister.
@@ -155,8 +478,29 @@ class WorkerService:
         commit first (a restart elsewhere would begin them again from the prompt); a slice
         worker gets here after its last slice committed. Returns how many batches were
         handed back. A handed-back batch does not count as a failed attempt of its requests.
+
+        With Redis unreachable nothing can be handed back: the drain stops at the first
+        failed call (each is bounded by :data:`REDIS_TIMEOUT_S`), or is skipped when Redis
+        is already known to be failing, and the scheduler's sweep requeues the batches
+        once this instance's hash expires.
         """
         self._draining.set()
+        if not self.redis_reachable():
+            self._stop_heartbeating()
+            log.warning("drain_skipped", instance=self.instance_id,
+                        reason="Redis unreachable; the sweep requeues this instance's "
+                               "batches when its hash expires")
+            return 0
+        handed_back = 0
+        try:
+            handed_back = self._drain_steps()
+        except redis.RedisError as exc:
+            self._stop_heartbeating()
+            log.error("drain_incomplete", instance=self.instance_id, handed_back=handed_back,
+                      error=f"{type(exc).__name__}: {exc}")
+        return handed_back
+
+    def _drain_steps(self) -> int:
         # Draining first, so the scheduler stops placing batches here before we hand back.
         self.store.heartbeat(self.instance_id, self.settings.instance_ttl_s, "draining")
         handed_back = self._hand_back_queued(only_unstarted=True)
@@ -204,8 +548,10 @@ class WorkerService:
         try:
             self.serve()
         finally:
-            self.drain()
-            self.runtime.stop()
+            try:
+                self.drain()
+            finally:
+                self.runtime.stop()
 
 
 def default_instance_id() -> str:
@@ -233,7 +579,7 @@ def create_worker(
     if cost is None:
         cost = load_or_profile(loaded, settings, reprofile=reprofile)
     budget = instance_memory_budget(loaded, settings, cost)
-    store = Store(connect(url), Keys(settings.key_prefix))
+    store = Store(bound_timeouts(connect(url), REDIS_TIMEOUT_S), Keys(settings.key_prefix))
     iid = instance_id or settings.instance_id or default_instance_id()
     if is_continuous(settings.policy):
         runtime: WorkerRuntime = IlsRuntime(settings, store, loaded, iid, cost, budget)
@@ -243,4 +589,7 @@ def create_worker(
         pool = settings.kv_pool_capacity(budget) if retains_kv(
             settings.policy, settings.batching) else 0
         runtime = WorkerRuntime(settings, store, loaded, iid, cost, budget - pool, pool)
-    return WorkerService(settings, runtime, open_rq_connection(url))
+    # RQ's own connection, bounded to a poll plus 2 s (redis-py's default is 5 s; RQ only
+    # ever raises a connection's timeout to SliceWorker.connection_timeout).
+    rq_connection = bound_timeouts(open_rq_connection(url), RQ_POLL_S + 2)
+    return WorkerService(settings, runtime, rq_connection)

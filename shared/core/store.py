@@ -129,6 +129,7 @@ class Store:
         self._submit = client.register_script(lua_source("submit"))
         self._cancel = client.register_script(lua_source("cancel"))
         self._kv_evicted = client.register_script(lua_source("kv_evicted"))
+        self._heartbeat = client.register_script(lua_source("heartbeat"))
         self._publish_tokens = client.register_script(lua_source("publish_tokens"))
 
     # --- requests ---------------------------------------------------------------
@@ -380,16 +381,16 @@ class Store:
         extra: dict[str, int | float | str] | None = None,
     ) -> bool:
         """Renew an instance's TTL (and refresh ``extra`` fields, e.g. its KV pool's use);
-        False if it had expired (the caller re-registers)."""
-        key = self.keys.instance(instance_id)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.exists(key)
-        pipe.hset(key, mapping={"heartbeat_at": repr(now()), "state": state, **(extra or {})})
-        pipe.pexpire(key, int(ttl_s * 1000))
-        exists, _, _ = pipe.execute()
-        if not exists:
-            self.r.delete(key)  # HSET above re-created a partial hash: drop it
-        return bool(exists)
+        False if it had expired (the caller re-registers).
+
+        One script (``lua/heartbeat.lua``) that renews only a whole instance hash: a beat
+        that reaches Redis after the hash expired (its client timed out while Redis was
+        paused) cannot re-create it as a partial hash the scheduler counts as dead while
+        the worker goes on renewing it.
+        """
+        fields = {"heartbeat_at": repr(now()), "state": state, **(extra or {})}
+        args = [int(ttl_s * 1000), *(item for pair in fields.items() for item in pair)]
+        return bool(self._heartbeat(keys=[self.keys.instance(instance_id)], args=args))
 
     def deregister_instance(self, instance_id: str) -> None:
         """Remove an instance at shutdown."""

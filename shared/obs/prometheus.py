@@ -10,12 +10,13 @@ scrape time, so a scrape always shows the current state and costs nothing betwee
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
+    "HealthCheck",
     "IngestMetrics",
     "MetricsPortError",
     "MetricsServer",
@@ -331,8 +333,15 @@ class MetricsPortError(ValueError):
     """The configured metrics port cannot be bound (the message says how to fix it)."""
 
 
-def start_exporter(registry: CollectorRegistry, settings: Settings) -> MetricsServer | None:
-    """Serve ``registry`` on ``settings.metrics_port`` (None when that is 0: disabled).
+#: A liveness check: (alive, JSON body). ``GET /livez`` answers 200 or 503 with the body.
+HealthCheck = Callable[[], tuple[bool, Mapping[str, object]]]
+
+
+def start_exporter(
+    registry: CollectorRegistry, settings: Settings, health: HealthCheck | None = None
+) -> MetricsServer | None:
+    """Serve ``registry`` on ``settings.metrics_port`` (None when that is 0: disabled),
+    and ``health`` at ``/livez`` when given (the worker's liveness).
 
     Raises:
         MetricsPortError: the port is taken or the address cannot be bound.
@@ -340,7 +349,7 @@ def start_exporter(registry: CollectorRegistry, settings: Settings) -> MetricsSe
     if not settings.metrics_port:
         return None
     try:
-        server = serve_metrics(registry, settings.metrics_port, settings.metrics_host)
+        server = serve_metrics(registry, settings.metrics_port, settings.metrics_host, health)
     except OSError as exc:
         raise MetricsPortError(
             f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({exc}); "
@@ -350,11 +359,34 @@ def start_exporter(registry: CollectorRegistry, settings: Settings) -> MetricsSe
     return server
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> MetricsServer:
-    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+def serve_metrics(
+    registry: CollectorRegistry, port: int, host: str = "0.0.0.0",
+    health: HealthCheck | None = None,
+) -> MetricsServer:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread, and
+    ``health`` at ``/livez`` when given.
 
     Raises:
         OSError: the port is taken.
     """
     server, thread = start_http_server(port, addr=host, registry=registry)
+    if health is not None:
+        server.set_app(_with_livez(server.get_app(), health))
     return MetricsServer(server, thread)
+
+
+def _with_livez(app: Any, health: HealthCheck) -> Any:
+    """The exporter's WSGI app plus ``GET /livez``: 200 or 503 and ``health``'s JSON body.
+    It reads only process state (no Redis call), so it answers while Redis is down."""
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/livez":
+            return app(environ, start_response)  # type: ignore[no-any-return]
+        alive, body = health()
+        payload = json.dumps(body).encode()
+        start_response("200 OK" if alive else "503 Service Unavailable",
+                       [("Content-Type", "application/json"),
+                        ("Content-Length", str(len(payload)))])
+        return [payload]
+
+    return wsgi
