@@ -10,6 +10,7 @@ call runs in a helper thread while the main thread drives the scheduler and the 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -26,7 +27,7 @@ import uvicorn
 
 from services.ingest.app import create_app
 from services.ingest.completion import choice_seed
-from services.ingest.streaming import TokenText
+from services.ingest.streaming import ChoiceStream, ChunkFormat, Finished, StopHoldback, TokenText
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
 from shared.modeling.loading import LoadedModel
@@ -257,8 +258,6 @@ def test_streamed_choices_interleave_and_equal_the_whole(system: System) -> None
         assert last[choice.index].logprobs.tokens == choice.logprobs.tokens
         assert last[choice.index].finish_reason == "length"
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 40
-    # per-token streaming: more text chunks than slices (S = 4 over 10 tokens: 3 slices)
-    assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 4 * 3
 
 
 def test_a_streamed_stop_string_is_never_sent(system: System) -> None:
@@ -450,3 +449,33 @@ def test_token_text_extends_skips_repeats_and_waits_over_gaps() -> None:
     assert text.take(entry(2, ids[2:3])) == ""  # half of "¥": held back
     assert text.take({"kind": "slice", "pos": "0", "ids": ",".join(map(str, ids))}) == "¥c"
     assert text.ids == ids and text.sent == "ab¥c"
+
+
+@pytest.mark.anyio
+async def test_a_choice_streams_each_decode_step_before_its_slice_commits() -> None:
+    """Per-step ``tokens`` entries become a chunk each as they come (the slice's commit
+    entry repeats them and adds nothing); the final entry ends with the record's text."""
+    codec = load_codec(MODEL, Path("/nonexistent"))
+    events: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    fmt = ChunkFormat(chat=False, id="cmpl-x", created=0, model=MODEL)
+
+    async def finish() -> Finished:
+        return Finished("Hi!", "length", {"prompt_tokens": 1, "completion_tokens": 3,
+                                          "total_tokens": 4})
+
+    choice = ChoiceStream(index=1, events=events, holdback=StopHoldback(()),
+                          text=TokenText(codec.decode), finish=finish,
+                          timeout_error=lambda: TimeoutError("late"))
+    chunks = choice.chunks(fmt, asyncio.get_running_loop().time() + 10)
+    ids = codec.encode("Hi!")
+    for pos, token in enumerate(ids):
+        await events.put({"kind": "tokens", "pos": str(pos), "ids": str(token)})
+        chunk = await anext(chunks)
+        assert chunk["choices"][0] == {"index": 1, "text": "Hi!"[pos], "logprobs": None,
+                                       "finish_reason": None}
+    await events.put({"kind": "slice", "pos": "0", "ids": ",".join(map(str, ids)),
+                      "delta": "Hi!"})
+    await events.put({"kind": "final", "pos": "3", "ids": "", "delta": ""})
+    last = await anext(chunks)
+    assert last["choices"][0]["text"] == "" and last["choices"][0]["finish_reason"] == "length"
+    assert choice.done

@@ -102,13 +102,21 @@ class TokenText:
     def take(self, entry: dict[str, str]) -> str | None:
         """The text ``entry`` adds; None when it carries no ``pos`` (an old worker, or the
         ILS runtime: use its ``delta``)."""
+        return self.flush() if self.add(entry) else None
+
+    def add(self, entry: dict[str, str]) -> bool:
+        """Hold the ids ``entry`` adds, decoding nothing yet (:meth:`flush` does); False
+        when it carries no ``pos``."""
         if "pos" not in entry:
-            return None
+            return False
         pos, held = int(entry["pos"]), len(self.ids)
         new = [int(t) for t in entry.get("ids", "").split(",") if t]
-        if pos > held or pos + len(new) <= held:
-            return ""  # a gap (missed entries) or nothing new
-        self.ids.extend(new[held - pos:])
+        if pos <= held < pos + len(new):  # else a gap (missed entries) or nothing new
+            self.ids.extend(new[held - pos:])
+        return True
+
+    def flush(self) -> str:
+        """The text the ids added since the last flush bring."""
         text = self.decode(self.ids).rstrip(_INCOMPLETE)
         if not text.startswith(self.sent):  # a decoder that rewrites earlier text
             return ""  # sent text cannot be taken back: the final text settles it
@@ -182,37 +190,56 @@ class ChoiceStream:
     done: bool = False  # its last chunk was produced
 
     async def chunks(self, fmt: ChunkFormat, deadline: float) -> AsyncIterator[dict[str, Any]]:
-        """This choice's chunks: the echoed prompt, a chunk per event that releases text,
-        then the last one with the finish reason (and all logprobs, when asked)."""
-        loop = asyncio.get_running_loop()
+        """This choice's chunks: the echoed prompt, a chunk per batch of events that
+        releases text, then the last one with the finish reason (and all logprobs, when
+        asked)."""
         if self.echo:
             yield fmt.chunk(self.echo, index=self.index)
         while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise self.timeout_error()
-            try:
-                entry = await asyncio.wait_for(self.events.get(), remaining)
-            except asyncio.TimeoutError:
-                raise self.timeout_error() from None
-            kind = entry.get("kind")
-            if kind == "closed":  # the waiter stopped: shutdown, or readiness lost (its error)
-                self.done = True  # not cancelled when the stream ends: the request goes on
-                raise RuntimeError(entry.get("error")
-                                   or "the server is shutting down; the request goes on")
-            if kind == "final":
-                done = await self.finish()
-                last = fmt.chunk(self.holdback.finish(done.text), done.finish_reason,
-                                 self.index, done.logprobs)
-                if done.scls:  # our extension, as in the non-streamed body; clients ignore it
-                    last["scls"] = done.scls
-                self.done = True
-                yield last
-                return
-            new = self.text.take(entry)
-            released = self.holdback.feed(entry.get("delta", "") if new is None else new)
+            released = ""
+            for entry in await self._next_entries(deadline):
+                kind = entry.get("kind")
+                if kind == "closed":  # the waiter stopped: shutdown, or readiness lost
+                    self.done = True  # not cancelled when the stream ends: it goes on
+                    raise RuntimeError(entry.get("error")
+                                       or "the server is shutting down; the request goes on")
+                if kind == "final":
+                    released += self.holdback.feed(self.text.flush())
+                    if released:  # what the entries before it released: a chunk of its own
+                        yield fmt.chunk(released, index=self.index)
+                    yield await self._last_chunk(fmt)
+                    return
+                if not self.text.add(entry):  # no pos: the entry's own text delta
+                    released += self.holdback.feed(self.text.flush())
+                    released += self.holdback.feed(entry.get("delta", ""))
+            # One decode for every entry that was waiting: a loaded ingest that falls
+            # behind decodes less often instead of more.
+            released += self.holdback.feed(self.text.flush())
             if released:
                 yield fmt.chunk(released, index=self.index)
+
+    async def _next_entries(self, deadline: float) -> list[dict[str, str]]:
+        """The next entry (waiting until ``deadline``) and every one queued behind it."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise self.timeout_error()
+        try:
+            entries = [await asyncio.wait_for(self.events.get(), remaining)]
+        except asyncio.TimeoutError:
+            raise self.timeout_error() from None
+        while not self.events.empty():
+            entries.append(self.events.get_nowait())
+        return entries
+
+    async def _last_chunk(self, fmt: ChunkFormat) -> dict[str, Any]:
+        """The choice's last chunk: text not sent yet, the finish reason, the logprobs."""
+        done = await self.finish()
+        last = fmt.chunk(self.holdback.finish(done.text), done.finish_reason, self.index,
+                         done.logprobs)
+        if done.scls:  # our extension, as in the non-streamed body; clients ignore it
+            last["scls"] = done.scls
+        self.done = True
+        return last
 
 
 _END = object()  # a choice's pump has no more chunks
