@@ -30,6 +30,7 @@ from services.ingest.completion import choice_seed
 from services.ingest.streaming import ChoiceStream, ChunkFormat, Finished, StopHoldback, TokenText
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
+from shared.core.store import Store
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import load_codec
 from shared.settings import Settings
@@ -479,3 +480,23 @@ async def test_a_choice_streams_each_decode_step_before_its_slice_commits() -> N
     last = await anext(chunks)
     assert last["choices"][0]["text"] == "" and last["choices"][0]["finish_reason"] == "length"
     assert choice.done
+
+
+def test_choices_are_submitted_all_or_none(
+    settings: Settings, rclient: Any, store: Store
+) -> None:
+    """n=3 against a pending pool with room for 2: 429, and the 2 submitted are withdrawn."""
+    bounded = settings.model_copy(update={"max_pending": 2, "reject_when_unready": False})
+    with uvicorn_server(bounded) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model=MODEL, prompt="hi", n=3, max_tokens=4)
+        client.close()
+        deadline = time.monotonic() + 5
+        while store.pending_count() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert store.pending_count() == 0
+    prefix = store.keys.request("")
+    records = [store.get_request(k[len(prefix):]) for k in rclient.scan_iter(f"{prefix}*")
+               if ":" not in k[len(prefix):]]
+    assert [r.status.value for r in records] == ["cancelled", "cancelled"]
