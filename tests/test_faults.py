@@ -358,10 +358,11 @@ def test_the_ingest_logs_json_lines(redis_url: str, tmp_path: Path) -> None:
 
 # --- 4. SIGTERM while Redis is down -----------------------------------------------------------
 
-#: How soon a SIGTERM must end a service whose Redis is stopped: the bounded Redis call in
-#: flight (2 s; 3 s for RQ's) and the process exit, with margin for a loaded machine. (The
-#: operator's chaos test found them running 13 s later.)
-EXIT_WITHIN_S = 6.0
+#: How soon a SIGTERM must end a service whose Redis is stopped (the operator's chaos test
+#: found them running 13 s later). Worst case, a worker: RQ's teardown call times out (2 s),
+#: the drain's first call too (2 s) while the heartbeat thread ends its own; then the exit,
+#: on a machine whose cores other tests share.
+EXIT_WITHIN_S = 8.0
 
 
 def stop_with_redis_paused(proc: subprocess.Popen[bytes], redis_pid: int,

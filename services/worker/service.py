@@ -64,7 +64,7 @@ log = get_logger(__name__)
 #: 2 s is treated as unreachable.
 REDIS_TIMEOUT_S = 2.0
 #: How long one RQ dequeue blocks (BLPOP) before the loop checks the stop flag, the
-#: heartbeat and Redis again; RQ's connection times out this plus 2 s.
+#: heartbeat and Redis again; RQ's connection times out this plus 1 s.
 RQ_POLL_S = 1
 #: Back-off between restarts of RQ's work loop after a Redis error.
 RESTART_BACKOFF_S = (0.5, 5.0)
@@ -111,6 +111,8 @@ class SliceWorker(SimpleWorker):
     may_take_jobs: Callable[[], bool] | None = None
     #: Called once RQ's loop has started (registered with Redis).
     on_started: Callable[[], None] | None = None
+    #: True while the service sees Redis failing (its heartbeat): teardown skips Redis.
+    redis_failing: Callable[[], bool] | None = None
     queue_class = _OutageAwareQueue
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -125,8 +127,8 @@ class SliceWorker(SimpleWorker):
 
     @property
     def connection_timeout(self) -> int:
-        """RQ sets its connection's socket timeout to this: a poll plus 2 s."""
-        return RQ_POLL_S + 2
+        """RQ sets its connection's socket timeout to this: a poll plus 1 s."""
+        return RQ_POLL_S + 1
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -218,9 +220,9 @@ class SliceWorker(SimpleWorker):
             time.sleep(0.05)
 
     def teardown(self) -> None:
-        """RQ's teardown (record this RQ worker's death), skipped when Redis is gone: it
-        would only wait for the socket timeout."""
-        if self.redis_lost is None:
+        """RQ's teardown (record this RQ worker's death), skipped when Redis is gone (this
+        loop or the heartbeat saw it fail): it would only wait for the socket timeout."""
+        if self.redis_lost is None and not (self.redis_failing and self.redis_failing()):
             try:
                 super().teardown()
                 return
@@ -448,6 +450,7 @@ class WorkerService:
         worker.on_stop_requested = self._on_stop_signal
         worker.may_take_jobs = self.heartbeat_fresh
         worker.on_started = self._rq_started
+        worker.redis_failing = lambda: self._beat_error is not None
         self.rq_worker = worker
         try:
             worker.work(burst=burst, logging_level="WARNING")
@@ -589,7 +592,7 @@ def create_worker(
         pool = settings.kv_pool_capacity(budget) if retains_kv(
             settings.policy, settings.batching) else 0
         runtime = WorkerRuntime(settings, store, loaded, iid, cost, budget - pool, pool)
-    # RQ's own connection, bounded to a poll plus 2 s (redis-py's default is 5 s; RQ only
+    # RQ's own connection, bounded to a poll plus 1 s (redis-py's default is 5 s; RQ only
     # ever raises a connection's timeout to SliceWorker.connection_timeout).
-    rq_connection = bound_timeouts(open_rq_connection(url), RQ_POLL_S + 2)
+    rq_connection = bound_timeouts(open_rq_connection(url), RQ_POLL_S + 1)
     return WorkerService(settings, runtime, rq_connection)
