@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     max_prompts: int = Field(
         64, ge=1, description="most prompts in one batched /v1/completions request"
     )
+    max_choices: int = Field(
+        64, ge=1, description="most requests one HTTP request may submit: its prompts times "
+        "n (or best_of)"
+    )
     max_logprobs: int = Field(
         20, ge=0, description="most alternatives per token a request's logprobs may ask"
     )

@@ -329,6 +329,9 @@ REFUSED = [
     ("min_tokens", "completions", {"max_tokens": 4, "extra_body": {"min_tokens": 5}},
      "min_tokens", "must not exceed max_tokens (4)"),
     ("n-17", "completions", {"n": 17}, "n", "at most 16"),
+    ("max_choices", "completions", {"prompt": ["a"] * 5, "n": 13}, "n",
+     "5 prompt(s) x 13 choices = 65 requests, more than the server's max_choices (64)"),
+    ("max_prompts", "completions", {"prompt": ["a"] * 65}, "prompt", "at most 64 prompts"),
     ("presence_penalty", "completions", {"presence_penalty": 2.5}, "presence_penalty",
      "less than or equal to 2"),
     ("frequency_penalty", "chat", {"frequency_penalty": -3}, "frequency_penalty",
@@ -346,7 +349,7 @@ def _refused(system: System, endpoint: str, args: dict[str, Any]) -> openai.BadR
         if endpoint == "chat":
             return system.client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "hi"}], **args)
-        return system.client.completions.create(model=MODEL, prompt="hi", **args)
+        return system.client.completions.create(model=MODEL, **{"prompt": "hi", **args})
 
     with pytest.raises(openai.BadRequestError) as caught:
         call()

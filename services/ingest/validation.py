@@ -195,9 +195,10 @@ class RequestChecks:
 
     def check_supported(self, body: GenerationParams, logprobs: int | None,
                         prompts: int = 1) -> None:
-        """400 for what the server does not implement or allow: ``n``, ``best_of`` and the
-        number of prompts above the settings' bounds, ``logprobs`` above ``max_logprobs``,
-        ``best_of`` below ``n`` or with ``stream``, ``echo`` with ``logprobs``."""
+        """400 for what the server does not implement or allow: ``n``, ``best_of``, the
+        number of prompts and of requests (prompts x choices) above the settings' bounds,
+        ``logprobs`` above ``max_logprobs``, ``best_of`` below ``n`` or with ``stream``,
+        ``echo`` with ``logprobs``."""
         max_n, n = self.settings.max_n, body.choices
         if n > max_n:
             raise APIError(400, f"n: at most {max_n} choices are supported (the server's "
@@ -205,6 +206,11 @@ class RequestChecks:
         if prompts > self.settings.max_prompts:
             raise APIError(400, f"prompt: at most {self.settings.max_prompts} prompts per "
                            f"request (the server's max_prompts), got {prompts}", param="prompt")
+        copies = max(n, getattr(body, "best_of", None) or 1)
+        if prompts * copies > self.settings.max_choices:
+            raise APIError(400, f"n: {prompts} prompt(s) x {copies} choices = {prompts * copies} "
+                           f"requests, more than the server's max_choices "
+                           f"({self.settings.max_choices})", param="n")
         if logprobs is not None and logprobs > self.settings.max_logprobs:
             param = "top_logprobs" if isinstance(body, ChatCompletionRequest) else "logprobs"
             raise APIError(400, f"{param}: at most {self.settings.max_logprobs} alternatives "
