@@ -1,9 +1,11 @@
-"""Completion glue of the ingest: submit a request, wait for it to end, stream its slices.
+"""Completion glue of the ingest: submit requests, wait for them to end, stream them.
 
 :class:`Ingest` holds what the endpoints share (its store is the async face of the request
-store, :class:`~shared.core.async_store.AsyncStore`); :func:`accept` tokenises, checks and
-submits a request, :func:`serve` waits for its final event and reads it back, and
-:func:`stream` answers it as server-sent events (:mod:`services.ingest.streaming`).
+store, :class:`~shared.core.async_store.AsyncStore`). One HTTP request becomes one request
+per choice (``n``, ``best_of``, batched prompts; docs/openai.md): :func:`accept` tokenises,
+checks and submits them together, :func:`serve` waits for their final events and reads them
+back, :func:`stream` answers them as server-sent events (:mod:`services.ingest.streaming`);
+:func:`best_of`, :func:`total_usage` and the logprobs formatters build the response.
 """
 
 from __future__ import annotations
