@@ -220,6 +220,10 @@ def test_top_k_1_is_greedy(system: System) -> None:
     sampled = complete(system, prompt="Pick", temperature=1.5, seed=11, max_tokens=8,
                        extra_body={"ignore_eos": True, "top_k": 1})
     assert sampled.choices[0].text == greedy
+    body = {"prompt": "Pick", "temperature": 1.5, "seed": 11, "max_tokens": 8}
+    free = complete(system, **body, extra_body={"ignore_eos": True})
+    huge = complete(system, **body, extra_body={"ignore_eos": True, "top_k": 10**9})
+    assert huge.choices[0].text == free.choices[0].text  # k >= the vocabulary keeps all
 
 
 def test_best_of_returns_the_most_likely_of_its_samples(system: System) -> None:
@@ -325,6 +329,10 @@ REFUSED = [
     ("logit_bias-range", "completions", {"logit_bias": {"5": 101}}, "logit_bias",
      "between -100 and 100"),
     ("logit_bias-key", "completions", {"logit_bias": {"a": 1}}, "logit_bias",
+     "not a token id"),
+    ("logit_bias-superscript", "completions", {"logit_bias": {"²": 1}}, "logit_bias",
+     "not a token id"),
+    ("logit_bias-5000-digits", "completions", {"logit_bias": {"9" * 5000: 1}}, "logit_bias",
      "not a token id"),
     ("min_tokens", "completions", {"max_tokens": 4, "extra_body": {"min_tokens": 5}},
      "min_tokens", "must not exceed max_tokens (4)"),

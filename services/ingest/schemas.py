@@ -15,6 +15,7 @@ Fields that accept several shapes (``prompt``, ``stop``, message ``content``) ar
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -138,8 +139,9 @@ class GenerationParams(_StrictBody):
             raise ValueError('must be an object {"<token id>": bias}')
         pairs = []
         for key, bias in value.items():
-            if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
-                raise ValueError(f"key {key!r} is not a token id")
+            # ASCII digits of a plausible length: int() of "²" or of 5,000 digits raises.
+            if not re.fullmatch(r"-?[0-9]{1,18}", key.strip()):
+                raise ValueError(f"key {key[:40]!r} is not a token id")
             if not isinstance(bias, (int, float)) or isinstance(bias, bool):
                 raise ValueError(f"the bias of token {key} must be a number")
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:

@@ -276,7 +276,7 @@ class RequestChecks:
             seed=body.seed,
             stop=body.stop_strings,
             ignore_eos=bool(body.ignore_eos),
-            top_k=max(0, body.top_k or 0),  # -1 (vLLM's "off") and 0 both keep every token
+            top_k=self._top_k(body.top_k),
             min_tokens=min_tokens,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
@@ -291,6 +291,12 @@ class RequestChecks:
             # Stored with the request so every slice, on any worker, draws the same stream.
             params = replace(params, seed=secrets.randbits(63))
         return params
+
+    def _top_k(self, top_k: int | None) -> int:
+        # -1 (vLLM's "off") and 0 both keep every token, and so does any k >= the vocabulary.
+        if top_k is None or top_k <= 0 or top_k >= self.info.vocab_size:
+            return 0
+        return top_k
 
     def _checked_max_tokens(self, max_tokens: int | None, prompt_len: int,
                             prompt_param: str) -> int:
