@@ -232,6 +232,10 @@ def chaos_command(
                       f"({settings.model}) in {dep.workdir} ...")
         dep.start(ready_timeout_s=600)
         report = asyncio.run(run_chaos(dep, plan, console))
+    except KeyboardInterrupt:
+        dep.stop()
+        console.print(f"interrupted: every process stopped (logs: {dep.workdir})")
+        raise typer.Exit(130) from None
     finally:
         dep.stop()
     report.update(
