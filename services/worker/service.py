@@ -29,7 +29,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -98,10 +99,11 @@ class _OutageAwareQueue(Queue):
 
 
 class SliceWorker(SimpleWorker):
-    """RQ's in-process worker, usable from a non-main thread (tests, embedded runs; job
-    timeouts by a timer there), that
-    polls (a stop request from another thread ends it within :data:`RQ_POLL_S`), takes no
-    job while ``may_take_jobs`` says no, and never writes Redis from a signal handler."""
+    """RQ's in-process worker. Unlike RQ's own it polls (a stop request from another
+    thread ends it within :data:`RQ_POLL_S`), takes no job while ``may_take_jobs`` says
+    no, ends its loop when Redis fails (:class:`_RedisLost`), never writes Redis from a
+    signal handler, and runs in a non-main thread too (tests, embedded runs; job timeouts
+    by a timer there)."""
 
     #: Called from the signal handler when a stop is requested; it must only set flags
     #: (the main thread may hold a Redis connection lock at that moment).
@@ -185,12 +187,29 @@ class SliceWorker(SimpleWorker):
             if result is not None or timeout is None:  # a job, or a burst found none
                 return result
 
+    # RQ's bookkeeping calls on every turn of its loop: Redis failing there ends the loop
+    # quietly (_RedisLost) rather than through RQ's "unhandled exception, quitting" path.
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """RQ's own worker heartbeat; Redis failing ends the loop (:class:`_RedisLost`)."""
-        try:
+        """RQ's own worker heartbeat."""
+        with self._ending_on_redis_loss():
             super().heartbeat(timeout, pipeline)
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's worker state (idle, busy), written to Redis."""
+        with self._ending_on_redis_loss():
+            super().set_state(state, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check for ``rq suspend``."""
+        with self._ending_on_redis_loss():
+            super().check_for_suspension(burst)
+
+    @contextmanager
+    def _ending_on_redis_loss(self) -> Iterator[None]:
+        try:
+            yield
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            self.redis_lost = exc
+            self.redis_lost = self.redis_lost or exc
             raise _RedisLost() from exc
 
     def _may_take_jobs(self) -> bool:
