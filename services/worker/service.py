@@ -6,7 +6,7 @@ publishes the instance as ``draining`` at once (the scheduler places no new batc
 then the worker hands back the batches still queued for it, so no request waits for a dead
 instance, and deregisters.
 
-Faults (docs/operations.md, "Worker faults"):
+Faults (docs/operations.md, "Worker and scheduler faults"):
 
 * Every Redis call is bounded (:data:`REDIS_TIMEOUT_S`), so a Redis that stops answering
   raises instead of blocking; a SIGTERM then ends the process within seconds, skipping the
