@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -511,3 +512,20 @@ def test_choices_are_submitted_all_or_none(
     records = [store.get_request(k[len(prefix):]) for k in rclient.scan_iter(f"{prefix}*")
                if ":" not in k[len(prefix):]]
     assert [r.status.value for r in records] == ["cancelled", "cancelled"]
+
+
+@pytest.mark.parametrize(("body", "param", "fragment"), [
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "nested too deeply"),
+    (b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", None, "not valid JSON"),
+    (b'{"prompt": "\\ud800"}', "prompt", "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages.0.content",
+     "lone surrogate"),
+], ids=["nested-100k", "5000-digit-int", "surrogate-prompt", "surrogate-content"])
+def test_bodies_that_json_or_the_tokenizer_cannot_take_are_a_400(
+    idle_ingest: System, body: bytes, param: str | None, fragment: str
+) -> None:
+    path = "chat/completions" if b"messages" in body else "completions"
+    resp = httpx.post(f"{idle_ingest.client.base_url}{path}", content=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and fragment in error["message"], error

@@ -55,6 +55,16 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_unicode(text: str, where: str = "") -> str:
+    """``text`` if it can be encoded (JSON's ``\\ud800`` escape gives a lone surrogate,
+    which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}must be valid Unicode (it holds a lone surrogate)") from None
+    return text
+
+
 def unknown_field_problem(model: type[BaseModel], data: dict[str, Any]) -> tuple[str, str] | None:
     """``(param, message)`` for the first top-level field of ``data`` that ``model`` neither
     declares nor ignores (:data:`IGNORED_FIELDS`); None when every field is known."""
@@ -126,7 +136,7 @@ class GenerationParams(_StrictBody):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
         if any(s == "" for s in items):
             raise ValueError("stop strings must not be empty")
-        return tuple(items)
+        return tuple(_check_unicode(s) for s in items)
 
     @field_validator("logit_bias")
     @classmethod
@@ -203,7 +213,7 @@ def _one_prompt(value: Any, where: str) -> str | list[int]:
     if isinstance(value, str):
         if not value:
             raise ValueError(f"{where}must not be empty")
-        return value
+        return _check_unicode(value, where)
     if not isinstance(value, list):
         raise ValueError(f"{where}must be a string or a list of token ids")
     if not value:
@@ -232,9 +242,9 @@ class ChatMessage(_StrictBody):
     def _check_content(cls, value: Any) -> str:
         """Content as one string; a list of ``{"type": "text", "text": ...}`` is joined."""
         if isinstance(value, str):
-            return value
+            return _check_unicode(value)
         if isinstance(value, list) and all(_is_text_part(part) for part in value):
-            return "".join(part["text"] for part in value)
+            return _check_unicode("".join(part["text"] for part in value))
         raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts')
 
 

@@ -157,8 +157,10 @@ async def parse_body(request: Request, model: type[B]) -> B:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of 5,000 digits
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the decoder's depth bound (about 1,000 in a non-main thread)
+        raise APIError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, not {type(data).__name__}")
     problem = unknown_field_problem(model, data) if issubclass(model, GenerationParams) else None
