@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -446,8 +447,11 @@ def stream(request: Request, records: list[RequestRecord], body: GenerationParam
         ]
         ended = False
         try:
-            async for event in stream_chunks(choices, fmt, total, timeout_s, error_event):
-                yield event
+            # aclosing: a client that leaves closes the chunks too, which stops their pumps.
+            async with aclosing(stream_chunks(choices, fmt, total, timeout_s,
+                                              error_event)) as chunks:
+                async for event in chunks:
+                    yield event
             ended = True  # an error event ends it too: a timed-out request goes on
         finally:
             for key, choice in zip(keys, choices, strict=True):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,7 +251,7 @@ async def stream_chunks(
     usage: Callable[[], dict[str, int]],
     timeout_s: float,
     error_body: Callable[[Exception], dict[str, Any]],
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Server-sent events for a request's choices (several with ``n`` or batched prompts,
     their chunks interleaved as they come, each with its ``index``), then the usage chunk
     when asked (``usage()``, called once every choice has finished), then ``[DONE]``. An
