@@ -74,7 +74,7 @@ def _run_operation(operation: Any, url: str, examples: int, result: FuzzResult,
 
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
         runner = given(case=operation.as_strategy(generation_mode=mode))(call)
-        runner = settings(max_examples=max(1, examples // 2), deadline=None, database=None,
+        runner = settings(max_examples=max(1, -(-examples // 2)), deadline=None, database=None,
                           phases=[Phase.generate], suppress_health_check=list(HealthCheck),
                           derandomize=False)(runner)
         try:
@@ -120,7 +120,7 @@ def schemathesis_fuzz(url: str, cases: int, seed: int = 0) -> FuzzResult:
         left = len(operations) - n
         share = (max(2, round(cases * _WEIGHTS.get(operation.label, 0.05)))
                  if operation.label not in _BODY_OPERATIONS
-                 else max(2, (cases - result.cases) // left))
+                 else max(2, -(-(cases - result.cases) // left)))
         before = result.cases
         _run_operation(operation, url, share, result, seed)
         result.by_operation[operation.label] = result.cases - before

@@ -262,7 +262,8 @@ def verify(store: Store, ledger: Ledger, baseline: dict[int, list[int]] | None) 
         if _duplicated(store, sent.request_id, len(record.generated_ids)):
             verdict.duplicated += 1
             verdict.duplicated_ids.append(sent.request_id)
-        if baseline is not None and baseline.get(sent.spec) != list(record.generated_ids):
+        reference = None if baseline is None else baseline.get(sent.spec)
+        if reference is not None and reference != list(record.generated_ids):
             verdict.mismatched += 1
             verdict.mismatched_ids.append(sent.request_id)
         if sent.streamed and sent.text != record.text:
