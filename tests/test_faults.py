@@ -5,7 +5,8 @@ chaos test: tiny-random model, 3 workers, Redis with AOF).
   it re-registers and serves again once Redis answers; RQ's loop survives the outage;
 * a worker restarting under the same id hands the previous run's batches back at once;
 * ``SCLS_LOG_FORMAT=json``: every stderr line of every service is one JSON object;
-* SIGTERM ends the scheduler and a worker within seconds while Redis is stopped.
+* SIGTERM ends the scheduler and a worker within seconds while Redis is paused or gone,
+  and ends ``scls up`` and its children while it is still starting them.
 
 Real Redis servers (a test that stops one starts its own), the real tiny model, real
 subprocesses for the signal tests.
@@ -22,7 +23,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import httpx
@@ -365,11 +366,14 @@ def test_the_ingest_logs_json_lines(redis_url: str, tmp_path: Path) -> None:
 EXIT_WITHIN_S = 8.0
 
 
-def stop_with_redis_paused(proc: subprocess.Popen[bytes], redis_pid: int,
-                           hold_s: float = 1.0) -> float:
-    """Pause Redis, let the service run into it for ``hold_s``, SIGTERM it; the seconds it
-    took to exit (Redis resumes only after)."""
-    with redis_paused(redis_pid):
+def stop_with_redis_down(proc: subprocess.Popen[bytes], redis_pid: int, how: str,
+                         hold_s: float = 1.0) -> float:
+    """Take Redis down (``paused``: SIGSTOP, every call blocks; ``killed``: every connect
+    is refused), let the service run into it for ``hold_s``, SIGTERM it; the seconds it
+    took to exit (a paused Redis resumes only after)."""
+    with redis_paused(redis_pid) if how == "paused" else nullcontext():
+        if how == "killed":
+            os.kill(redis_pid, signal.SIGKILL)
         time.sleep(hold_s)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -382,8 +386,12 @@ def stop_with_redis_paused(proc: subprocess.Popen[bytes], redis_pid: int,
     return took
 
 
-def test_sigterm_ends_the_scheduler_while_redis_is_stopped(
-    own_redis: EmbeddedRedis, tmp_path: Path
+REDIS_DOWN = ("paused", "killed")
+
+
+@pytest.mark.parametrize("how", REDIS_DOWN)
+def test_sigterm_ends_the_scheduler_while_redis_is_down(
+    own_redis: EmbeddedRedis, tmp_path: Path, how: str
 ) -> None:
     s = Settings(redis_url=own_redis.url, model="tiny-random", cache_dir=tmp_path / "cache",
                  metrics_port=0, key_prefix="sched:")
@@ -396,7 +404,7 @@ def test_sigterm_ends_the_scheduler_while_redis_is_stopped(
         wait_for("scheduler leads", lambda: store.leader() is not None, 60)
         pid = redis_pid_of(own_redis)
         assert pid
-        took = stop_with_redis_paused(proc, pid)
+        took = stop_with_redis_down(proc, pid, how)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -408,11 +416,13 @@ def test_sigterm_ends_the_scheduler_while_redis_is_stopped(
     assert "scheduler_stopped" in events
 
 
-def test_sigterm_ends_a_worker_while_redis_is_stopped(
-    own_redis: EmbeddedRedis, tmp_path: Path
+@pytest.mark.parametrize("how", REDIS_DOWN)
+def test_sigterm_ends_a_worker_while_redis_is_down(
+    own_redis: EmbeddedRedis, tmp_path: Path, how: str
 ) -> None:
-    """An idle worker whose Redis stops answering exits promptly on SIGTERM, skipping the
-    hand-back that needs Redis; every stderr line it wrote (RQ's included) is JSON."""
+    """An idle worker whose Redis stops answering (or is gone) exits promptly on SIGTERM,
+    skipping the hand-back that needs Redis; every stderr line it wrote (RQ's included) is
+    JSON."""
     s = Settings(redis_url=own_redis.url, model="tiny-random", cache_dir=tmp_path / "cache",
                  metrics_port=0, key_prefix="wterm:", profile_mode="analytic", torch_threads=1,
                  heartbeat_interval_s=0.5, instance_ttl_s=5.0)
@@ -431,7 +441,7 @@ def test_sigterm_ends_a_worker_while_redis_is_stopped(
         time.sleep(0.5)  # into RQ's loop
         pid = redis_pid_of(own_redis)
         assert pid
-        took = stop_with_redis_paused(proc, pid, hold_s=1.5)
+        took = stop_with_redis_down(proc, pid, how, hold_s=1.5)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -268,6 +268,7 @@ class WorkerService:
         self._beat_error: str | None = None  # the last beat's error; None when it succeeded
         self._loop_error: str | None = None  # why RQ's loop last stopped, until it resumes
         self._rq_runs = 0
+        self._loop_redis_down = False  # RQ's last run ended on a Redis error
         self._restart_delay = RESTART_BACKOFF_S[0]
         self.rq_worker: SliceWorker | None = None
 
@@ -444,6 +445,12 @@ class WorkerService:
         """
         jobs.install_runtime(self.runtime)
         self._restart_delay = RESTART_BACKOFF_S[0]
+        if not burst and threading.current_thread() is threading.main_thread():
+            # Until RQ installs its own (and between its runs): a stop only sets flags.
+            # They stay installed after serve() returns: a signal during the drain must
+            # not kill the process half-way.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self._on_stop_signal())
         try:
             while not self._stop_requested.is_set():
                 error = self._run_rq_once(burst)
@@ -461,6 +468,20 @@ class WorkerService:
     def _run_rq_once(self, burst: bool) -> str:
         """One run of RQ's work loop; why it ended (when no stop was requested)."""
         self._rq_runs += 1
+        try:
+            worker = self._new_rq_worker()  # RQ names its connection: a Redis call
+            worker.work(burst=burst, logging_level="WARNING")
+        except StopRequested:  # a signal before RQ's loop began
+            return "stop requested"
+        except redis.RedisError as exc:  # RQ's start-up or a job's bookkeeping
+            self._loop_redis_down = True
+            return f"{type(exc).__name__}: {exc}"
+        if worker.redis_lost is not None:
+            self._loop_redis_down = True
+            return f"{type(worker.redis_lost).__name__}: {worker.redis_lost}"
+        return "RQ's work loop ended (see its log line above)"
+
+    def _new_rq_worker(self) -> SliceWorker:
         queue = _OutageAwareQueue(self.runtime.queue_name, connection=self.rq_connection)
         worker = SliceWorker(
             [queue], connection=self.rq_connection,
@@ -471,17 +492,10 @@ class WorkerService:
         worker.on_started = self._rq_started
         worker.redis_failing = lambda: self._beat_error is not None
         self.rq_worker = worker
-        try:
-            worker.work(burst=burst, logging_level="WARNING")
-        except StopRequested:  # a signal before RQ's loop began
-            return "stop requested"
-        except redis.RedisError as exc:  # RQ's start-up or a job's bookkeeping
-            return f"{type(exc).__name__}: {exc}"
-        if worker.redis_lost is not None:
-            return f"{type(worker.redis_lost).__name__}: {worker.redis_lost}"
-        return "RQ's work loop ended (see its log line above)"
+        return worker
 
     def _rq_started(self) -> None:
+        self._loop_redis_down = False
         self._restart_delay = RESTART_BACKOFF_S[0]  # a later outage backs off afresh
         if self._loop_error is not None:
             log.info("job_loop_resumed", instance=self.instance_id)
@@ -491,7 +505,7 @@ class WorkerService:
     def redis_reachable(self) -> bool:
         """False while the heartbeat or the job loop sees Redis failing."""
         lost = self.rq_worker is not None and self.rq_worker.redis_lost is not None
-        return self._beat_error is None and not lost
+        return self._beat_error is None and not lost and not self._loop_redis_down
 
     def drain(self) -> int:
         """Mark the instance draining, hand queued batches back to pending, deregister.
