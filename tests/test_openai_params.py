@@ -266,6 +266,20 @@ def test_streamed_choices_interleave_and_equal_the_whole(system: System) -> None
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 40
 
 
+def test_continuous_usage_stats_counts_each_choice_as_it_streams(system: System) -> None:
+    """vLLM's ``stream_options.continuous_usage_stats`` (GuideLLM sends it): every chunk
+    carries its choice's usage so far, ending at the request's usage."""
+    body = {"prompt": "Count with me", "max_tokens": 12, "temperature": 0.0,
+            "extra_body": {"ignore_eos": True}}
+    chunks = system.call(lambda: list(system.client.completions.create(
+        model=MODEL, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, **body)))
+    counted = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counted == sorted(counted) and counted[-1] == 12
+    prompt = {c.usage.prompt_tokens for c in chunks if c.choices}
+    assert prompt == {chunks[-1].usage.prompt_tokens}
+
+
 def test_a_streamed_stop_string_is_never_sent(system: System) -> None:
     """Per-token text goes through the stop-string holdback: the stream never shows the
     stop string (nor what follows), and joined equals the non-streamed answer."""

@@ -414,6 +414,8 @@ def stream(request: Request, records: list[RequestRecord], body: GenerationParam
         chat=shape.chat, id=f"{'chatcmpl' if shape.chat else 'cmpl'}-{first.id}",
         created=int(first.arrival), model=ingest.info.name,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        continuous_usage=bool(body.stream_options
+                              and body.stream_options.continuous_usage_stats),
     )
     strings = TokenStrings(ingest.codec)
     ended: dict[str, RequestRecord] = {}
@@ -441,7 +443,7 @@ def stream(request: Request, records: list[RequestRecord], body: GenerationParam
                 index=i, events=await ingest.waiter.subscribe(key),
                 holdback=StopHoldback(r.params.stop), text=TokenText(ingest.codec.decode),
                 finish=finisher(r), timeout_error=partial(_timeout, r.id, timeout_s),
-                echo=shape.echoed(i),
+                echo=shape.echoed(i), prompt_tokens=len(r.prompt_ids),
             )
             for i, (r, key) in enumerate(zip(records, keys, strict=True))
         ]

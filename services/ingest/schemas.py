@@ -92,6 +92,8 @@ class StreamOptions(_StrictBody):
     """``stream_options``: with ``include_usage`` the stream ends with a usage chunk."""
 
     include_usage: bool | None = None
+    # vLLM's extension (GuideLLM sends it): every chunk carries the usage so far.
+    continuous_usage_stats: bool | None = None
 
 
 class GenerationParams(_StrictBody):

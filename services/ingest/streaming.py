@@ -133,6 +133,7 @@ class ChunkFormat:
     created: int
     model: str
     include_usage: bool = False
+    continuous_usage: bool = False  # usage so far on every chunk (vLLM's extension)
 
     def role(self, index: int = 0) -> dict[str, Any]:
         """Chat's first chunk of a choice: the role, no text yet (as OpenAI does)."""
@@ -141,8 +142,10 @@ class ChunkFormat:
         return self._envelope([choice])
 
     def chunk(self, text: str, finish_reason: str | None = None, index: int = 0,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A chunk of choice ``index`` carrying ``text`` (and ``logprobs``, if given)."""
+              logprobs: dict[str, Any] | None = None,
+              usage: dict[str, int] | None = None) -> dict[str, Any]:
+        """A chunk of choice ``index`` carrying ``text`` (and ``logprobs``, if given);
+        with ``continuous_usage``, ``usage`` is the choice's usage so far."""
         if self.chat:
             delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
             choice = {"index": index, "delta": delta, "logprobs": logprobs,
@@ -150,7 +153,10 @@ class ChunkFormat:
         else:
             choice = {"index": index, "text": text, "logprobs": logprobs,
                       "finish_reason": finish_reason}
-        return self._envelope([choice])
+        out = self._envelope([choice])
+        if self.continuous_usage and usage is not None:
+            out["usage"] = usage
+        return out
 
     def usage(self, usage: dict[str, int]) -> dict[str, Any]:
         """The extra last chunk of ``stream_options.include_usage``: no choices, usage."""
@@ -187,14 +193,21 @@ class ChoiceStream:
     finish: Callable[[], Awaitable[Finished]]  # reads the ended request back
     timeout_error: Callable[[], Exception]
     echo: str = ""  # completions' ``echo``: the prompt, sent first
+    prompt_tokens: int = 0  # for ``continuous_usage_stats``
     done: bool = False  # its last chunk was produced
+
+    def usage_so_far(self) -> dict[str, int]:
+        """Usage of this choice so far: its prompt and the tokens received."""
+        done = len(self.text.ids)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.prompt_tokens + done}
 
     async def chunks(self, fmt: ChunkFormat, deadline: float) -> AsyncIterator[dict[str, Any]]:
         """This choice's chunks: the echoed prompt, a chunk per batch of events that
         releases text, then the last one with the finish reason (and all logprobs, when
         asked)."""
         if self.echo:
-            yield fmt.chunk(self.echo, index=self.index)
+            yield fmt.chunk(self.echo, index=self.index, usage=self.usage_so_far())
         while True:
             released = ""
             for entry in await self._next_entries(deadline):
@@ -206,7 +219,7 @@ class ChoiceStream:
                 if kind == "final":
                     released += self.holdback.feed(self.text.flush())
                     if released:  # what the entries before it released: a chunk of its own
-                        yield fmt.chunk(released, index=self.index)
+                        yield fmt.chunk(released, index=self.index, usage=self.usage_so_far())
                     yield await self._last_chunk(fmt)
                     return
                 if not self.text.add(entry):  # no pos: the entry's own text delta
@@ -216,7 +229,7 @@ class ChoiceStream:
             # behind decodes less often instead of more.
             released += self.holdback.feed(self.text.flush())
             if released:
-                yield fmt.chunk(released, index=self.index)
+                yield fmt.chunk(released, index=self.index, usage=self.usage_so_far())
 
     async def _next_entries(self, deadline: float) -> list[dict[str, str]]:
         """The next entry (waiting until ``deadline``) and every one queued behind it."""
@@ -235,7 +248,7 @@ class ChoiceStream:
         """The choice's last chunk: text not sent yet, the finish reason, the logprobs."""
         done = await self.finish()
         last = fmt.chunk(self.holdback.finish(done.text), done.finish_reason, self.index,
-                         done.logprobs)
+                         done.logprobs, done.usage)
         if done.scls:  # our extension, as in the non-streamed body; clients ignore it
             last["scls"] = done.scls
         self.done = True
