@@ -5,6 +5,7 @@ server error: bad input must get a 4xx with a message, and nothing may crash the
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ import httpx
 #: Share of the schemathesis cases per operation without a body; the completion bodies,
 #: where input is richest, share what is left.
 _WEIGHTS = {"GET /v1/requests/{request_id}": 0.1, "POST /v1/requests/{request_id}/cancel": 0.1,
-            "GET /v1/models": 0.05, "GET /healthz": 0.05}
+            "POST /tokenize": 0.1, "POST /detokenize": 0.05}
 _BODY_OPERATIONS = ("POST /v1/completions", "POST /v1/chat/completions")
 #: Seconds one fuzzed call may take (a valid generated completion is served for real).
 _CALL_TIMEOUT_S = 60.0
@@ -83,25 +84,49 @@ def _run_operation(operation: Any, url: str, examples: int, result: FuzzResult,
             result.skipped.append(f"{operation.label} {mode.value}: {type(exc).__name__}")
 
 
+#: The pydantic models the hand-parsed bodies are validated against, per POST path.
+_BODY_MODELS = {
+    "/v1/completions": ("services.ingest.schemas:CompletionRequest",),
+    "/v1/chat/completions": ("services.ingest.schemas:ChatCompletionRequest",),
+    "/tokenize": ("services.ingest.aux_routes:TokenizePrompt",
+                  "services.ingest.aux_routes:TokenizeChat"),
+    "/detokenize": ("services.ingest.aux_routes:DetokenizeRequest",),
+}
+
+
+def _body_schema(names: tuple[str, ...], components: dict[str, Any]) -> dict[str, Any] | None:
+    """JSON schema of one body (``anyOf`` when the endpoint takes several shapes), its
+    definitions added to ``components``; None if a model is not in this version."""
+    schemas = []
+    for name in names:
+        module, _, attr = name.partition(":")
+        try:
+            model = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            return None
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for sub_name, sub in schema.pop("$defs", {}).items():
+            components.setdefault(sub_name, sub)
+        schemas.append(schema)
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
 def with_request_bodies(spec: dict[str, Any]) -> dict[str, Any]:
-    """The app's OpenAPI document with the completion bodies described where it lacks them.
+    """The app's OpenAPI document with request bodies described where it lacks them.
 
-    The endpoints parse their body by hand (``parse_body``), so FastAPI does not list a
-    request body and schemathesis would only ever send an empty one; the pydantic models
-    the endpoints validate against say what a body is.
+    The endpoints parse their body by hand (``parse_body``), so FastAPI lists no request
+    body and schemathesis would only ever send an empty one; the pydantic models the
+    endpoints validate against say what a body is.
     """
-    from services.ingest.schemas import ChatCompletionRequest, CompletionRequest
-
-    for path, model in (("/v1/completions", CompletionRequest),
-                        ("/v1/chat/completions", ChatCompletionRequest)):
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    for path, names in _BODY_MODELS.items():
         operation = spec.get("paths", {}).get(path, {}).get("post")
         if operation is None or "requestBody" in operation:
             continue
-        body_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, sub in body_schema.pop("$defs", {}).items():
-            spec.setdefault("components", {}).setdefault("schemas", {}).setdefault(name, sub)
-        operation["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": body_schema}}}
+        schema = _body_schema(names, components)
+        if schema is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": schema}}}
     return spec
 
 
