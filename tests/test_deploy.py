@@ -624,8 +624,8 @@ def test_compose_services_wait_for_healthy_dependencies() -> None:
         assert services[name]["build"] == {"context": ".", "target": "cpu"}
     probe = " ".join(services["ingest"]["healthcheck"]["test"])
     assert "http://127.0.0.1:8000/healthz" in probe
-    for name in COMPOSE_WORKERS:
-        assert f"http://127.0.0.1:{METRICS_PORT}/metrics" in " ".join(
+    for name in COMPOSE_WORKERS:  # the heartbeat's liveness, as the k8s probe
+        assert f"http://127.0.0.1:{METRICS_PORT}/livez" in " ".join(
             services[name]["healthcheck"]["test"])
 
 
