@@ -205,7 +205,7 @@ def chaos_command(
     model: Annotated[str | None, typer.Option(
         help="model to serve (default tiny-random: the tiny random test model)")] = None,
     quick: Annotated[bool, typer.Option(
-        "--quick", help="short run for CI (about 5 min on 2 cores)")] = False,
+        "--quick", help="short run for CI (under 5 min on 2 cores)")] = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="write the report as one JSON object to this file")] = None,
     keep_logs: Annotated[bool, typer.Option(

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -146,7 +147,7 @@ async def leader_kill(ctx: FaultContext) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def redis_outage(ledger: Ledger):  # type: ignore[no-untyped-def]
+def redis_outage(ledger: Ledger) -> Iterator[None]:
     """Mark 503s as expected while Redis is broken and until the system recovered."""
     ledger.redis_outage = True
     try:
@@ -192,7 +193,8 @@ def _exits(ctx: FaultContext) -> dict[str, int]:
     return dict(ctx.dep.restarts)
 
 
-def _diff(now: Any, before: dict[int, int]) -> dict[str, int]:
+def _diff(now: Counter[int], before: dict[int, int]) -> dict[str, int]:
+    """Statuses counted since ``before``."""
     return {str(k): v - before.get(k, 0) for k, v in sorted(now.items())
             if v - before.get(k, 0)}
 
