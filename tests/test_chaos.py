@@ -18,35 +18,48 @@ from shared.core.store import Store
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _finished(store: Store, rclient: redis.Redis, rid: str, ids: list[int],
-              events: list[tuple[str, int, int]]) -> None:
+def _finished(
+    store: Store, rclient: redis.Redis, rid: str, ids: list[int], events: list[tuple[str, int, int]]
+) -> None:
     """A finished request holding ``ids`` whose event stream is ``events`` (kind, pos,
     tokens)."""
-    store.submit(RequestRecord(id=rid, prompt_ids=[1, 2], params=RequestParams(max_tokens=8),
-                               arrival=now()))
-    rclient.hset(store.keys.request(rid), mapping={
-        "status": "finished", "generated_ids": json.dumps(ids), "finish_reason": "length"})
+    store.submit(
+        RequestRecord(id=rid, prompt_ids=[1, 2], params=RequestParams(max_tokens=8), arrival=now())
+    )
+    rclient.hset(
+        store.keys.request(rid),
+        mapping={"status": "finished", "generated_ids": json.dumps(ids), "finish_reason": "length"},
+    )
     for kind, pos, tokens in events:
         rclient.xadd(store.keys.events(rid), {"kind": kind, "pos": pos, "tokens": tokens})
 
 
-def test_verify_counts_lost_duplicated_and_mismatched_requests(store: Store,
-                                                               rclient: redis.Redis) -> None:
+def test_verify_counts_lost_duplicated_and_mismatched_requests(
+    store: Store, rclient: redis.Redis
+) -> None:
     """Each kind of damage is counted once, and a clean request is not counted at all."""
     _finished(store, rclient, "ok", [5, 6, 7, 8], [("slice", 0, 2), ("final", 2, 2)])
     # the second slice committed twice: two finals and overlapping positions
-    _finished(store, rclient, "dup", [5, 6, 7, 8],
-              [("slice", 0, 2), ("final", 2, 2), ("final", 2, 2)])
+    _finished(
+        store, rclient, "dup", [5, 6, 7, 8], [("slice", 0, 2), ("final", 2, 2), ("final", 2, 2)]
+    )
     _finished(store, rclient, "other", [9, 9, 9, 9], [("slice", 0, 2), ("final", 2, 2)])
-    store.submit(RequestRecord(id="stuck", prompt_ids=[1], params=RequestParams(max_tokens=8),
-                               arrival=now()))
-    ledger = Ledger(accepted=[Sent(0, "ok"), Sent(0, "dup"), Sent(0, "other"),
-                              Sent(0, "stuck"), Sent(0, "expired")])
+    store.submit(
+        RequestRecord(id="stuck", prompt_ids=[1], params=RequestParams(max_tokens=8), arrival=now())
+    )
+    ledger = Ledger(
+        accepted=[
+            Sent(0, "ok"),
+            Sent(0, "dup"),
+            Sent(0, "other"),
+            Sent(0, "stuck"),
+            Sent(0, "expired"),
+        ]
+    )
 
     verdict = verify(store, ledger, baseline={0: [5, 6, 7, 8]})
 
-    assert (verdict.completed, verdict.lost, verdict.duplicated, verdict.mismatched) == \
-        (3, 2, 1, 1)
+    assert (verdict.completed, verdict.lost, verdict.duplicated, verdict.mismatched) == (3, 2, 1, 1)
     assert sorted(verdict.lost_ids) == ["expired", "stuck"]
     assert verdict.duplicated_ids == ["dup"] and verdict.mismatched_ids == ["other"]
 
@@ -69,13 +82,17 @@ def test_quick_chaos_run_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "chaos.json"
     proc = subprocess.run(
         [sys.executable, "-m", "services.cli", "chaos", "--quick", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=540,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=540,
     )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     summary = {k: report[k] for k in ("lost", "duplicated", "mismatched", "server_errors")}
-    assert summary == {"lost": 0, "duplicated": 0, "mismatched": 0, "server_errors": 0}, \
-        json.dumps({k: report[k] for k in ("phases", "faults")}, indent=1)[:6000]
+    assert summary == {"lost": 0, "duplicated": 0, "mismatched": 0, "server_errors": 0}, json.dumps(
+        {k: report[k] for k in ("phases", "faults")}, indent=1
+    )[:6000]
     assert report["completed"] > 0
     assert report["accepted"] == report["completed"] + report["failed"] + report["lost"]
     assert report["faults"]["leader_kill"]["failover_s"] is not None

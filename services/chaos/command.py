@@ -58,8 +58,18 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(requests=24, concurrency=6, kill_duration_s=12.0, kill_every_s=3.0, freeze_s=5.0,
-             redis_down_s=1.0, burst=400, max_pending=100, fuzz_cases=100, settle_s=120.0)
+QUICK = Plan(
+    requests=24,
+    concurrency=6,
+    kill_duration_s=12.0,
+    kill_every_s=3.0,
+    freeze_s=5.0,
+    redis_down_s=1.0,
+    burst=400,
+    max_pending=100,
+    fuzz_cases=100,
+    settle_s=120.0,
+)
 
 
 def chaos_settings(model: str | None, plan: Plan) -> Settings:
@@ -68,14 +78,23 @@ def chaos_settings(model: str | None, plan: Plan) -> Settings:
     field not set here."""
     settings = build_settings(model=model)
     tiny = resolve_model_name(settings.model) == TINY_RANDOM
-    return settings.model_copy(update={
-        "workers": 3, "slice_length": 4, "max_gen_length": 64, "max_batch_size": 8,
-        "cycle_interval_s": 0.02, "heartbeat_interval_s": 0.5, "instance_ttl_s": 3.0,
-        "torch_threads": 1, "max_pending": plan.max_pending, "log_format": "json",
-        # tiny-random: the analytic cost model, as in the tests; a real model: its cached
-        # profile (`scls profile`), else the analytic one, never minutes of profiling here
-        "profile_mode": "analytic" if tiny else "cached",
-    })
+    return settings.model_copy(
+        update={
+            "workers": 3,
+            "slice_length": 4,
+            "max_gen_length": 64,
+            "max_batch_size": 8,
+            "cycle_interval_s": 0.02,
+            "heartbeat_interval_s": 0.5,
+            "instance_ttl_s": 3.0,
+            "torch_threads": 1,
+            "max_pending": plan.max_pending,
+            "log_format": "json",
+            # tiny-random: the analytic cost model, as in the tests; a real model: its cached
+            # profile (`scls profile`), else the analytic one, never minutes of profiling here
+            "profile_mode": "analytic" if tiny else "cached",
+        }
+    )
 
 
 async def _supervise(dep: ChaosDeployment, stop: asyncio.Event) -> None:
@@ -85,29 +104,37 @@ async def _supervise(dep: ChaosDeployment, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _faulted(dep: ChaosDeployment, plan: Plan, specs: list[Spec], ledger: Ledger,
-                   console: Console) -> dict[str, Any]:
+async def _faulted(
+    dep: ChaosDeployment, plan: Plan, specs: list[Spec], ledger: Ledger, console: Console
+) -> dict[str, Any]:
     """The workload again, with the faults one after another while it runs."""
     ctx = faults.FaultContext(dep, ledger, specs[0])
     keep_going, stop = asyncio.Event(), asyncio.Event()
     keep_going.set()
     deadline = plan.kill_duration_s + plan.freeze_s + 4 * ctx.recovery_timeout_s + plan.settle_s
-    workload = asyncio.create_task(run_workload(dep.url, specs, ledger, plan.concurrency,
-                                                deadline, keep_going))
+    workload = asyncio.create_task(
+        run_workload(dep.url, specs, ledger, plan.concurrency, deadline, keep_going)
+    )
     supervisor = asyncio.create_task(_supervise(dep, stop))
     results: dict[str, Any] = {}
     try:
         for name, fault in (
-            ("worker_kill", lambda: faults.worker_kills(ctx, plan.kill_duration_s,
-                                                        plan.kill_every_s)),
+            (
+                "worker_kill",
+                lambda: faults.worker_kills(ctx, plan.kill_duration_s, plan.kill_every_s),
+            ),
             ("leader_kill", lambda: faults.leader_kill(ctx)),
             ("redis_freeze", lambda: faults.redis_freeze(ctx, plan.freeze_s)),
             ("redis_kill", lambda: faults.redis_kill(ctx, plan.redis_down_s)),
         ):
             console.print(f"  fault: {name} ...")
             results[name] = await fault()
-            console.print(f"  fault: {name} done: " + ", ".join(
-                f"{k}={v}" for k, v in results[name].items() if not isinstance(v, list | dict)))
+            console.print(
+                f"  fault: {name} done: "
+                + ", ".join(
+                    f"{k}={v}" for k, v in results[name].items() if not isinstance(v, list | dict)
+                )
+            )
         keep_going.clear()
         await workload
     finally:
@@ -125,14 +152,16 @@ async def _settle(dep: ChaosDeployment, ledgers: list[Ledger], timeout_s: float)
         waiting = list(ids)
         records = await faults.ask(dep, lambda s, w=waiting: s.get_requests(w))
         if records is not None:
-            ids = [i for i, r in zip(waiting, records, strict=True)
-                   if r is not None and r.status not in TERMINAL]
+            ids = [
+                i
+                for i, r in zip(waiting, records, strict=True)
+                if r is not None and r.status not in TERMINAL
+            ]
         if ids:
             await asyncio.sleep(1.0)
 
 
-def _check(dep: ChaosDeployment, ledger: Ledger, baseline: dict[int, list[int]] | None
-           ) -> Verdict:
+def _check(dep: ChaosDeployment, ledger: Ledger, baseline: dict[int, list[int]] | None) -> Verdict:
     store = dep.store()
     try:
         return verify(store, ledger, baseline)
@@ -161,8 +190,9 @@ async def run_chaos(dep: ChaosDeployment, plan: Plan, console: Console) -> dict[
     console.print(f"burst: {plan.burst} requests over a bound of {dep.settings.max_pending} ...")
     burst_specs = make_specs(8, dep.settings.max_gen_length)
     ctx = faults.FaultContext(dep, ledgers["burst"], specs[0])
-    fault_results["burst"] = await faults.burst(ctx, ledgers["burst"], burst_specs, plan.burst,
-                                                plan.settle_s)
+    fault_results["burst"] = await faults.burst(
+        ctx, ledgers["burst"], burst_specs, plan.burst, plan.settle_s
+    )
     # the excess must be 429 and nothing else: a refused connection fails the burst too
     ledgers["burst"].server_errors += sum(ledgers["burst"].transport_errors.values())
     console.print(f"fuzzing: hand-made bodies and {plan.fuzz_cases} schemathesis cases ...")
@@ -172,18 +202,22 @@ async def run_chaos(dep: ChaosDeployment, plan: Plan, console: Console) -> dict[
     fault_results["fuzz_schemathesis"] = fuzzed.as_dict()
     await _settle(dep, list(ledgers.values()), plan.settle_s)
     phases = {
-        "undisturbed": phase_dict(ledgers["undisturbed"],
-                                  _check(dep, ledgers["undisturbed"], baseline)),
+        "undisturbed": phase_dict(
+            ledgers["undisturbed"], _check(dep, ledgers["undisturbed"], baseline)
+        ),
         "faulted": phase_dict(ledgers["faulted"], _check(dep, ledgers["faulted"], baseline)),
         # the burst's requests repeat 8 bodies: each must give the same tokens every time
-        "burst": phase_dict(ledgers["burst"],
-                            _check(dep, ledgers["burst"], _reference(dep, ledgers["burst"]))),
+        "burst": phase_dict(
+            ledgers["burst"], _check(dep, ledgers["burst"], _reference(dep, ledgers["burst"]))
+        ),
     }
     report = totals(phases, nasty.server_errors + fuzzed.server_errors)
     report.update(
         failover_s=fault_results["leader_kill"].get("failover_s"),
         redis_recovery_s=fault_results["redis_kill"].get("redis_recovery_s"),
-        faults=fault_results, phases=phases, service_restarts=dict(dep.restarts),
+        faults=fault_results,
+        phases=phases,
+        service_restarts=dict(dep.restarts),
         wall_s=round(time.monotonic() - started, 1),
     )
     return report
@@ -191,8 +225,9 @@ async def run_chaos(dep: ChaosDeployment, plan: Plan, console: Console) -> dict[
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -202,14 +237,19 @@ def _raise_interrupt(*_: object) -> None:
 
 
 def chaos_command(
-    model: Annotated[str | None, typer.Option(
-        help="model to serve (default tiny-random: the tiny random test model)")] = None,
-    quick: Annotated[bool, typer.Option(
-        "--quick", help="short run for CI (under 5 min on 2 cores)")] = False,
-    json_path: Annotated[Path | None, typer.Option(
-        "--json", help="write the report as one JSON object to this file")] = None,
-    keep_logs: Annotated[bool, typer.Option(
-        help="keep the run's directory (logs, AOF) even when it passed")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(help="model to serve (default tiny-random: the tiny random test model)"),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="short run for CI (under 5 min on 2 cores)")
+    ] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="write the report as one JSON object to this file")
+    ] = None,
+    keep_logs: Annotated[
+        bool, typer.Option(help="keep the run's directory (logs, AOF) even when it passed")
+    ] = False,
 ) -> None:
     """Deploy scls locally (Redis with AOF, ingest, 2 schedulers, 3 workers), break it on
     purpose (worker and leader kill -9, Redis freeze and kill -9, a burst over the pending
@@ -228,8 +268,10 @@ def chaos_command(
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop like Ctrl-C: the finally cleans up
     started = time.monotonic()
     try:
-        console.print(f"starting Redis (AOF), ingest, 2 schedulers, {settings.workers} workers "
-                      f"({settings.model}) in {dep.workdir} ...")
+        console.print(
+            f"starting Redis (AOF), ingest, 2 schedulers, {settings.workers} workers "
+            f"({settings.model}) in {dep.workdir} ..."
+        )
         dep.start(ready_timeout_s=600)
         report = asyncio.run(run_chaos(dep, plan, console))
     except KeyboardInterrupt:
@@ -239,7 +281,9 @@ def chaos_command(
     finally:
         dep.stop()
     report.update(
-        ok=passed(report), commit=_commit(), log_dir=str(dep.workdir),
+        ok=passed(report),
+        commit=_commit(),
+        log_dir=str(dep.workdir),
         total_wall_s=round(time.monotonic() - started, 1),
         plan=asdict(plan),
         settings=dep.settings.model_dump(mode="json") | {"api_key": None},

@@ -61,18 +61,37 @@ class AofRedis:
         (after loading the AOF)."""
         log_file = open(self.dir / "redis.log", "ab")  # noqa: SIM115 the child keeps it
         self.proc = subprocess.Popen(
-            [str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.dir), "--save", "", "--appendonly", "yes",
-             # always: an accepted request is on disk before the client hears of it, so a
-             # kill -9 can lose nothing that was acknowledged
-             "--appendfsync", "always", "--daemonize", "no", "--loglevel", "notice"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(redis_server_binary()),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                # always: an accepted request is on disk before the client hears of it, so a
+                # kill -9 can lose nothing that was acknowledged
+                "--appendfsync",
+                "always",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "notice",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log_file.close()
         self.starts += 1
         if not self.wait_ping(timeout_s):
-            raise RuntimeError(f"redis-server did not answer on port {self.port} "
-                               f"(log: {self.dir / 'redis.log'})")
+            raise RuntimeError(
+                f"redis-server did not answer on port {self.port} (log: {self.dir / 'redis.log'})"
+            )
 
     def wait_ping(self, timeout_s: float) -> bool:
         """True once the server answers PING (not while it loads its AOF)."""
@@ -108,8 +127,9 @@ class AofRedis:
 class ChaosDeployment(LocalDeployment):
     """Redis (AOF), ingest, ``schedulers`` schedulers and ``settings.workers`` workers."""
 
-    def __init__(self, settings: Settings, workdir: Path | None = None,
-                 schedulers: int = 2) -> None:
+    def __init__(
+        self, settings: Settings, workdir: Path | None = None, schedulers: int = 2
+    ) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="scls-chaos-"))
         super().__init__(settings, log_dir=self.workdir / "logs")
         self.aof = AofRedis(self.workdir)
@@ -121,8 +141,9 @@ class ChaosDeployment(LocalDeployment):
     def start(self, ready_timeout_s: float = 600.0) -> ChaosDeployment:
         """Start everything; wait until the ingest answers and every worker registered."""
         self.aof.start()
-        self.settings = self._base.model_copy(update={"redis_url": self.aof.url,
-                                                      "port": free_port(), "metrics_port": 0})
+        self.settings = self._base.model_copy(
+            update={"redis_url": self.aof.url, "port": free_port(), "metrics_port": 0}
+        )
         from transformers.utils import logging as hf_logging
 
         from shared.modeling.registry import ensure_cached
@@ -181,8 +202,9 @@ class ChaosDeployment(LocalDeployment):
     def store(self) -> Store:
         """A new store client on the deployment's Redis (the caller closes it)."""
         # short timeouts: a frozen Redis must not hang the harness that froze it
-        client = redis.Redis.from_url(self.aof.url, decode_responses=True, socket_timeout=2.0,
-                                      socket_connect_timeout=1.0)
+        client = redis.Redis.from_url(
+            self.aof.url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0
+        )
         return Store(client, Keys(self.settings.key_prefix))
 
     def scheduler_of(self, holder: str) -> str | None:

@@ -84,8 +84,7 @@ async def recovered(ctx: FaultContext) -> dict[str, Any]:
     deadline = started + ctx.recovery_timeout_s
     probe_s, live_s = await asyncio.gather(probe(ctx, deadline), workers_live(ctx, deadline))
     both = None if probe_s is None or live_s is None else round(max(probe_s, live_s), 3)
-    return {"request_completes_s": probe_s, "workers_registered_s": live_s,
-            "recovered_s": both}
+    return {"request_completes_s": probe_s, "workers_registered_s": live_s, "recovered_s": both}
 
 
 async def worker_kills(ctx: FaultContext, duration_s: float, every_s: float) -> dict[str, Any]:
@@ -107,14 +106,24 @@ async def worker_kills(ctx: FaultContext, duration_s: float, every_s: float) -> 
         if not same_id:
             ctx.dep.next_worker += 1
         ctx.dep.spawn_worker(new_id)
-        kills.append({"at_s": round(duration_s - (deadline - time.monotonic()), 2),
-                      "killed": victim, "restarted_as": new_id})
+        kills.append(
+            {
+                "at_s": round(duration_s - (deadline - time.monotonic()), 2),
+                "killed": victim,
+                "restarted_as": new_id,
+            }
+        )
         log.info("chaos_worker_killed", killed=victim, restarted_as=new_id)
     after = await recovered(ctx)
-    return {"kills": len(kills), "same_id_restarts": sum(k["killed"] == k["restarted_as"]
-                                                         for k in kills),
-            "new_id_restarts": sum(k["killed"] != k["restarted_as"] for k in kills),
-            "every_s": every_s, "duration_s": duration_s, "events": kills, **after}
+    return {
+        "kills": len(kills),
+        "same_id_restarts": sum(k["killed"] == k["restarted_as"] for k in kills),
+        "new_id_restarts": sum(k["killed"] != k["restarted_as"] for k in kills),
+        "every_s": every_s,
+        "duration_s": duration_s,
+        "events": kills,
+        **after,
+    }
 
 
 async def _leader_other_than(ctx: FaultContext, old: str, deadline: float) -> float | None:
@@ -140,10 +149,13 @@ async def leader_kill(ctx: FaultContext) -> dict[str, Any]:
     failover_s = await _leader_other_than(ctx, holder, deadline)
     probe_s = await probe(ctx, deadline)
     ctx.dep.restart(victim)
-    return {"killed": victim, "holder": holder, "failover_s": failover_s,
-            "request_completes_s": None if probe_s is None
-            else round(time.monotonic() - started, 3),
-            "leader_ttl_s": ctx.dep.settings.leader_ttl_s}
+    return {
+        "killed": victim,
+        "holder": holder,
+        "failover_s": failover_s,
+        "request_completes_s": None if probe_s is None else round(time.monotonic() - started, 3),
+        "leader_ttl_s": ctx.dep.settings.leader_ttl_s,
+    }
 
 
 @contextlib.contextmanager
@@ -165,8 +177,12 @@ async def redis_freeze(ctx: FaultContext, freeze_s: float) -> dict[str, Any]:
         await asyncio.sleep(freeze_s)
         ctx.dep.aof.signal(signal.SIGCONT)
         after = await recovered(ctx)
-    return {"frozen_s": freeze_s, **after, "exited": _exits(ctx),
-            "statuses_during": _diff(ctx.ledger.statuses, before)}
+    return {
+        "frozen_s": freeze_s,
+        **after,
+        "exited": _exits(ctx),
+        "statuses_during": _diff(ctx.ledger.statuses, before),
+    }
 
 
 async def redis_kill(ctx: FaultContext, down_s: float) -> dict[str, Any]:
@@ -181,10 +197,14 @@ async def redis_kill(ctx: FaultContext, down_s: float) -> dict[str, Any]:
         await asyncio.to_thread(ctx.dep.aof.start)
         loaded_s = round(time.monotonic() - started, 3)
         after = await recovered(ctx)
-    return {"down_s": down_s, "aof_load_s": loaded_s, **after,
-            "redis_recovery_s": after["recovered_s"] and round(after["recovered_s"] + loaded_s,
-                                                               3),
-            "exited": _exits(ctx), "statuses_during": _diff(ctx.ledger.statuses, before)}
+    return {
+        "down_s": down_s,
+        "aof_load_s": loaded_s,
+        **after,
+        "redis_recovery_s": after["recovered_s"] and round(after["recovered_s"] + loaded_s, 3),
+        "exited": _exits(ctx),
+        "statuses_during": _diff(ctx.ledger.statuses, before),
+    }
 
 
 def _exits(ctx: FaultContext) -> dict[str, int]:
@@ -195,8 +215,7 @@ def _exits(ctx: FaultContext) -> dict[str, int]:
 
 def _diff(now: Counter[int], before: dict[int, int]) -> dict[str, int]:
     """Statuses counted since ``before``."""
-    return {str(k): v - before.get(k, 0) for k, v in sorted(now.items())
-            if v - before.get(k, 0)}
+    return {str(k): v - before.get(k, 0) for k, v in sorted(now.items()) if v - before.get(k, 0)}
 
 
 async def _answered(ledger: Ledger, count: int, timeout_s: float) -> None:
@@ -218,8 +237,9 @@ async def _watch_pending(ctx: FaultContext, seen: list[int], stop: asyncio.Event
         await asyncio.sleep(0.05)
 
 
-async def burst(ctx: FaultContext, ledger: Ledger, specs: list[Spec], count: int,
-                timeout_s: float) -> dict[str, Any]:
+async def burst(
+    ctx: FaultContext, ledger: Ledger, specs: list[Spec], count: int, timeout_s: float
+) -> dict[str, Any]:
     """``count`` requests at once, each sent once, against the pending bound
     (``max_pending``): what is not accepted must be answered 429 (or the documented 503
     ``not_ready``), and the pending pool, sampled meanwhile, must never exceed the bound
@@ -232,11 +252,15 @@ async def burst(ctx: FaultContext, ledger: Ledger, specs: list[Spec], count: int
     stop = asyncio.Event()
     watcher = asyncio.create_task(_watch_pending(ctx, seen, stop))
     try:
-        async with httpx.AsyncClient(base_url=ctx.dep.url, timeout=timeout,
-                                     limits=limits) as client:
-            sent = await asyncio.gather(*(submit(client, specs[i % len(specs)], ledger,
-                                                 started + timeout_s, retry=False)
-                                          for i in range(count)))
+        async with httpx.AsyncClient(
+            base_url=ctx.dep.url, timeout=timeout, limits=limits
+        ) as client:
+            sent = await asyncio.gather(
+                *(
+                    submit(client, specs[i % len(specs)], ledger, started + timeout_s, retry=False)
+                    for i in range(count)
+                )
+            )
     finally:
         stop.set()
         await watcher
@@ -247,9 +271,16 @@ async def burst(ctx: FaultContext, ledger: Ledger, specs: list[Spec], count: int
     cfg = ctx.dep.settings
     slack = len(ctx.dep.worker_names()) * cfg.max_queued_batches * cfg.max_batch_size
     other = {str(k): v for k, v in ledger.statuses.items() if k not in (200, 429)}
-    return {"requests": count, "bound": bound, "accepted": sum(s is not None for s in sent),
-            "rejected_429": ledger.statuses.get(429, 0), "not_ready_503": ledger.not_ready_503,
-            "other_statuses": other, "transport_errors": dict(ledger.transport_errors),
-            "max_pending_seen": max(seen, default=None), "in_flight_slack": slack,
-            "bound_held": bool(seen) and max(seen) <= bound + slack,
-            "seconds": round(time.monotonic() - started, 2)}
+    return {
+        "requests": count,
+        "bound": bound,
+        "accepted": sum(s is not None for s in sent),
+        "rejected_429": ledger.statuses.get(429, 0),
+        "not_ready_503": ledger.not_ready_503,
+        "other_statuses": other,
+        "transport_errors": dict(ledger.transport_errors),
+        "max_pending_seen": max(seen, default=None),
+        "in_flight_slack": slack,
+        "bound_held": bool(seen) and max(seen) <= bound + slack,
+        "seconds": round(time.monotonic() - started, 2),
+    }

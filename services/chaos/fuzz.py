@@ -16,8 +16,12 @@ import httpx
 
 #: Share of the schemathesis cases per operation without a body; the completion bodies,
 #: where input is richest, share what is left.
-_WEIGHTS = {"GET /v1/requests/{request_id}": 0.1, "POST /v1/requests/{request_id}/cancel": 0.1,
-            "POST /tokenize": 0.1, "POST /detokenize": 0.05}
+_WEIGHTS = {
+    "GET /v1/requests/{request_id}": 0.1,
+    "POST /v1/requests/{request_id}/cancel": 0.1,
+    "POST /tokenize": 0.1,
+    "POST /detokenize": 0.05,
+}
 _BODY_OPERATIONS = ("POST /v1/completions", "POST /v1/chat/completions")
 #: Seconds one fuzzed call may take (a valid generated completion is served for real).
 _CALL_TIMEOUT_S = 60.0
@@ -47,16 +51,19 @@ class FuzzResult:
 
     def as_dict(self) -> dict[str, Any]:
         """The report's view."""
-        return {"cases": self.cases, "server_errors": self.server_errors,
-                "transport_errors": self.transport_errors,
-                "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-                "by_operation": self.by_operation, "skipped": self.skipped,
-                "seconds": round(self.seconds, 1),
-                "samples": self.samples}
+        return {
+            "cases": self.cases,
+            "server_errors": self.server_errors,
+            "transport_errors": self.transport_errors,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "by_operation": self.by_operation,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 1),
+            "samples": self.samples,
+        }
 
 
-def _run_operation(operation: Any, url: str, examples: int, result: FuzzResult,
-                   seed: int) -> None:
+def _run_operation(operation: Any, url: str, examples: int, result: FuzzResult, seed: int) -> None:
     """Draw ``examples`` cases of one operation (half valid, half invalid) and call each."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
@@ -69,15 +76,22 @@ def _run_operation(operation: Any, url: str, examples: int, result: FuzzResult,
             result.transport_errors += 1
             result.note(599, f"{operation.label}: {type(exc).__name__}: {exc}")
             return
-        body = (case.body if not isinstance(case.body, bytes) else repr(case.body))
-        result.note(response.status_code, f"{operation.label} body={str(body)[:200]} -> "
-                    f"{response.text[:200]}")
+        body = case.body if not isinstance(case.body, bytes) else repr(case.body)
+        result.note(
+            response.status_code,
+            f"{operation.label} body={str(body)[:200]} -> {response.text[:200]}",
+        )
 
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
         runner = given(case=operation.as_strategy(generation_mode=mode))(call)
-        runner = settings(max_examples=max(1, -(-examples // 2)), deadline=None, database=None,
-                          phases=[Phase.generate], suppress_health_check=list(HealthCheck),
-                          derandomize=False)(runner)
+        runner = settings(
+            max_examples=max(1, -(-examples // 2)),
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+            derandomize=False,
+        )(runner)
         try:
             hseed(seed)(runner)()
         except Exception as exc:  # noqa: BLE001 e.g. Unsatisfiable: no invalid input exists
@@ -88,8 +102,10 @@ def _run_operation(operation: Any, url: str, examples: int, result: FuzzResult,
 _BODY_MODELS = {
     "/v1/completions": ("services.ingest.schemas:CompletionRequest",),
     "/v1/chat/completions": ("services.ingest.schemas:ChatCompletionRequest",),
-    "/tokenize": ("services.ingest.aux_routes:TokenizePrompt",
-                  "services.ingest.aux_routes:TokenizeChat"),
+    "/tokenize": (
+        "services.ingest.aux_routes:TokenizePrompt",
+        "services.ingest.aux_routes:TokenizeChat",
+    ),
     "/detokenize": ("services.ingest.aux_routes:DetokenizeRequest",),
 }
 
@@ -125,8 +141,10 @@ def with_request_bodies(spec: dict[str, Any]) -> dict[str, Any]:
             continue
         schema = _body_schema(names, components)
         if schema is not None:
-            operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": schema}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schema}},
+            }
     return spec
 
 
@@ -143,9 +161,11 @@ def schemathesis_fuzz(url: str, cases: int, seed: int = 0) -> FuzzResult:
     operations.sort(key=lambda op: op.label in _BODY_OPERATIONS)
     for n, operation in enumerate(operations):
         left = len(operations) - n
-        share = (max(2, round(cases * _WEIGHTS.get(operation.label, 0.05)))
-                 if operation.label not in _BODY_OPERATIONS
-                 else max(2, -(-(cases - result.cases) // left)))
+        share = (
+            max(2, round(cases * _WEIGHTS.get(operation.label, 0.05)))
+            if operation.label not in _BODY_OPERATIONS
+            else max(2, -(-(cases - result.cases) // left))
+        )
         before = result.cases
         _run_operation(operation, url, share, result, seed)
         result.by_operation[operation.label] = result.cases - before
@@ -199,11 +219,26 @@ def nasty_bodies() -> list[tuple[str, str, str, bytes, dict[str, str]]]:
         ("chat: messages a string", chat, body({"messages": "hi"})),
         ("chat: no messages", chat, body({"messages": []})),
         ("chat: bad role", chat, body({"messages": [{"role": "root", "content": "x"}]})),
-        ("chat: image part", chat, body({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x"}}]}]})),
+        (
+            "chat: image part",
+            chat,
+            body(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": "http://x"}}],
+                        }
+                    ]
+                }
+            ),
+        ),
         ("chat: content null", chat, body({"messages": [{"role": "user", "content": None}]})),
-        ("chat: 10k messages", chat, body({"messages": [{"role": "user", "content": "x"}]
-                                                       * 10_000, "max_tokens": 2})),
+        (
+            "chat: 10k messages",
+            chat,
+            body({"messages": [{"role": "user", "content": "x"}] * 10_000, "max_tokens": 2}),
+        ),
     ]
     rows = [(name, "POST", path, data, js) for name, path, data in cases]
     rows += [
@@ -226,8 +261,9 @@ def nasty_fuzz(url: str) -> FuzzResult:
         for name, method, path, data, headers in nasty_bodies():
             try:
                 # a fresh connection each: after a 500 the server may close the one it used
-                resp = client.request(method, path, content=data,
-                                      headers={**headers, "connection": "close"})
+                resp = client.request(
+                    method, path, content=data, headers={**headers, "connection": "close"}
+                )
             except httpx.HTTPError as exc:
                 result.transport_errors += 1
                 result.note(599, f"{name}: {type(exc).__name__}: {exc}")

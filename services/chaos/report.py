@@ -29,28 +29,48 @@ MUST_BE_ZERO = ("lost", "duplicated", "mismatched", "server_errors")
 def phase_dict(ledger: Ledger, verdict: Verdict) -> dict[str, Any]:
     """One phase's figures (what its clients saw and what Redis says of its requests)."""
     return {
-        "sent": ledger.sent, "accepted": len(ledger.accepted), "completed": verdict.completed,
-        "failed": verdict.failed, "lost": verdict.lost, "duplicated": verdict.duplicated,
-        "mismatched": verdict.mismatched, "server_errors": ledger.server_errors,
-        "unavailable_503": ledger.unavailable_503, "not_ready_503": ledger.not_ready_503,
+        "sent": ledger.sent,
+        "accepted": len(ledger.accepted),
+        "completed": verdict.completed,
+        "failed": verdict.failed,
+        "lost": verdict.lost,
+        "duplicated": verdict.duplicated,
+        "mismatched": verdict.mismatched,
+        "server_errors": ledger.server_errors,
+        "unavailable_503": ledger.unavailable_503,
+        "not_ready_503": ledger.not_ready_503,
         "rejected_429": ledger.statuses.get(429, 0),
         "statuses": {str(k): v for k, v in sorted(ledger.statuses.items())},
         "transport_errors": dict(ledger.transport_errors),
-        "stream_errors": ledger.stream_errors, "polled": verdict.polled,
+        "stream_errors": ledger.stream_errors,
+        "polled": verdict.polled,
         "stream_text_differs": verdict.stream_text_differs,
-        "lost_ids": verdict.lost_ids[:20], "duplicated_ids": verdict.duplicated_ids[:20],
+        "lost_ids": verdict.lost_ids[:20],
+        "duplicated_ids": verdict.duplicated_ids[:20],
         "mismatched_ids": verdict.mismatched_ids[:20],
-        "failed_errors": verdict.failed_errors[:10], "error_samples": ledger.error_samples[:10],
+        "failed_errors": verdict.failed_errors[:10],
+        "error_samples": ledger.error_samples[:10],
     }
 
 
 def totals(phases: dict[str, dict[str, Any]], fuzz_errors: int) -> dict[str, Any]:
     """The headline figures summed over the phases."""
-    keys = ("sent", "accepted", "completed", "failed", "lost", "duplicated", "mismatched",
-            "unavailable_503", "not_ready_503", "rejected_429")
+    keys = (
+        "sent",
+        "accepted",
+        "completed",
+        "failed",
+        "lost",
+        "duplicated",
+        "mismatched",
+        "unavailable_503",
+        "not_ready_503",
+        "rejected_429",
+    )
     out: dict[str, Any] = {k: sum(p[k] for p in phases.values()) for k in keys}
-    out["server_errors"] = (sum(p["server_errors"] for p in phases.values()) + fuzz_errors
-                            + out["failed"])
+    out["server_errors"] = (
+        sum(p["server_errors"] for p in phases.values()) + fuzz_errors + out["failed"]
+    )
     return out
 
 
@@ -78,9 +98,21 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     head = Table(title="scls chaos: requests", show_header=True)
     head.add_column("figure")
     head.add_column("value", justify="right")
-    for name in ("sent", "accepted", "completed", "failed", "lost", "duplicated", "mismatched",
-                 "server_errors", "unavailable_503", "not_ready_503", "rejected_429",
-                 "failover_s", "redis_recovery_s"):
+    for name in (
+        "sent",
+        "accepted",
+        "completed",
+        "failed",
+        "lost",
+        "duplicated",
+        "mismatched",
+        "server_errors",
+        "unavailable_503",
+        "not_ready_503",
+        "rejected_429",
+        "failover_s",
+        "redis_recovery_s",
+    ):
         bad = name in MUST_BE_ZERO and report.get(name)
         head.add_row(name, _fmt(report.get(name)), style="bold red" if bad else None)
     console.print(head)
@@ -88,10 +120,15 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     faults.add_column("fault")
     faults.add_column("what happened")
     for name, result in report["faults"].items():
-        shown = {k: v for k, v in result.items()
-                 if not isinstance(v, list | dict) or k in ("statuses", "exited")}
+        shown = {
+            k: v
+            for k, v in result.items()
+            if not isinstance(v, list | dict) or k in ("statuses", "exited")
+        }
         faults.add_row(name, ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
     console.print(faults)
     verdict = "[green]PASS[/green]" if passed(report) else "[bold red]FAIL[/bold red]"
-    console.print(f"{verdict}  (lost, duplicated, mismatched, server_errors must all be 0; "
-                  f"logs: {report.get('log_dir')})")
+    console.print(
+        f"{verdict}  (lost, duplicated, mismatched, server_errors must all be 0; "
+        f"logs: {report.get('log_dir')})"
+    )

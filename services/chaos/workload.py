@@ -52,14 +52,21 @@ class Spec:
     def body(self) -> dict[str, Any]:
         """The ``/v1/completions`` body (greedy, EOS ignored so every request needs
         ``max_tokens / slice_length`` slices)."""
-        return {"prompt": self.prompt, "max_tokens": self.max_tokens, "temperature": 0,
-                "seed": self.seed, "ignore_eos": True, "stream": True}
+        return {
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "seed": self.seed,
+            "ignore_eos": True,
+            "stream": True,
+        }
 
 
 def make_specs(count: int, max_tokens: int) -> list[Spec]:
     """``count`` fixed requests: the prompts in turn, each with its own suffix and seed."""
-    return [Spec(i, f"{PROMPTS[i % len(PROMPTS)]} #{i}", max_tokens, 1000 + i)
-            for i in range(count)]
+    return [
+        Spec(i, f"{PROMPTS[i % len(PROMPTS)]} #{i}", max_tokens, 1000 + i) for i in range(count)
+    ]
 
 
 @dataclass
@@ -119,7 +126,7 @@ async def _read_stream(resp: httpx.Response, sent: Sent, ledger: Ledger) -> None
     async for line in resp.aiter_lines():
         if not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             sent.streamed = True
             break
@@ -133,8 +140,9 @@ async def _read_stream(resp: httpx.Response, sent: Sent, ledger: Ledger) -> None
     sent.text = "".join(parts)
 
 
-async def poll_until_ended(client: httpx.AsyncClient, request_id: str, ledger: Ledger,
-                           deadline: float) -> dict[str, Any] | None:
+async def poll_until_ended(
+    client: httpx.AsyncClient, request_id: str, ledger: Ledger, deadline: float
+) -> dict[str, Any] | None:
     """GET the request until it has ended; its body, or None at ``deadline``."""
     while time.monotonic() < deadline:
         try:
@@ -150,8 +158,9 @@ async def poll_until_ended(client: httpx.AsyncClient, request_id: str, ledger: L
     return None
 
 
-async def submit(client: httpx.AsyncClient, spec: Spec, ledger: Ledger,
-                 deadline: float, retry: bool = True) -> Sent | None:
+async def submit(
+    client: httpx.AsyncClient, spec: Spec, ledger: Ledger, deadline: float, retry: bool = True
+) -> Sent | None:
     """Send one request until it is accepted (once only without ``retry``), then follow it
     to its end; None if it was not accepted before ``deadline``."""
     while time.monotonic() < deadline:
@@ -160,8 +169,9 @@ async def submit(client: httpx.AsyncClient, spec: Spec, ledger: Ledger,
         try:
             # No read timeout: a client that gives up closes the stream, which cancels the
             # request (by design); the run's deadline bounds the wait instead.
-            async with client.stream("POST", "/v1/completions", json=spec.body(),
-                                     timeout=_STREAM_TIMEOUT) as resp:
+            async with client.stream(
+                "POST", "/v1/completions", json=spec.body(), timeout=_STREAM_TIMEOUT
+            ) as resp:
                 if resp.status_code != 200:
                     ledger.note(resp.status_code, (await resp.aread()).decode(errors="replace"))
                 else:
@@ -191,16 +201,23 @@ async def submit(client: httpx.AsyncClient, spec: Spec, ledger: Ledger,
     return None
 
 
-async def run_workload(url: str, specs: list[Spec], ledger: Ledger, concurrency: int,
-                       deadline_s: float, keep_going: asyncio.Event | None = None) -> None:
+async def run_workload(
+    url: str,
+    specs: list[Spec],
+    ledger: Ledger,
+    concurrency: int,
+    deadline_s: float,
+    keep_going: asyncio.Event | None = None,
+) -> None:
     """Send ``specs`` with ``concurrency`` clients; while ``keep_going`` is set, start over
     from the first spec when all were sent (the faulted run lasts as long as its faults)."""
     deadline = time.monotonic() + deadline_s
     counter = iter(range(10**9))
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
 
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0, read=120.0),
-                                 limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(60.0, read=120.0), limits=limits
+    ) as client:
 
         async def one_client() -> None:
             for n in counter:
@@ -255,8 +272,9 @@ def verify(store: Store, ledger: Ledger, baseline: dict[int, list[int]] | None) 
             continue
         if record.status is not RequestStatus.FINISHED:
             verdict.failed += 1
-            verdict.failed_errors.append(f"{sent.request_id}: {record.status.value} "
-                                         f"{record.error}"[:300])
+            verdict.failed_errors.append(
+                f"{sent.request_id}: {record.status.value} {record.error}"[:300]
+            )
             continue
         verdict.completed += 1
         if _duplicated(store, sent.request_id, len(record.generated_ids)):
