@@ -82,6 +82,7 @@ def test_poisson_and_gamma_arrivals_have_the_asked_rate_and_are_seeded() -> None
     cv = {b: np.std(np.diff(arrival_times(20_000, "gamma", 50.0, b, 1))) * 50 for b in (0.5, 4)}
     assert cv[0.5] > 1.2 and cv[4] < 0.6
     assert np.all(arrival_times(5, "burst", 0.0, 1.0, 0) == 0)
+    assert np.allclose(arrival_times(5, "constant", 4.0, 1.0, 0), [0, 0.25, 0.5, 0.75, 1.0])
     with pytest.raises(ValueError, match="rate"):
         arrival_times(5, "poisson", 0.0, 1.0, 0)
 
@@ -238,6 +239,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600
     (["--memory-budget", "lots"], "512MiB"),
     (["--trace", "/nonexistent.csv"], "does not exist"),
     (["--url", "http://127.0.0.1:9", "--policies", "scls,sls"], "only the running"),
+    (["--prompt-tokens", "8"], "together"),
+    (["--prompt-tokens", "8", "--output-tokens", "4", "--synthetic"], "replace --trace"),
+    (["--constant"], "give --rate"),
 ])
 def test_bench_refuses_bad_options_with_a_fix(args: list[str], message: str) -> None:
     result = run_cli("bench", "--model", "tiny-random", "--requests", "2", *args, timeout=120)
@@ -247,18 +251,19 @@ def test_bench_refuses_bad_options_with_a_fix(args: list[str], message: str) -> 
 
 def test_bench_streams_and_measures_ttft_at_the_client(tmp_path: Path) -> None:
     """--stream: every request streams; TTFT is the client's time to the first chunk (never
-    after its end-to-end latency), and the server-side figures still come through."""
+    after its end-to-end latency), and the server-side figures still come through. Fixed
+    lengths at a constant rate (GuideLLM's shape of workload)."""
     env = {"SCLS_CACHE_DIR": str(tmp_path / "cache"), "SCLS_PROFILE_MODE": "analytic",
            "SCLS_SLICE_LENGTH": "4", "SCLS_LOG_FORMAT": "json"}
     result = run_cli("bench", "--model", "tiny-random", "--workers", "1", "--policies",
-                     "scls", "--synthetic", "--length-scale", "0.02", "--requests", "8",
-                     "--rate", "20", "--seed", "3", "--stream", "--out", str(tmp_path / "o"),
-                     "--json", env=env)
+                     "scls", "--prompt-tokens", "6", "--output-tokens", "9", "--requests",
+                     "8", "--rate", "20", "--constant", "--seed", "3", "--stream", "--out",
+                     str(tmp_path / "o"), "--json", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
     m = doc["scls"]
     assert m["completed"] == 8 and m["failed"] == 0, m["failure_reasons"]
-    assert m["generated_tokens"] == m["output_tokens"] > 0
+    assert m["generated_tokens"] == m["output_tokens"] == 8 * 9
     assert 0 < m["ttft_p50_s"] <= m["latency_p50_s"]
     assert m["slices_per_request"] > 1 and m["queue_time_p50_s"] >= 0
     assert doc["meta"]["ttft"] == "client, first streamed chunk"

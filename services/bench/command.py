@@ -23,6 +23,7 @@ from shared.bench.workload import (
     SyntheticLengths,
     WorkItem,
     describe,
+    fixed_workload,
     read_trace,
     synthetic_workload,
     trace_workload,
@@ -59,18 +60,25 @@ def parse_rates(rate: float | None, rates: str | None) -> list[float | None]:
 
 def build_workload(
     trace: Path | None, requests: int, length_scale: float, time_scale: float, seed: int,
-    lengths: SyntheticLengths,
+    lengths: SyntheticLengths, fixed: tuple[int, int] | None = None,
 ) -> list[WorkItem]:
-    """The workload's lengths (and recorded arrivals for a trace)."""
+    """The workload's lengths (and recorded arrivals for a trace); ``fixed`` = (prompt,
+    output) tokens of every request."""
+    if fixed is not None:
+        return fixed_workload(requests, *fixed)
     if trace is not None:
         return trace_workload(read_trace(trace, limit=requests), length_scale, time_scale)
     return synthetic_workload(requests, seed, lengths, length_scale)
 
 
 def arrivals_for(
-    items: list[WorkItem], rate: float | None, burstiness: float, trace: bool, seed: int
+    items: list[WorkItem], rate: float | None, burstiness: float, trace: bool, seed: int,
+    constant: bool = False,
 ) -> list[WorkItem]:
-    """Poisson/gamma arrivals at ``rate``; recorded times for a trace; else all at once."""
+    """Poisson/gamma (or, ``constant``, evenly spaced) arrivals at ``rate``; recorded times
+    for a trace; else all at once."""
+    if rate is not None and constant:
+        return with_arrivals(items, "constant", rate)
     if rate is not None:
         mode = "poisson" if burstiness == 1.0 else "gamma"
         return with_arrivals(items, mode, rate, burstiness, seed)
@@ -118,13 +126,30 @@ def bench_command(
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="stream responses "
                                          "(TTFT measured by the client at the first "
                                          "chunk, as vLLM's benchmark does)")] = False,
+    prompt_tokens: Annotated[int | None, typer.Option(min=1, help="every prompt exactly "
+                                                      "this long (with --output-tokens)")]
+    = None,
+    output_tokens: Annotated[int | None, typer.Option(min=1, help="every output exactly "
+                                                      "this long (with --prompt-tokens)")]
+    = None,
+    constant: Annotated[bool, typer.Option("--constant", help="evenly spaced arrivals at "
+                                           "--rate (GuideLLM's constant profile)")] = False,
 ) -> None:
     """Replay a workload over REST once per policy and compare them side by side."""
     console = Console(stderr=json_out)
+    if (prompt_tokens is None) != (output_tokens is None):
+        raise cli_error("give --prompt-tokens and --output-tokens together")
+    fixed = None if prompt_tokens is None or output_tokens is None else (prompt_tokens,
+                                                                         output_tokens)
+    if fixed is not None and (trace is not None or synthetic):
+        raise cli_error("fixed lengths (--prompt-tokens/--output-tokens) replace --trace and "
+                        "--synthetic: give one of them")
+    if constant and rate is None and rates is None:
+        raise cli_error("--constant spaces arrivals at --rate: give --rate (or --rates)")
     try:
         rate_list = parse_rates(rate, rates)
         items = build_workload(trace, requests, length_scale, time_scale, seed,
-                               SyntheticLengths())
+                               SyntheticLengths(), fixed)
         budget = parse_bytes(memory_budget) if memory_budget else None
     except ValueError as exc:
         raise cli_error(str(exc)) from None
@@ -145,7 +170,7 @@ def bench_command(
                   f"{len(rate_list)} rate(s), model {settings.model}, {workers} workers; "
                   f"out {out_dir}")
     runs = _run_all(console, settings, names, rate_list, items, client, url, burstiness,
-                    trace is not None, seed, out_dir)
+                    trace is not None, seed, out_dir, constant)
     title = f"scls bench: {settings.model}, {workers} workers"
     write_report(out_dir, runs, meta, baseline=names[0], title=title)
     console.print(rich_table(runs, baseline=names[0], title=title))
@@ -194,14 +219,14 @@ def _meta(settings: Settings, items: list[WorkItem], names: list[str],
 
 def _run_all(console: Console, settings: Settings, names: list[str],
              rate_list: list[float | None], items: list[WorkItem], client: ClientConfig,
-             url: str | None, burstiness: float, is_trace: bool, seed: int, out_dir: Path
-             ) -> list[Run]:
+             url: str | None, burstiness: float, is_trace: bool, seed: int, out_dir: Path,
+             constant: bool = False) -> list[Run]:
     runs = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         for rate in rate_list:
-            timed = arrivals_for(items, rate, burstiness, is_trace, seed)
+            timed = arrivals_for(items, rate, burstiness, is_trace, seed, constant)
             for policy in names:
                 label = f"{policy}" + (f" @ {rate:g} req/s" if rate else "")
                 sent = progress.add_task(f"{label}: sent", total=len(timed))

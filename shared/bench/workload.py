@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 #: Arrival processes: as recorded in the trace, Poisson, gamma (burstiness), all at t=0.
-ARRIVALS = ("trace", "poisson", "gamma", "burst")
+ARRIVALS = ("trace", "poisson", "gamma", "constant", "burst")
 
 
 @dataclass(frozen=True)
@@ -127,17 +127,28 @@ def synthetic_workload(
     ]
 
 
+def fixed_workload(n: int, prompt_tokens: int, output_tokens: int) -> list[WorkItem]:
+    """``n`` requests of exactly ``prompt_tokens`` in and ``output_tokens`` out (GuideLLM's
+    ``synthetic_text`` shape; arrivals all 0: see :func:`with_arrivals`)."""
+    if prompt_tokens < 1 or output_tokens < 1:
+        raise ValueError("fixed lengths need at least 1 prompt and 1 output token")
+    return [WorkItem(i, 0.0, prompt_tokens, output_tokens) for i in range(n)]
+
+
 def arrival_times(n: int, mode: str, rate: float, burstiness: float, seed: int) -> np.ndarray:
     """Arrival offsets (seconds, ascending, first at 0) of ``n`` requests.
 
     ``poisson``: exponential gaps of mean ``1/rate``; ``gamma``: gamma gaps with shape
     ``burstiness`` and the same mean (vLLM's convention: < 1 burstier, > 1 smoother);
-    ``burst``: everyone at 0.
+    ``constant``: evenly spaced at ``1/rate`` (GuideLLM's constant profile); ``burst``:
+    everyone at 0.
     """
     if mode == "burst" or n == 0:
         return np.zeros(n)
     if not rate > 0:
         raise ValueError(f"rate must be > 0 for {mode} arrivals, got {rate}")
+    if mode == "constant":
+        return np.arange(n) / rate
     rng = np.random.default_rng(seed)
     if mode == "poisson":
         gaps = rng.exponential(1.0 / rate, n)
