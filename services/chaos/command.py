@@ -29,6 +29,7 @@ from services.chaos.workload import (
     Ledger,
     Spec,
     Verdict,
+    abandon_open,
     baseline_tokens,
     make_specs,
     run_workload,
@@ -55,6 +56,7 @@ class Plan:
     max_pending: int = 300  # the pending bound the burst is sent against
     fuzz_cases: int = 1000
     settle_s: float = 300.0  # how long requests may take to end after the faults
+    recovery_timeout_s: float = 120.0  # how long a fault waits for the system to recover
 
 
 FULL = Plan()
@@ -68,7 +70,8 @@ QUICK = Plan(
     burst=400,
     max_pending=100,
     fuzz_cases=100,
-    settle_s=120.0,
+    settle_s=90.0,
+    recovery_timeout_s=60.0,
 )
 
 
@@ -108,7 +111,7 @@ async def _faulted(
     dep: ChaosDeployment, plan: Plan, specs: list[Spec], ledger: Ledger, console: Console
 ) -> dict[str, Any]:
     """The workload again, with the faults one after another while it runs."""
-    ctx = faults.FaultContext(dep, ledger, specs[0])
+    ctx = faults.FaultContext(dep, ledger, specs[0], plan.recovery_timeout_s)
     keep_going, stop = asyncio.Event(), asyncio.Event()
     keep_going.set()
     deadline = plan.kill_duration_s + plan.freeze_s + 4 * ctx.recovery_timeout_s + plan.settle_s
@@ -136,7 +139,12 @@ async def _faulted(
                 )
             )
         keep_going.clear()
-        await workload
+        # the requests still open get settle_s to end; then their clients are stopped
+        done, _ = await asyncio.wait({workload}, timeout=plan.settle_s)
+        if not done:
+            workload.cancel()
+            await asyncio.gather(workload, return_exceptions=True)
+            results["abandoned_at_deadline"] = {"requests": abandon_open(ledger)}
     finally:
         keep_going.clear()
         stop.set()
@@ -146,7 +154,7 @@ async def _faulted(
 
 async def _settle(dep: ChaosDeployment, ledgers: list[Ledger], timeout_s: float) -> None:
     """Wait until every accepted request has ended in Redis, or ``timeout_s``."""
-    ids = [s.request_id for ledger in ledgers for s in ledger.accepted]
+    ids = [s.request_id for ledger in ledgers for s in ledger.accepted if not s.abandoned]
     deadline = time.monotonic() + timeout_s
     while ids and time.monotonic() < deadline:
         waiting = list(ids)

@@ -78,6 +78,7 @@ class Sent:
     streamed: bool = False  # the stream ended with its final chunk
     polled: bool = False  # the client had to poll for the result
     abandoned: bool = False  # it had not ended when the run's deadline came
+    seen_end: bool = False  # the client saw it end (final chunk, or a poll said so)
     text: str = ""
 
 
@@ -194,9 +195,11 @@ async def submit(
                 return None
             await asyncio.sleep(0.5)
             continue
+        sent.seen_end = sent.streamed
         if not sent.streamed:
             sent.polled = True
-            await poll_until_ended(client, sent.request_id, ledger, deadline)
+            body = await poll_until_ended(client, sent.request_id, ledger, deadline)
+            sent.seen_end = body is not None
         return sent
     return None
 
@@ -287,6 +290,15 @@ def verify(store: Store, ledger: Ledger, baseline: dict[int, list[int]] | None) 
         if sent.streamed and sent.text != record.text:
             verdict.stream_text_differs += 1
     return verdict
+
+
+def abandon_open(ledger: Ledger) -> int:
+    """Mark every accepted request whose end its client has not seen as abandoned (the
+    run's clients were stopped at its deadline): they count as lost. Returns how many."""
+    open_ = [s for s in ledger.accepted if not s.seen_end]
+    for sent in open_:
+        sent.abandoned = True
+    return len(open_)
 
 
 def baseline_tokens(store: Store, ledger: Ledger) -> dict[int, list[int]]:
