@@ -11,6 +11,7 @@ import time
 import pytest
 import redis
 
+from shared.core.states import RequestStatus
 from shared.core.store import Store
 from shared.modeling.loading import LoadedModel
 from shared.policy.costmodel import SCHEMA_VERSION
@@ -83,3 +84,25 @@ def test_the_heartbeat_survives_redis_errors(
         assert time.time() - beat < 2
     finally:
         worker._stop_heartbeating()
+
+
+def test_a_claimed_batch_without_a_job_is_handed_back_at_once(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """The leader claimed a batch and died before enqueueing its job (or a Redis restart
+    kept the claim and lost the enqueue): the next sweep hands it back instead of leaving
+    its requests for the queue timeout, and a batch whose job exists is left alone."""
+    sched, _workers = make_cluster(settings, tiny)
+    sched.orphan_grace_s = 0.0
+    queued = submit(store, [5, 6, 7], max_tokens=3)
+    sched.cycle()  # a real dispatch: claimed and enqueued
+    dispatched = store.get_request(queued).batch
+    assert dispatched
+    stranded = submit(store, [8, 9], max_tokens=3)
+    assert store.claim_batch("b-orphan", "w0", [stranded], 3, time.time() + 600)
+    assert sched.sweep({"w0"}) == 1
+    assert store.get_request(stranded).status is RequestStatus.PENDING
+    assert store.get_batch(dispatched).status == "queued"  # its job exists: untouched
+    sched.orphan_grace_s = 60.0  # a young batch may still be getting its job
+    assert store.claim_batch("b-young", "w0", [stranded], 3, time.time() + 600)
+    assert sched.sweep({"w0"}) == 0

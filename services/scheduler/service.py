@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import redis
 from rq import Queue
+from rq.job import Job
 
 from shared.core.connection import rq_connection as open_rq_connection
 from shared.core.keys import Keys
@@ -34,6 +35,8 @@ from shared.policy.types import BatchPlan, Candidate, InstanceView
 from shared.settings import Settings
 
 log = get_logger(__name__)
+
+ORPHAN_GRACE_S = 5.0  # see Scheduler.orphan_grace_s
 
 #: Import path of the worker's job function (RQ resolves it in the worker process).
 SLICE_JOB = "services.worker.jobs.run_slice"
@@ -73,6 +76,9 @@ class Scheduler:
         # parsed profiles by instance (None: unreadable, skipped)
         self._costs: dict[str, tuple[str, CostModel | None]] = {}
         self._last_sweep = 0.0
+        # A claimed batch gets its job within milliseconds; one still without a job after
+        # this long never will (the claimer died, or a Redis restart lost the enqueue).
+        self.orphan_grace_s = ORPHAN_GRACE_S
         self._stop = threading.Event()
         self.metrics = SchedulerMetrics(store)  # this scheduler's own registry
 
@@ -216,7 +222,8 @@ class Scheduler:
         queue = Queue(
             self.store.keys.queue_name(plan.instance_id), connection=self.rq_connection
         )
-        # If enqueueing fails after the claim, the sweep requeues the batch at its deadline.
+        # If enqueueing fails after the claim (or this scheduler dies, or Redis loses the
+        # enqueue in a restart), the sweep finds the batch has no job and hands it back.
         queue.enqueue(
             SLICE_JOB,
             batch_id,
@@ -240,7 +247,8 @@ class Scheduler:
         return self.sweep({inst.id for inst in instances})
 
     def sweep(self, live_ids: set[str]) -> int:
-        """Requeue in-flight batches whose deadline passed or whose instance is gone."""
+        """Requeue in-flight batches whose deadline passed, whose instance is gone, or that
+        were claimed but have no slice job (orphaned: see :meth:`_orphaned`)."""
         swept = 0
         current = now()
         for batch_id, deadline in self.store.inflight_batches():
@@ -251,6 +259,8 @@ class Scheduler:
                 reason = f"instance {batch.instance} stopped heartbeating"
             elif deadline < current:
                 reason = f"batch {batch_id} missed its deadline on {batch.instance}"
+            elif self._orphaned(batch.status, batch.created_at, batch_id, current):
+                reason = f"batch {batch_id} was claimed but its slice job was never queued"
             else:
                 continue
             result = self.store.requeue_batch(
@@ -261,6 +271,16 @@ class Scheduler:
                 log.warning("batch_requeued", batch_id=batch_id, reason=reason,
                             requeued=result[0], failed=result[1])
         return swept
+
+    def _orphaned(self, status: str, created_at: float, batch_id: str, current: float) -> bool:
+        """Whether a queued batch has no RQ job: the scheduler that claimed it died before
+        enqueueing, the enqueue failed, or a Redis restart lost the enqueue but not the
+        claim (AOF keeps a prefix of the writes). Without this its requests would wait for
+        the queue timeout (``SCLS_QUEUE_TIMEOUT_S``, minutes). Batches younger than
+        ``orphan_grace_s`` are left alone: their enqueue may be under way."""
+        if status != "queued" or current - created_at < self.orphan_grace_s:
+            return False
+        return not Job.exists(batch_id, connection=self.rq_connection)
 
     # --- loop -------------------------------------------------------------------------
     def run(self) -> None:
