@@ -31,6 +31,10 @@ def stream_overhead_command(
     from shared.modeling.loading import load_model
 
     settings = build_settings(model=model)
+    if settings.torch_threads:  # as a worker does (`scls up`: cores / workers)
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     loaded = load_model(settings.model, settings.cache_dir, settings.device)
     # Its own throw-away Redis: the runs write requests and streams nobody should see.
     with EmbeddedRedis() as redis_server:
