@@ -100,7 +100,10 @@ class Settings(BaseSettings):
         description="ILS: how long a draining worker lets the requests inside its engine "
         "finish before handing them back (a slice worker finishes its slice regardless)",
     )
-    leader_ttl_s: float = Field(5.0, gt=0, description="scheduler leader lock lifetime")
+    leader_ttl_s: float = Field(
+        3.0, gt=0, description="scheduler leader lock lifetime: a standby takes over within "
+        "it (plus at most half a second) once the leader dies; the leader renews it every "
+        "cycle, so a few seconds leave room for any stall shorter than that")
     queue_timeout_s: float = Field(
         600.0, gt=0, description="a queued batch not started by then is requeued"
     )

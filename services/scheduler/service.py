@@ -37,6 +37,7 @@ from shared.settings import Settings
 log = get_logger(__name__)
 
 ORPHAN_GRACE_S = 5.0  # see Scheduler.orphan_grace_s
+STANDBY_POLL_S = 0.5  # most a standby waits between tries for the leader lock
 
 #: Import path of the worker's job function (RQ resolves it in the worker process).
 SLICE_JOB = "services.worker.jobs.run_slice"
@@ -314,10 +315,11 @@ class Scheduler:
             log.info("scheduler_stopped", holder=self.holder_id)
 
     def _pause(self, report: CycleReport) -> None:
-        """Between cycles: a standby waits a third of the lock's lifetime; an idle leader
-        blocks until woken (new work) or the cycle interval ends."""
+        """Between cycles: a standby waits a third of the lock's lifetime, at most half a
+        second (one SET NX: cheap), so it takes over soon after the lock lapses; an idle
+        leader blocks until woken (new work) or the cycle interval ends."""
         if not report.leader:
-            self._stop.wait(self.settings.leader_ttl_s / 3)
+            self._stop.wait(min(self.settings.leader_ttl_s / 3, STANDBY_POLL_S))
         elif not report.batches:
             self.store.wait_for_work(self.settings.cycle_interval_s)
 
