@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.ingest import aux_routes
 from services.ingest.completion import Ingest
+from services.ingest.openapi import document_request_bodies
 from services.ingest.readiness import RETRY_AFTER_S
 from services.ingest.routes import require_api_key, router
 from services.ingest.validation import error_response, register_error_handlers
@@ -149,4 +150,5 @@ def create_app(
     app.add_middleware(RequestCounter, metrics=ingest.metrics)
     app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(aux_routes.router, dependencies=[Depends(require_api_key)])
+    document_request_bodies(app)
     return app
