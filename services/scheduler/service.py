@@ -20,6 +20,7 @@ import redis
 from rq import Queue
 from rq.job import Job
 
+from shared.core.connection import bound_timeouts
 from shared.core.connection import rq_connection as open_rq_connection
 from shared.core.keys import Keys
 from shared.core.records import InstanceInfo, new_batch_id, now
@@ -352,12 +353,5 @@ def create_scheduler(settings: Settings, redis_url: str | None = None) -> Schedu
     # Bounded calls: a Redis that stops answering raises after a few seconds instead of
     # blocking the loop (and a SIGTERM) forever; the wait for work blocks up to a cycle.
     timeout_s = REDIS_TIMEOUT_S + settings.cycle_interval_s
-    store = Store(_bounded(connect(url), timeout_s), Keys(settings.key_prefix))
-    return Scheduler(settings, store, _bounded(open_rq_connection(url), timeout_s))
-
-
-def _bounded(client: redis.Redis, timeout_s: float) -> redis.Redis:
-    """``client`` whose connections time out (socket and connect) after ``timeout_s``."""
-    client.connection_pool.connection_kwargs.update(
-        socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    return client
+    store = Store(bound_timeouts(connect(url), timeout_s), Keys(settings.key_prefix))
+    return Scheduler(settings, store, bound_timeouts(open_rq_connection(url), timeout_s))

@@ -281,3 +281,12 @@ def _async_owner(pool: aioredis.ConnectionPool, single: bool) -> aioredis.Redis:
     client = aioredis.Redis(connection_pool=pool, single_connection_client=single)
     client.auto_close_connection_pool = True  # aclose() closes the pool, as from_url's does
     return client
+
+
+def bound_timeouts(client: redis.Redis, timeout_s: float) -> redis.Redis:
+    """Give a client's future connections socket and connect timeouts (plain and Sentinel
+    pools alike): a stopped or partitioned Redis then raises ``TimeoutError`` instead of
+    blocking the caller forever."""
+    client.connection_pool.connection_kwargs.update(
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return client
