@@ -6,9 +6,10 @@ text), ``max_tokens`` = the forced output length and ``ignore_eos: true`` (the r
 extension vLLM's benchmark uses), greedy decoding. The scheduler sees ``max_tokens`` only
 as an upper bound; the output length is forced by the worker, never announced.
 
-With ``stream`` the requests stream (as vLLM's benchmark does) and TTFT is the client's own
-time to the first chunk with text; without it, TTFT is the server's time from arrival to
-the first slice's commit (the ``scls`` block). Both read the server's queue time, slices and
+With ``stream`` the requests stream (as vLLM's benchmark does): TTFT is the client's own
+time to the first chunk with text and TPOT the time after it per further output token;
+without it, TTFT is the server's time from arrival to the first slice's commit (the
+``scls`` block). Both read the server's queue time, slices and
 arrival-to-finish time from the ``scls`` block (on the last chunk when streaming).
 """
 
@@ -87,9 +88,10 @@ async def send_one(
 
 def _answered(info: dict[str, Any], elapsed: float, ttft_s: float | None,
               usage: dict[str, Any], finish_reason: str | None,
-              base: dict[str, Any]) -> RequestOutcome:
+              base: dict[str, Any], tpot_s: float | None = None) -> RequestOutcome:
     """A completed request's outcome; ``info`` is the response's ``scls`` block."""
     return RequestOutcome(
+        tpot_s=tpot_s,
         ok=True,
         e2e_s=elapsed,
         ttft_s=ttft_s,
@@ -135,7 +137,11 @@ async def _send_streaming(
         return RequestOutcome(ok=False, e2e_s=elapsed, error="stream ended without an end",
                               **base)
     ttft = (first_text - sent) if first_text is not None else elapsed
-    return _answered(last.get("scls") or {}, elapsed, ttft, usage, last["finish_reason"], base)
+    tokens = int(usage.get("completion_tokens", 0))
+    # vLLM's TPOT: the time after the first token spread over the tokens after it.
+    tpot = (elapsed - ttft) / (tokens - 1) if tokens > 1 else None
+    return _answered(last.get("scls") or {}, elapsed, ttft, usage, last["finish_reason"], base,
+                     tpot)
 
 
 async def run_workload(

@@ -44,6 +44,8 @@ class RequestOutcome:
     finish_reason: str | None = None
     error: str = ""  # why it failed (HTTP status and message, or the exception)
     server_e2e_s: float | None = None  # finished minus arrival (server clock)
+    # Streaming only: (e2e - ttft) / (output tokens - 1), client clock (vLLM's TPOT)
+    tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def summarize(
         "prompt_tokens": sum(o.prompt_tokens for o in done),
         **latency_block("latency", [o.e2e_s for o in done if o.e2e_s is not None]),
         **latency_block("ttft", [o.ttft_s for o in done if o.ttft_s is not None]),
+        **latency_block("tpot", [o.tpot_s for o in done if o.tpot_s is not None]),
         **latency_block("queue_time", [o.queue_time_s for o in done
                                        if o.queue_time_s is not None]),
         # the HTTP edge: client-seen latency minus the server's own arrival-to-finish
@@ -205,6 +208,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("latency_p99_s", "E2E p99 s", "{:.2f}"),
     ("ttft_p50_s", "TTFT p50 s", "{:.2f}"),
     ("ttft_p99_s", "TTFT p99 s", "{:.2f}"),
+    ("tpot_p50_s", "TPOT p50 s", "{:.3f}"),
     ("queue_time_p50_s", "queue p50 s", "{:.2f}"),
     ("slices_per_request", "slices/req", "{:.2f}"),
     ("early_return_ratio", "early return", "{:.2f}"),
