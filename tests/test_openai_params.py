@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +23,7 @@ from typing import Any, TypeVar
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from services.ingest.app import create_app
 from services.ingest.completion import choice_seed
 from services.ingest.streaming import ChoiceStream, ChunkFormat, Finished, StopHoldback, TokenText
 from services.scheduler.service import Scheduler, create_scheduler
@@ -35,30 +32,12 @@ from shared.core.store import Store
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import load_codec
 from shared.settings import Settings
+from tests.helpers import served_over_tcp
 
 T = TypeVar("T")
 MODEL = "tiny-random"
 A = 100  # token id of "a" in the byte codec (byte + 3)
 EOS = 2
-
-
-@contextmanager
-def uvicorn_server(settings: Settings) -> Iterator[str]:
-    """The ingest app under a real uvicorn server on a free port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 @dataclass
@@ -89,7 +68,7 @@ def running(settings: Settings, tiny: LoadedModel) -> Iterator[System]:
     worker = create_worker(settings, instance_id="w0", loaded=tiny)
     worker.store.register_instance(worker.runtime.instance_info(), ttl_s=600)
     scheduler.cycle()  # takes the leader lock: the ingest's readiness check passes
-    with uvicorn_server(settings) as url, ThreadPoolExecutor(1) as pool:
+    with served_over_tcp(settings) as url, ThreadPoolExecutor(1) as pool:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
                                timeout=60)
         yield System(client, scheduler, worker, pool)
@@ -385,7 +364,7 @@ def idle_ingest(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     settings = Settings(redis_url=redis_url, model=MODEL, key_prefix="refused:",
                         cache_dir=tmp_path_factory.getbasetemp() / "scls-cache",
                         max_gen_length=64, log_format="console")
-    with uvicorn_server(settings) as url:
+    with served_over_tcp(settings) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         yield System(client, None, None, None)  # type: ignore[arg-type]
         client.close()
@@ -420,7 +399,7 @@ def test_the_ils_policy_refuses_the_sampling_extras(
     settings = Settings(redis_url=redis_url, model=MODEL, key_prefix="ils-refused:",
                         policy="ils", cache_dir=tmp_path_factory.getbasetemp() / "scls-cache",
                         max_gen_length=64, log_format="console")
-    with uvicorn_server(settings) as url:
+    with served_over_tcp(settings) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         served = System(client, None, None, None)  # type: ignore[arg-type]
         for args, param in ILS_REFUSED:
@@ -513,7 +492,7 @@ def test_choices_are_submitted_all_or_none(
 ) -> None:
     """n=3 against a pending pool with room for 2: 429, and the 2 submitted are withdrawn."""
     bounded = settings.model_copy(update={"max_pending": 2, "reject_when_unready": False})
-    with uvicorn_server(bounded) as url:
+    with served_over_tcp(bounded) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model=MODEL, prompt="hi", n=3, max_tokens=4)

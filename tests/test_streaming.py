@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 import redis
-import uvicorn
 
-from services.ingest.app import create_app
 from services.ingest.streaming import StopHoldback
 from services.worker.runtime import text_delta
 from shared.core.states import FinishReason, RequestStatus
 from shared.core.store import Store
 from shared.settings import Settings
-from tests.helpers import serve
+from tests.helpers import serve, served_over_tcp
 from tests.test_ingest import CHAT, CODEC, COMPLETIONS, play_worker, run_slice, wait_pending
 
 pytestmark = pytest.mark.anyio
@@ -173,25 +169,6 @@ async def test_a_cancelled_stream_ends_with_what_was_generated(
     texts = [c["choices"][0]["text"] for c in got[:-1]]
     assert texts == ["Hell", ""] and got[-1] == "[DONE]"
     assert got[-2]["choices"][0]["finish_reason"] == "cancelled"
-
-
-@contextmanager
-def served_over_tcp(settings: Settings) -> Iterator[str]:
-    """The ingest app under a real uvicorn server on a free port (a client can hang up)."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 def test_a_stream_whose_client_hangs_up_is_cancelled(settings: Settings, store: Store) -> None:
