@@ -28,7 +28,13 @@ from transformers import StaticCache
 
 from services.worker import kv_cache
 from services.worker.kv_pool import KvEntry, KvPool
-from services.worker.sampling import RowTokens, adjust_logits, select_tokens, token_logprobs
+from services.worker.sampling import (
+    RowTokens,
+    adjust_logits,
+    adjusts_logits,
+    select_tokens,
+    token_logprobs,
+)
 from shared.core.records import RequestParams, StepTokens, TokenLogprob
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
@@ -364,14 +370,15 @@ class SliceEngine:
     def _select(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Next token of every batch row (done rows too: their tokens are ignored)."""
         params = [r.spec.params for r in rows]
-        adjusted = adjust_logits(
-            logits,
-            [RowTokens(r.spec.params, r.spec.prompt_ids, r.spec.generated_ids + r.new_ids)
-             for r in rows],
-            self.codec.eos_ids,
-        )
+        if any(adjusts_logits(p) for p in params):  # plain batches build no token lists
+            logits = adjust_logits(
+                logits,
+                [RowTokens(r.spec.params, r.spec.prompt_ids, r.spec.generated_ids + r.new_ids)
+                 for r in rows],
+                self.codec.eos_ids,
+            )
         return select_tokens(
-            adjusted,
+            logits,
             temperatures=[p.temperature for p in params],
             top_ps=[p.top_p for p in params],
             seeds=[p.seed if p.seed is not None else 0 for p in params],
