@@ -98,6 +98,7 @@ class TokenText:
     decode: Callable[[list[int]], str]
     ids: list[int] = field(default_factory=list)
     sent: str = ""  # the decoded text handed out so far
+    decoded: int = 0  # ids held at the last decode
 
     def take(self, entry: dict[str, str]) -> str | None:
         """The text ``entry`` adds; None when it carries no ``pos`` (an old worker, or the
@@ -117,6 +118,9 @@ class TokenText:
 
     def flush(self) -> str:
         """The text the ids added since the last flush bring."""
+        if len(self.ids) == self.decoded:  # nothing new (a repeat, a commit of held ids)
+            return ""
+        self.decoded = len(self.ids)
         text = self.decode(self.ids).rstrip(_INCOMPLETE)
         if not text.startswith(self.sent):  # a decoder that rewrites earlier text
             return ""  # sent text cannot be taken back: the final text settles it
