@@ -24,6 +24,10 @@ from services.chaos.workload import Ledger, Verdict
 
 #: The figures that must be zero for the run to pass (exit status 1 otherwise).
 MUST_BE_ZERO = ("lost", "duplicated", "mismatched", "server_errors")
+#: Request counts each phase reports and the report sums (server errors are summed apart:
+#: the fuzzing and failed requests add to them).
+COUNTS = ("sent", "accepted", "completed", "failed", "lost", "duplicated", "mismatched",
+          "unavailable_503", "not_ready_503", "rejected_429")
 
 
 def phase_dict(ledger: Ledger, verdict: Verdict) -> dict[str, Any]:
@@ -55,19 +59,7 @@ def phase_dict(ledger: Ledger, verdict: Verdict) -> dict[str, Any]:
 
 def totals(phases: dict[str, dict[str, Any]], fuzz_errors: int) -> dict[str, Any]:
     """The headline figures summed over the phases."""
-    keys = (
-        "sent",
-        "accepted",
-        "completed",
-        "failed",
-        "lost",
-        "duplicated",
-        "mismatched",
-        "unavailable_503",
-        "not_ready_503",
-        "rejected_429",
-    )
-    out: dict[str, Any] = {k: sum(p[k] for p in phases.values()) for k in keys}
+    out: dict[str, Any] = {k: sum(p[k] for p in phases.values()) for k in COUNTS}
     out["server_errors"] = (
         sum(p["server_errors"] for p in phases.values()) + fuzz_errors + out["failed"]
     )
@@ -98,21 +90,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     head = Table(title="scls chaos: requests", show_header=True)
     head.add_column("figure")
     head.add_column("value", justify="right")
-    for name in (
-        "sent",
-        "accepted",
-        "completed",
-        "failed",
-        "lost",
-        "duplicated",
-        "mismatched",
-        "server_errors",
-        "unavailable_503",
-        "not_ready_503",
-        "rejected_429",
-        "failover_s",
-        "redis_recovery_s",
-    ):
+    for name in (*COUNTS, "server_errors", "failover_s", "redis_recovery_s"):
         bad = name in MUST_BE_ZERO and report.get(name)
         head.add_row(name, _fmt(report.get(name)), style="bold red" if bad else None)
     console.print(head)
