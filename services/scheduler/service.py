@@ -20,7 +20,7 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from shared.core.connection import bound_timeouts
+from shared.core.connection import CALL_TIMEOUT_S, bound_timeouts
 from shared.core.connection import rq_connection as open_rq_connection
 from shared.core.keys import Keys
 from shared.core.records import InstanceInfo, new_batch_id, now
@@ -42,9 +42,6 @@ STANDBY_POLL_S = 0.5  # most a standby waits between tries for the leader lock
 
 #: Import path of the worker's job function (RQ resolves it in the worker process).
 SLICE_JOB = "services.worker.jobs.run_slice"
-#: Socket timeout of the scheduler's Redis calls (plus the cycle interval, which the wait
-#: for work may block): each is one short script or pipeline.
-REDIS_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -352,6 +349,6 @@ def create_scheduler(settings: Settings, redis_url: str | None = None) -> Schedu
         raise ValueError(f"unknown policy {settings.policy!r}; choose from {', '.join(POLICIES)}")
     # Bounded calls: a Redis that stops answering raises after a few seconds instead of
     # blocking the loop (and a SIGTERM) forever; the wait for work blocks up to a cycle.
-    timeout_s = REDIS_TIMEOUT_S + settings.cycle_interval_s
+    timeout_s = CALL_TIMEOUT_S + settings.cycle_interval_s
     store = Store(bound_timeouts(connect(url), timeout_s), Keys(settings.key_prefix))
     return Scheduler(settings, store, bound_timeouts(open_rq_connection(url), timeout_s))

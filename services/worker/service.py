@@ -40,7 +40,7 @@ from services.worker.ils_runtime import IlsRuntime
 from services.worker.profile_cache import instance_memory_budget, load_or_profile
 from services.worker.rq_worker import RQ_POLL_S, OutageAwareQueue, SliceWorker
 from services.worker.runtime import WorkerRuntime
-from shared.core.connection import bound_timeouts
+from shared.core.connection import CALL_TIMEOUT_S, bound_timeouts
 from shared.core.connection import rq_connection as open_rq_connection
 from shared.core.keys import Keys
 from shared.core.states import BatchStatus
@@ -54,10 +54,8 @@ from shared.settings import Settings
 
 log = get_logger(__name__)
 
-#: Socket (and connect) timeout of the worker's store client (redis-py's default: 5 s):
-#: every scls call is one short script or pipeline, so a Redis that has not answered in
-#: 2 s is treated as unreachable.
-REDIS_TIMEOUT_S = 2.0
+#: Socket (and connect) timeout of the worker's store client.
+REDIS_TIMEOUT_S = CALL_TIMEOUT_S
 #: Back-off between restarts of RQ's work loop after a Redis error.
 RESTART_BACKOFF_S = (0.5, 5.0)
 

@@ -283,6 +283,12 @@ def _async_owner(pool: aioredis.ConnectionPool, single: bool) -> aioredis.Redis:
     return client
 
 
+#: Socket (and connect) timeout of the scheduler's and workers' calls (redis-py's default:
+#: none): every scls call is one short script or pipeline, so a Redis that has not answered
+#: in 2 s is treated as unreachable, and loops (and a SIGTERM) are never blocked for long.
+CALL_TIMEOUT_S = 2.0
+
+
 def bound_timeouts(client: redis.Redis, timeout_s: float) -> redis.Redis:
     """Give a client's future connections socket and connect timeouts (plain and Sentinel
     pools alike): a stopped or partitioned Redis then raises ``TimeoutError`` instead of
