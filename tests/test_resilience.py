@@ -106,3 +106,28 @@ def test_a_claimed_batch_without_a_job_is_handed_back_at_once(
     sched.orphan_grace_s = 60.0  # a young batch may still be getting its job
     assert store.claim_batch("b-young", "w0", [stranded], 3, time.time() + 600)
     assert sched.sweep({"w0"}) == 0
+
+
+def test_a_slice_failing_with_redis_down_is_handed_back_once_redis_returns(
+    settings: Settings, tiny: LoadedModel, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis went away mid-slice (found by scls chaos): the slice fails and so does its
+    hand-back. The batch must not stay ``running`` on this live instance until the slice
+    timeout: the next successful heartbeat hands it back."""
+    sched, (worker,) = make_cluster(settings, tiny)
+    rid = submit(store, [5, 6, 7], max_tokens=3)
+    sched.cycle()
+    batch_id = store.get_request(rid).batch
+    runtime = worker.runtime
+    lost = redis.ConnectionError("Connection refused")
+    monkeypatch.setattr(runtime.engines[True], "run_slice", _failing(lambda *a: None, 1, lost)[0])
+    monkeypatch.setattr(runtime.store, "requeue_batch",
+                        _failing(runtime.store.requeue_batch, 1, lost)[0])
+    with pytest.raises(redis.ConnectionError):
+        runtime.run_batch(batch_id)
+    assert store.get_request(rid).status is RequestStatus.RUNNING  # the hand-back failed
+    assert list(runtime.unreturned) == [batch_id]
+    worker._beat()  # Redis answers again
+    rec = store.get_request(rid)
+    assert rec.status is RequestStatus.PENDING and rec.retries == 1
+    assert runtime.unreturned == {}

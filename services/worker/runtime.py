@@ -10,6 +10,8 @@ import os
 import time
 from collections.abc import Sequence
 
+from redis.exceptions import RedisError
+
 from services.worker.engine import SliceEngine, SliceInput, SliceOutput, SliceStats
 from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
@@ -95,6 +97,8 @@ class WorkerRuntime:
                         False: SliceEngine(loaded, False, pass_tokens=pass_tokens)}
         self.started_at = now()
         self.publisher = TokenPublisher(store)
+        # batch id -> (batch, reason): failed slices whose hand-back Redis refused
+        self.unreturned: dict[str, tuple[BatchRecord, str]] = {}
         # This runtime's own registry: several workers may live in one (test) process.
         self.metrics = WorkerMetrics(loaded.device)
         if self.pool is not None:
@@ -150,6 +154,7 @@ class WorkerRuntime:
     def run_batch(self, batch_id: str) -> dict[str, float | int | str]:
         """Run one slice of a batch and commit it. Returns a summary (the job's result)."""
         with bound(batch_id=batch_id, instance=self.instance_id):
+            self.retry_hand_backs()
             batch = self.store.get_batch(batch_id)
             deadline = now() + self.settings.slice_timeout_s
             self._drop_released_kv()
@@ -163,10 +168,35 @@ class WorkerRuntime:
                 log.exception("slice_failed", reason=reason)
                 if self.pool is not None:  # whatever it stored is under a dead fence
                     self.pool.discard_all(batch.request_ids)
-                self.store.requeue_batch(
-                    batch, reason, self.settings.max_retries, self.settings.result_ttl_s
-                )
+                self._hand_back(batch, reason)
                 raise
+
+    def _hand_back(self, batch: BatchRecord, reason: str) -> None:
+        """Requeue a failed slice's batch (fenced). When Redis itself is what failed, the
+        hand-back waits in :attr:`unreturned` for :meth:`retry_hand_backs`: the batch
+        stays ``running`` on this live instance meanwhile, which nothing else would
+        notice before the slice timeout (minutes)."""
+        try:
+            self.store.requeue_batch(
+                batch, reason, self.settings.max_retries, self.settings.result_ttl_s)
+        except RedisError as exc:
+            self.unreturned[batch.id] = (batch, reason)
+            log.warning("hand_back_deferred", batch_id=batch.id, error=str(exc))
+
+    def retry_hand_backs(self) -> int:
+        """Hand back the batches whose hand-back failed on a Redis error (called by the
+        heartbeat once a beat succeeds, and before each slice); returns how many went."""
+        done = 0
+        for batch_id, (batch, reason) in list(self.unreturned.items()):
+            try:
+                self.store.requeue_batch(
+                    batch, reason, self.settings.max_retries, self.settings.result_ttl_s)
+            except RedisError:
+                break  # still away: the next beat tries again
+            del self.unreturned[batch_id]
+            done += 1
+            log.info("hand_back_done", batch_id=batch_id)
+        return done
 
     def _serve(self, batch: BatchRecord) -> dict[str, float | int | str]:
         records = self._held_records(batch)

@@ -191,6 +191,11 @@ class WorkerService:
         if self._beat_error is not None:
             log.info("heartbeat_recovered", instance=self.instance_id)
             self._beat_error = None
+        if self.runtime.unreturned:
+            try:  # a slice that failed while Redis was away: its batch goes back now
+                self.runtime.retry_hand_backs()
+            except Exception:  # a beat must never end the heartbeat thread
+                log.exception("hand_back_retry_failed", instance=self.instance_id)
 
     def _beat_failed(self, exc: Exception) -> None:
         """Log the first failure of an outage (connection lost, read timeout, a Redis
