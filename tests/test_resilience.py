@@ -10,6 +10,7 @@ import time
 
 import pytest
 import redis
+from rq import Queue
 
 from shared.core.states import RequestStatus
 from shared.core.store import Store
@@ -106,6 +107,24 @@ def test_a_claimed_batch_without_a_job_is_handed_back_at_once(
     sched.orphan_grace_s = 60.0  # a young batch may still be getting its job
     assert store.claim_batch("b-young", "w0", [stranded], 3, time.time() + 600)
     assert sched.sweep({"w0"}) == 0
+
+
+def test_a_queued_batch_whose_job_left_its_queue_is_handed_back(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """A Redis restart kept the job (status queued) but lost its place in the instance's
+    queue (found by scls chaos: the push was cut off, or the pop was half kept): no worker
+    can take it, so the sweep hands the batch back."""
+    sched, _workers = make_cluster(settings, tiny)
+    sched.orphan_grace_s = 0.0
+    rid = submit(store, [5, 6, 7], max_tokens=3)
+    sched.cycle()
+    batch_id = store.get_request(rid).batch
+    assert sched.sweep({"w0"}) == 0  # queued and listed: a worker will take it
+    queue_key = Queue(store.keys.queue_name("w0"), connection=sched.rq_connection).key
+    assert sched.rq_connection.lrem(queue_key, 0, batch_id) == 1
+    assert sched.sweep({"w0"}) == 1
+    assert store.get_request(rid).status is RequestStatus.PENDING
 
 
 def test_a_slice_failing_with_redis_down_is_handed_back_once_redis_returns(

@@ -258,7 +258,8 @@ class Scheduler:
                 reason = f"instance {batch.instance} stopped heartbeating"
             elif deadline < current:
                 reason = f"batch {batch_id} missed its deadline on {batch.instance}"
-            elif self._orphaned(batch.status, batch.created_at, batch_id, current):
+            elif self._orphaned(batch.status, batch.created_at, batch_id, batch.instance,
+                                current):
                 reason = f"batch {batch_id} was claimed but its slice job was never queued"
             else:
                 continue
@@ -271,15 +272,25 @@ class Scheduler:
                             requeued=result[0], failed=result[1])
         return swept
 
-    def _orphaned(self, status: str, created_at: float, batch_id: str, current: float) -> bool:
-        """Whether a queued batch has no RQ job: the scheduler that claimed it died before
-        enqueueing, the enqueue failed, or a Redis restart lost the enqueue but not the
-        claim (AOF keeps a prefix of the writes). Without this its requests would wait for
-        the queue timeout (``SCLS_QUEUE_TIMEOUT_S``, minutes). Batches younger than
+    def _orphaned(self, status: str, created_at: float, batch_id: str, instance: str,
+                  current: float) -> bool:
+        """Whether a queued batch has no RQ job that a worker can still take: the
+        scheduler that claimed it died before enqueueing, the enqueue failed, or a Redis
+        restart kept the claim and lost the enqueue, or kept the job and lost its place in
+        the queue (AOF keeps a prefix of the writes). Without this its requests would wait
+        for the queue timeout (``SCLS_QUEUE_TIMEOUT_S``, minutes). Batches younger than
         ``orphan_grace_s`` are left alone: their enqueue may be under way."""
         if status != "queued" or current - created_at < self.orphan_grace_s:
             return False
-        return not Job.exists(batch_id, connection=self.rq_connection)
+        job_key = Job.key_for(batch_id)
+        if self.rq_connection.hget(job_key, "status") != b"queued":
+            return not self.rq_connection.exists(job_key)  # started or ended: not ours
+        queue = Queue(self.store.keys.queue_name(instance), connection=self.rq_connection)
+        listed = (queue.get_job_position(batch_id) is not None
+                  or self.rq_connection.lpos(queue.intermediate_queue_key, batch_id) is not None)
+        # Read again: a worker may have taken it between the reads (RQ marks a job started
+        # before it leaves the intermediate list), which is not an orphan.
+        return not listed and self.rq_connection.hget(job_key, "status") == b"queued"
 
     # --- loop -------------------------------------------------------------------------
     def run(self) -> None:
