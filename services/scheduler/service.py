@@ -277,7 +277,8 @@ class Scheduler:
         """Whether a queued batch has no RQ job that a worker can still take: the
         scheduler that claimed it died before enqueueing, the enqueue failed, or a Redis
         restart kept the claim and lost the enqueue, or kept the job and lost its place in
-        the queue (AOF keeps a prefix of the writes). Without this its requests would wait
+        the queue (AOF keeps a prefix of the writes), or the worker that popped it was
+        killed before starting it. Without this its requests would wait
         for the queue timeout (``SCLS_QUEUE_TIMEOUT_S``, minutes). Batches younger than
         ``orphan_grace_s`` are left alone: their enqueue may be under way."""
         if status != "queued" or current - created_at < self.orphan_grace_s:
@@ -285,12 +286,15 @@ class Scheduler:
         job_key = Job.key_for(batch_id)
         if self.rq_connection.hget(job_key, "status") != b"queued":
             return not self.rq_connection.exists(job_key)  # started or ended: not ours
+        # Waiting in its queue: a worker will take it. Popped into RQ's intermediate list
+        # but still not started after the grace: the worker that popped it died (a live one
+        # starts it within milliseconds). Should that worker still start it, start.lua
+        # refuses the requeued batch: a false alarm costs a skipped job, never a request.
         queue = Queue(self.store.keys.queue_name(instance), connection=self.rq_connection)
-        listed = (queue.get_job_position(batch_id) is not None
-                  or self.rq_connection.lpos(queue.intermediate_queue_key, batch_id) is not None)
-        # Read again: a worker may have taken it between the reads (RQ marks a job started
-        # before it leaves the intermediate list), which is not an orphan.
-        return not listed and self.rq_connection.hget(job_key, "status") == b"queued"
+        if queue.get_job_position(batch_id) is not None:
+            return False
+        # Read again: a worker may have taken it between the reads, which is not an orphan.
+        return self.rq_connection.hget(job_key, "status") == b"queued"
 
     # --- loop -------------------------------------------------------------------------
     def run(self) -> None:
