@@ -38,6 +38,7 @@ from shared.policy.batching import (
     slice_cost_matrix,
 )
 from shared.policy.config import BATCHING, JOINT_DP_BATCHING, OFFLOADING, PolicyConfig
+from shared.policy.coststack import EachModel, LinearStack, cost_stack
 from shared.policy.offloading import Placement
 from shared.policy.presets import WHOLE_GENERATION
 from shared.policy.types import (
@@ -99,30 +100,29 @@ def tightest_instance(instances: Sequence[InstanceView]) -> InstanceView:
 
 
 def _estimates(
-    batches: Sequence[FormedBatch], instances: Sequence[InstanceView], open_: np.ndarray
+    batches: Sequence[FormedBatch], instances: Sequence[InstanceView], open_: np.ndarray,
+    stack: LinearStack | EachModel,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(times, memory)``, each (batches x instances); time ``inf`` where it cannot run.
 
     Only open instances (below the horizon) are estimated: the others take nothing this
-    cycle anyway. Instances sharing a cost-model object are estimated once.
+    cycle anyway. Every open instance is priced in one stacked evaluation.
     """
     sizes = np.array([len(b.request_ids) for b in batches], dtype=np.int64)
     padded = np.array([b.padded_len for b in batches], dtype=np.int64)
     slice_length = batches[0].slice_length
     times = np.full((len(batches), len(instances)), np.inf)
     memory = np.zeros_like(times)
-    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for k in np.flatnonzero(open_).tolist():
-        inst = instances[k]
-        if id(inst.cost) not in seen:
-            seen[id(inst.cost)] = (
-                inst.cost.slice_time(sizes, padded, slice_length),
-                inst.cost.slice_memory(sizes, padded, slice_length),
-            )
-        t, m = seen[id(inst.cost)]
-        fits = (m <= inst.memory_budget_bytes) & (padded <= inst.context_limit)
-        times[:, k] = np.where(fits, t, np.inf)
-        memory[:, k] = m
+    cols = np.flatnonzero(open_)
+    if not len(cols):
+        return times, memory
+    t = stack.evaluate("slice_time", sizes, padded, slice_length)[cols].T
+    m = stack.evaluate("slice_memory", sizes, padded, slice_length)[cols].T
+    budget = np.array([instances[k].memory_budget_bytes for k in cols.tolist()])
+    limit = np.array([instances[k].context_limit for k in cols.tolist()])
+    fits = (m <= budget[None, :]) & (padded[:, None] <= limit[None, :])
+    times[:, cols] = np.where(fits, t, np.inf)
+    memory[:, cols] = m
     return times, memory
 
 
@@ -152,8 +152,9 @@ def plan_cycle(
     regular, oversize = runnable.split(fits_alone(runnable, ref, slice_length))
     batches = _affine_batches(regular, insts, config, slice_length, ref)
     batches += single_batching(oversize, ref.cost, 0, slice_length, 1)
-    times, memory = _estimates(batches, insts, open_)
-    home = _price_at_home(batches, insts, times, memory)
+    stack = cost_stack([i.cost for i in insts])
+    times, memory = _estimates(batches, insts, open_, stack)
+    home = _price_at_home(batches, insts, times, memory, stack)
     arrival = np.array([b.oldest_arrival for b in batches])
     age_limit = -np.inf if now is None else now - config.max_wait_s
     problem = Placement(
@@ -311,28 +312,28 @@ def _affine_batches(
 
 def _price_at_home(
     batches: Sequence[FormedBatch], insts: Sequence[InstanceView], times: np.ndarray,
-    memory: np.ndarray,
+    memory: np.ndarray, stack: LinearStack | EachModel,
 ) -> np.ndarray:
     """Put each homed batch's resume time in its home's column (open or not: the offloader
     weighs waiting for a busy home against re-prefilling elsewhere); returns the home's
-    index per batch, -1 for none. One vectorised estimate per home instance; an open
-    home's fit was already checked by :func:`_estimates` (memory does not depend on
-    resuming)."""
-    home = np.full(len(batches), -1)
+    index per batch, -1 for none. Every homed batch is priced on its own home's model in
+    one stacked evaluation; an open home's fit was already checked by :func:`_estimates`
+    (memory does not depend on resuming)."""
     index = {inst.id: k for k, inst in enumerate(insts)}
-    by_home: dict[int, list[int]] = {}
-    for j, b in enumerate(batches):
-        if b.home:
-            by_home.setdefault(index[b.home], []).append(j)
-    for k, rows in by_home.items():
-        inst, idx = insts[k], np.array(rows)
-        sizes = np.array([len(batches[j].request_ids) for j in rows])
-        padded = np.array([batches[j].padded_len for j in rows])
-        s = batches[rows[0]].slice_length
-        # Resuming needs less memory than the prefill _estimates priced it with.
-        memory[idx, k] = inst.cost.resume_memory(sizes, padded, s)
-        fits = (memory[idx, k] <= inst.memory_budget_bytes) & (padded <= inst.context_limit)
-        resume = np.asarray(inst.cost.resume_time(sizes, padded, s), dtype=float)
-        times[idx, k] = np.where(fits, resume, np.inf)
-        home[idx] = k
+    home = np.array([index[b.home] if b.home else -1 for b in batches], dtype=np.int64)
+    rows = np.flatnonzero(home >= 0)
+    if not len(rows):
+        return home
+    which = home[rows]
+    sizes = np.array([len(batches[j].request_ids) for j in rows.tolist()])
+    padded = np.array([batches[j].padded_len for j in rows.tolist()])
+    s = batches[int(rows[0])].slice_length
+    # Resuming needs less memory than the prefill _estimates priced it with.
+    resume_memory = stack.evaluate("resume_memory", sizes, padded, s, which)
+    budget = np.array([insts[k].memory_budget_bytes for k in which.tolist()])
+    limit = np.array([insts[k].context_limit for k in which.tolist()])
+    fits = (resume_memory <= budget) & (padded <= limit)
+    memory[rows, which] = resume_memory
+    times[rows, which] = np.where(fits, stack.evaluate("resume_time", sizes, padded, s, which),
+                                  np.inf)
     return home
