@@ -85,3 +85,10 @@ def test_stream_overhead_command_measures_both_kinds(tmp_path: Path) -> None:
     assert len(report["runs"]["plain"]) == len(report["runs"]["streaming"]) == 2
     assert report["plain_tokens_per_s"] > 0 and report["streaming_tokens_per_s"] > 0
     assert "streaming overhead:" in result.output
+    # The CPU ledger: the publisher wrote (at most one script call per step: 3 decode
+    # steps and the prefill's token per slice) and spent CPU doing it.
+    cpu = report["cpu"]
+    assert 0 < cpu["script_calls_per_step"] <= 4 / 3
+    assert cpu["publisher_cpu_ms_per_step"] > 0 and cpu["step_ms"] > 0
+    assert cpu["cpu_ms_per_step"] >= cpu["publisher_cpu_ms_per_step"]
+    assert "publishing CPU per decode step" in result.output

@@ -7,6 +7,13 @@ Each run is timed from the slice's start until every token entry is written (the
 flushes the publisher before it commits), so publishing that lags behind decoding is
 counted. The report is the median decode throughput of each kind and their ratio; runs
 alternate so that the machine's drift falls on both.
+
+On a noisy machine that ratio scatters by several percent, so the report also counts the
+CPU time publishing takes, which does not depend on the noise: the engine's hand-off to
+the publisher (main thread), the publisher thread's own CPU time, and redis-server's CPU
+time during streaming runs beyond plain ones (``INFO cpu``). Per decode step and as a
+share of the decode's wall time, that is the most publishing can take from the decode
+loop if it competes with it for every core.
 """
 
 from __future__ import annotations
@@ -42,29 +49,75 @@ def _rows(store: Store, loaded: LoadedModel, batch: int, prompt_len: int, slice_
                       for r in records]
 
 
+def _redis_cpu_s(store: Store) -> float:
+    info = store.r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class _CpuLedger:
+    """CPU seconds and decode wall time of each kind of run, and the hand-off's time."""
+
+    def __init__(self) -> None:
+        self.redis = {"plain": 0.0, "streaming": 0.0}
+        self.decode_s = {"plain": 0.0, "streaming": 0.0}
+        self.steps = {"plain": 0, "streaming": 0}
+        self.handoff_s = 0.0  # engine side: building step entries is in the engine either
+        # way; this is the submit calls (queueing), on the decode loop's own thread
+
+    def sink(self, publisher: TokenPublisher, batch_id: str) -> Any:
+        def submit(steps: list[Any]) -> None:
+            start = time.perf_counter()
+            publisher.submit(batch_id, steps)
+            self.handoff_s += time.perf_counter() - start
+        return submit
+
+    def report(self, publisher: TokenPublisher) -> dict[str, float]:
+        per_step = {k: self.redis[k] / max(self.steps[k], 1) for k in self.redis}
+        steps = max(self.steps["streaming"], 1)
+        redis_extra = max(0.0, per_step["streaming"] - per_step["plain"])
+        cpu = publisher.cpu_s / steps + self.handoff_s / steps + redis_extra
+        step_s = self.decode_s["streaming"] / steps
+        return {
+            "publisher_cpu_ms_per_step": 1e3 * publisher.cpu_s / steps,
+            "handoff_ms_per_step": 1e3 * self.handoff_s / steps,
+            "redis_cpu_ms_per_step": 1e3 * redis_extra,
+            "cpu_ms_per_step": 1e3 * cpu,
+            "step_ms": 1e3 * step_s,
+            "cpu_share": cpu / step_s if step_s else 0.0,
+            "script_calls_per_step": publisher.writes / steps,
+        }
+
+
 def measure(store: Store, loaded: LoadedModel, batch: int, prompt_len: int, slice_len: int,
             repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Median decode tokens/s with and without per-token publishing, and their ratio."""
+    """Median decode tokens/s with and without per-token publishing, their ratio, and the
+    CPU time publishing takes per decode step."""
     engine = SliceEngine(loaded)
     publisher = TokenPublisher(store)
     rng = np.random.default_rng(seed)
     rates: dict[str, list[float]] = {"plain": [], "streaming": []}
     ordered: list[float] = []  # every run's rate in run order (ABBA blocks of four)
+    ledger = _CpuLedger()
     published = 0
     try:
         engine.run_slice(_rows(store, loaded, batch, prompt_len, slice_len, False, rng)[1],
                          slice_len)  # warm-up
         for i in range(repeats * 2):
             stream = i % 4 in (1, 2)  # plain, streaming, streaming, plain, ...: ABBA
+            kind = "streaming" if stream else "plain"
             batch_id, rows = _rows(store, loaded, batch, prompt_len, slice_len, stream, rng)
-            sink = (lambda steps, b=batch_id: publisher.submit(b, steps)) if stream else None
+            sink = ledger.sink(publisher, batch_id) if stream else None
+            redis_before = _redis_cpu_s(store)
             _, stats = engine.run_slice(rows, slice_len, sink)
             start = time.perf_counter()
             publisher.flush()
             lag = time.perf_counter() - start
+            ledger.redis[kind] += _redis_cpu_s(store) - redis_before
+            ledger.decode_s[kind] += stats.decode_s + lag
+            ledger.steps[kind] += len(stats.decode_rows)
             decode_tokens = stats.generated_tokens - len(rows)  # the prefill drew the first
             rate = decode_tokens / (stats.decode_s + lag)
-            rates["streaming" if stream else "plain"].append(rate)
+            rates[kind].append(rate)
             ordered.append(rate)
             if stream:
                 published += sum(len(store.events(r.request_id)) for r in rows)
@@ -83,11 +136,13 @@ def measure(store: Store, loaded: LoadedModel, batch: int, prompt_len: int, slic
         "paired_overhead": 1 - statistics.median(paired) if paired else None,
         "block_ratios": [round(r, 4) for r in paired],
         "runs": {k: [round(v, 2) for v in vs] for k, vs in rates.items()},
+        "cpu": ledger.report(publisher),
     }
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The human-readable report."""
+    cpu = result["cpu"]
     return [
         f"{result['model']} on {result['device']}: batch {result['batch']}, prompt "
         f"{result['prompt_len']} tokens, slice {result['slice_length']} steps, "
@@ -98,4 +153,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         + (f", {100 * result['paired_overhead']:.1f}% median over ABBA blocks"
            if result["paired_overhead"] is not None else "")
         + f" ({result['entries_published']} token entries written)",
+        f"publishing CPU per decode step ({cpu['step_ms']:.1f} ms): "
+        f"{cpu['cpu_ms_per_step']:.3f} ms = {100 * cpu['cpu_share']:.2f}% of the step "
+        f"(publisher thread {cpu['publisher_cpu_ms_per_step']:.3f}, hand-off "
+        f"{cpu['handoff_ms_per_step']:.3f}, redis-server {cpu['redis_cpu_ms_per_step']:.3f}; "
+        f"{cpu['script_calls_per_step']:.2f} script calls per step)",
     ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from redis.exceptions import RedisError
 
@@ -35,6 +36,10 @@ class TokenPublisher:
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._failing = False  # log a Redis failure once, not once per step
+        # CPU the publisher thread spent writing, and its script calls: what streaming
+        # takes from the decode loop's cores (`scls stream-overhead` reports it).
+        self.cpu_s = 0.0
+        self.writes = 0
 
     def submit(self, batch_id: str, steps: list[StepTokens]) -> None:
         """Queue one step's tokens of ``batch_id`` (returns at once)."""
@@ -70,7 +75,9 @@ class TokenPublisher:
                 except queue.Empty:
                     break
             stop = _STOP in items
+            started = time.thread_time()
             self._write([item for item in items if item is not _STOP])
+            self.cpu_s += time.thread_time() - started
             for _ in items:
                 self._queue.task_done()
             if stop:
@@ -82,6 +89,7 @@ class TokenPublisher:
             by_batch.setdefault(batch_id, []).extend(steps)
         for batch_id, steps in by_batch.items():
             try:
+                self.writes += 1
                 self.store.publish_tokens(batch_id, steps)
                 if self._failing:
                     log.info("token_stream_recovered")
