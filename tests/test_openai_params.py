@@ -276,6 +276,27 @@ def test_a_streamed_stop_string_is_never_sent(system: System) -> None:
     assert "".join(texts) == whole.text and not any(stop in t for t in texts)
 
 
+def test_a_long_stream_equals_the_non_streamed_text(
+    settings: Settings, tiny: LoadedModel, rclient: Any
+) -> None:
+    """Many slices of per-token entries, decoded incrementally (the tiny model's bytes cut
+    multi-byte characters and leave invalid ones): the joined chunks are the non-streamed
+    text, character for character, for both endpoints."""
+    body = {**GREEDY, "max_tokens": 400}
+    messages = [{"role": "user", "content": "Hello"}]
+    longer = settings.model_copy(update={"max_gen_length": 400, "slice_length": 16})
+    with running(longer, tiny) as system:
+        whole = complete(system, prompt="Hello", **body).choices[0].text
+        chunks = system.call(lambda: list(system.client.completions.create(
+            model=MODEL, prompt="Hello", stream=True, **body)))
+        texts = [c.choices[0].text for c in chunks]
+        whole_chat = chat(system, **body).choices[0].message.content
+        chat_chunks = system.call(lambda: list(system.client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, **body)))
+    assert "".join(texts) == whole and len(whole) > 100
+    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == whole_chat
+
+
 def test_chat_stream_with_n_and_logprobs(system: System) -> None:
     body = {"n": 2, "logprobs": True, "top_logprobs": 1, **GREEDY}
     whole = chat(system, **body)

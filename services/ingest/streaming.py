@@ -91,14 +91,31 @@ class TokenText:
     Entries with ``pos``/``ids`` (per-step ``tokens`` entries, and slice commits) extend the
     ids held when ``pos`` is the number held; ids already held are skipped (a retried slice
     republishes the same tokens) and an entry beyond what is held waits for the slice's
-    commit entry, which covers the whole slice. The text is decoded as the worker's
-    ``text_delta`` does: a trailing U+FFFD (a character cut between tokens) is held back.
+    commit entry, which covers the whole slice.
+
+    Decoding is incremental, as vLLM's detokenizer does it: only a window of ids is decoded,
+    from ``prefix`` (a few ids already sent, so that a tokenizer that strips a leading space
+    or merges across tokens sees them in context) to the end; the text past what
+    ``ids[prefix:read]`` decodes to is new. Text ending in U+FFFD (a character cut between
+    tokens) is held back until its last byte arrives, as the worker's ``text_delta`` does;
+    ``read`` only advances when it is sent, so a window always starts on a character.
+    The cost per token is constant, where decoding every id held each time made a stream's
+    decoding quadratic in its length. A decoder whose window text does not extend the
+    window's prefix text (one that rewrites text across tokens) is decoded whole instead.
     """
 
     decode: Callable[[list[int]], str]
     ids: list[int] = field(default_factory=list)
-    sent: str = ""  # the decoded text handed out so far
-    decoded: int = 0  # ids held at the last decode
+    pieces: list[str] = field(default_factory=list)  # the text handed out, piece by piece
+    decoded: int = 0  # ids held at the last flush
+    prefix: int = 0  # the decode window's first id
+    read: int = 0  # ids whose text is handed out
+    whole: bool = False  # the window is not enough for this decoder: decode every id held
+
+    @property
+    def sent(self) -> str:
+        """The decoded text handed out so far."""
+        return "".join(self.pieces)
 
     def take(self, entry: dict[str, str]) -> str | None:
         """The text ``entry`` adds; None when it carries no ``pos`` (an old worker, or the
@@ -121,11 +138,31 @@ class TokenText:
         if len(self.ids) == self.decoded:  # nothing new (a repeat, a commit of held ids)
             return ""
         self.decoded = len(self.ids)
-        text = self.decode(self.ids).rstrip(_INCOMPLETE)
-        if not text.startswith(self.sent):  # a decoder that rewrites earlier text
-            return ""  # sent text cannot be taken back: the final text settles it
-        out, self.sent = text[len(self.sent):], text
+        out = self._whole_text() if self.whole else self._window_text()
+        if out:
+            self.pieces.append(out)
         return out
+
+    def _window_text(self) -> str:
+        """The new text of the ids past ``read``, from the window ``ids[prefix:]``."""
+        before = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        if not text.startswith(before):  # the decoder rewrote text across the window's
+            self.whole = True  # start: only the whole decode is right for it (vLLM's
+            return self._whole_text()  # detokenizer would send a wrong text here)
+        if len(text) == len(before) or text.endswith(_INCOMPLETE):
+            return ""  # nothing yet (a special token), or a cut character: wait
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+    def _whole_text(self) -> str:
+        """The new text of the ids past ``read``, decoding every id held (the old way)."""
+        text = self.decode(self.ids).rstrip(_INCOMPLETE)
+        sent = self.sent
+        if not text.startswith(sent):  # a decoder that rewrites earlier text
+            return ""  # sent text cannot be taken back: the final text settles it
+        self.prefix = self.read = len(self.ids)
+        return text[len(sent):]
 
 
 @dataclass
