@@ -137,7 +137,8 @@ def test_summary_follows_the_definitions() -> None:
                 outcome(3, 4.0), outcome(4, 0.5, ok=False, tokens=0,
                                          error="HTTP 503: store down")]
     counters = {"slices": 4, "batch_size_sum": 10, "pad_tokens": 7, "invalid_tokens": 3,
-                "recomputed_tokens": 11, "generated_tokens": 40, "busy_s": 6.0}
+                "recomputed_tokens": 11, "generated_tokens": 40, "busy_s": 6.0,
+                "prefill_s": 2.5, "decode_s": 3.25}
     instances = [InstanceUsage("a", 2.0), InstanceUsage("b", 4.0)]
     m = summarize(outcomes, counters, instances, duration_s=8.0,
                   ect_samples=[[1.0, 3.0], [2.0, 2.0]])
@@ -149,6 +150,7 @@ def test_summary_follows_the_definitions() -> None:
     assert m["ttft_p50_s"] == 1.25 and m["queue_time_mean_s"] == 0.625
     assert m["slices_per_request"] == 1.75 and m["early_return_ratio"] == 0.5
     assert m["avg_batch_size"] == 2.5
+    assert (m["prefill_s_total"], m["decode_s_total"]) == (2.5, 3.25)
     assert (m["pad_tokens"], m["invalid_tokens"], m["recomputed_tokens"]) == (7, 3, 11)
     assert m["imbalance_busy_std"] == 1.0
     assert m["imbalance_busy_max_mean"] == pytest.approx(4 / 3)
@@ -161,6 +163,7 @@ def test_ils_batch_size_is_its_time_averaged_concurrency() -> None:
     m = summarize([outcome(0, 1.0)], {"slices": 9, "batch_size_sum": 9, "busy_s": 2.0,
                                       "concurrency_s": 7.0}, [], 1.0)
     assert m["avg_batch_size"] == 3.5
+    assert m["prefill_s_total"] is None  # ILS iterations mix prefill and decode
 
 
 def test_spread_of_balanced_and_idle_clusters() -> None:

@@ -168,6 +168,10 @@ def summarize(
         "kv_misses": int(counters.get("kv_misses", 0)),
         "kv_evictions": int(counters.get("kv_evictions", 0)),
         "busy_s_total": float(counters.get("busy_s", 0.0)),
+        # the slice engine's busy time split (None for ILS, whose iterations mix both):
+        # prefill passes and cache assembly vs decode steps, summed over every slice
+        "prefill_s_total": _positive(counters.get("prefill_s", 0.0)),
+        "decode_s_total": _positive(counters.get("decode_s", 0.0)),
         # measured engine time / the instances' own cost models for the same slices: how
         # much slower than profiled the engines ran (contention); NaN if nothing was priced
         "engine_time_ratio": engine_time_ratio(counters),
@@ -184,6 +188,10 @@ def summarize(
         ],
     }
     return metrics
+
+
+def _positive(value: float) -> float | None:
+    return float(value) if value > 0 else None
 
 
 def _reason(error: str) -> str:
@@ -218,6 +226,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("recomputed_tokens", "recomputed tok", "{:.0f}"),
     ("kv_hits", "KV hits", "{:.0f}"),
     ("kv_misses", "KV misses", "{:.0f}"),
+    ("prefill_s_total", "prefill s", "{:.1f}"),
+    ("decode_s_total", "decode s", "{:.1f}"),
     ("imbalance_busy_std", "busy std s", "{:.2f}"),
     ("imbalance_busy_max_mean", "busy max/mean", "{:.2f}"),
     ("imbalance_ect_std", "ECT std s", "{:.2f}"),
