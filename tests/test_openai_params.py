@@ -231,6 +231,42 @@ def _stream_by_index(chunks: list[Any], chat_: bool) -> tuple[dict[int, str], di
     return texts, last
 
 
+def _logprobs_by_index(chunks: list[Any], chat_: bool) -> dict[int, dict[str, list[Any]]]:
+    """Each choice's streamed logprobs, its chunks' joined (chat: ``content``)."""
+    keys = ("content",) if chat_ else ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    out: dict[int, dict[str, list[Any]]] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            joined = out.setdefault(choice.index, {k: [] for k in keys})
+            for key in keys if choice.logprobs is not None else ():
+                joined[key] += getattr(choice.logprobs, key)
+    return out
+
+
+def _assert_same_logprobs(streamed: dict[str, list[Any]], whole: Any, chat_: bool) -> None:
+    """The streamed logprobs are the non-streamed ones, token for token. Values are equal
+    to float noise: the two requests may run in different batches, whose different padding
+    moves a logprob in its 7th digit."""
+
+    def close(a: float, b: float) -> bool:
+        return a == pytest.approx(b, rel=1e-5, abs=1e-5)
+
+    if chat_:
+        got, want = streamed["content"], whole.content
+        assert [(c.token, c.bytes) for c in got] == [(c.token, c.bytes) for c in want]
+        for g, w in zip(got, want, strict=True):
+            assert close(g.logprob, w.logprob)
+            assert [t.token for t in g.top_logprobs] == [t.token for t in w.top_logprobs]
+            assert all(close(a.logprob, b.logprob)
+                       for a, b in zip(g.top_logprobs, w.top_logprobs, strict=True))
+        return
+    assert streamed["tokens"] == whole.tokens and streamed["text_offset"] == whole.text_offset
+    assert all(close(a, b) for a, b in zip(streamed["token_logprobs"], whole.token_logprobs,
+                                           strict=True))
+    for got, want in zip(streamed["top_logprobs"], whole.top_logprobs, strict=True):
+        assert got.keys() == want.keys() and all(close(got[k], want[k]) for k in got)
+
+
 def test_streamed_choices_interleave_and_equal_the_whole(system: System) -> None:
     body = {"prompt": ["one", "two"], "n": 2, "temperature": 1.0, "seed": 9, "max_tokens": 10,
             "logprobs": 1, "extra_body": {"ignore_eos": True}}
@@ -239,8 +275,9 @@ def test_streamed_choices_interleave_and_equal_the_whole(system: System) -> None
         model=MODEL, stream=True, stream_options={"include_usage": True}, **body)))
     texts, last = _stream_by_index([c for c in chunks if c.choices], chat_=False)
     assert texts == {c.index: c.text for c in whole.choices}
-    for choice in whole.choices:  # all logprobs travel in the choice's last chunk
-        assert last[choice.index].logprobs.tokens == choice.logprobs.tokens
+    streamed = _logprobs_by_index([c for c in chunks if c.choices], chat_=False)
+    for choice in whole.choices:  # the chunks' logprobs, joined, are the whole answer's
+        _assert_same_logprobs(streamed[choice.index], choice.logprobs, chat_=False)
         assert last[choice.index].finish_reason == "length"
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 40
 
@@ -304,8 +341,59 @@ def test_chat_stream_with_n_and_logprobs(system: System) -> None:
         model=MODEL, messages=[{"role": "user", "content": "Hello"}], stream=True, **body)))
     texts, last = _stream_by_index(chunks, chat_=True)
     assert texts == {c.index: c.message.content for c in whole.choices}
-    for i in (0, 1):
-        assert len(last[i].logprobs.content) == 8
+    streamed = _logprobs_by_index(chunks, chat_=True)
+    for choice in whole.choices:
+        _assert_same_logprobs(streamed[choice.index], choice.logprobs, chat_=True)
+        assert len(streamed[choice.index]["content"]) == 8
+
+
+@pytest.mark.parametrize("chat_", [False, True], ids=["completions", "chat"])
+def test_streamed_logprobs_come_with_their_text_and_equal_the_whole(
+    system: System, store: Store, chat_: bool
+) -> None:
+    """Each text chunk carries the logprobs of the tokens it completes (the worker publishes
+    them with the ids), not all in the last chunk; with a stop string, the tokens of the
+    stop string (never sent) come in the last chunk: joined, the non-streamed logprobs (and
+    exactly the streamed request's own, as its record holds them)."""
+    prompt = "Stop here"
+    asks: dict[str, Any] = {"logprobs": True, "top_logprobs": 2} if chat_ else {"logprobs": 2}
+
+    def create(stream: bool, **body: Any) -> Any:
+        """The answer, or the stream's chunks (read while the system serves them)."""
+        body = {**GREEDY, "max_tokens": 32, "stream": stream, **body}
+
+        def call() -> Any:
+            if chat_:
+                out = system.client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": prompt}], **body)
+            else:
+                out = system.client.completions.create(model=MODEL, prompt=prompt, **body)
+            return list(out) if stream else out
+
+        return system.call(call)
+
+    def text(choice: Any) -> str:
+        return str(choice.message.content if chat_ else choice.text)
+
+    free = text(create(False).choices[0])
+    # the last two characters that occur nowhere before: the stop string
+    at = max(k for k in range(1, len(free) - 1)
+             if "\ufffd" not in free[k:k + 2] and free[k:k + 2] not in free[:k + 1])
+    whole = create(False, stop=[free[at:at + 2]], **asks).choices[0]
+    assert whole.finish_reason == "stop" and text(whole) == free[:at]
+    chunks = create(True, stop=[free[at:at + 2]], **asks)
+    assert _stream_by_index(chunks, chat_)[0][0] == text(whole)
+    streamed = _logprobs_by_index(chunks, chat_)[0]
+    _assert_same_logprobs(streamed, whole.logprobs, chat_)
+    record = store.get_request(chunks[0].id.split("-", 1)[1])
+    assert record is not None and record.generated_ids
+    values = ([c.logprob for c in streamed["content"]] if chat_
+              else streamed["token_logprobs"])
+    assert values == [lp.logprob for lp in record.logprobs]
+    carrying = [c for c in chunks[:-1] if c.choices and c.choices[0].logprobs is not None]
+    assert carrying  # with the text, not all in the last chunk
+    last = chunks[-1].choices[0].logprobs
+    assert (len(last.content) if chat_ else len(last.tokens)) >= 1  # the stop string's
 
 
 def test_the_ignored_fields_are_accepted(system: System) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -46,7 +46,13 @@ from services.ingest.streaming import (
 from services.ingest.validation import APIError, ClientDisconnected, RequestChecks, error_type
 from shared.core.async_store import AsyncStore
 from shared.core.keys import Keys
-from shared.core.records import RequestParams, RequestRecord, new_request_id, now
+from shared.core.records import (
+    RequestParams,
+    RequestRecord,
+    TokenLogprob,
+    new_request_id,
+    now,
+)
 from shared.core.states import FinishReason, RequestStatus
 from shared.core.store import CancelOutcome
 from shared.core.waiter import EventWaiter
@@ -356,20 +362,32 @@ def completion_logprobs(strings: TokenStrings, record: RequestRecord) -> Complet
     """OpenAI's legacy ``logprobs`` of a text completion: per generated token its text, its
     logprob, ``{text: logprob}`` of the chosen token and the k alternatives (vLLM's shape),
     and its offset in the choice's text."""
-    tokens = [strings(t) for t in record.generated_ids[:len(record.logprobs)]]
-    offsets, at = [], 0
+    return completion_block(strings, record.generated_ids, record.logprobs)
+
+
+def completion_block(strings: TokenStrings, ids: Sequence[int],
+                     logprobs: Sequence[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+    """:func:`completion_logprobs` of some tokens, the first at ``offset`` in the text."""
+    tokens = [strings(t) for t in ids[:len(logprobs)]]
+    offsets, at = [], offset
     for text in tokens:
         offsets.append(at)
         at += len(text)
     tops = [{**{strings(t): v for t, v in lp.top}, tok: lp.logprob}
-            for tok, lp in zip(tokens, record.logprobs, strict=False)]
-    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in record.logprobs],
+            for tok, lp in zip(tokens, logprobs, strict=False)]
+    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in logprobs],
                               top_logprobs=tops, text_offset=offsets)
 
 
 def chat_logprobs(strings: TokenStrings, record: RequestRecord) -> ChatLogprobs:
     """Chat's ``logprobs.content``: per generated token its text, logprob, UTF-8 bytes and
     its ``top_logprobs`` alternatives."""
+    return chat_block(strings, record.generated_ids, record.logprobs)
+
+
+def chat_block(strings: TokenStrings, ids: Sequence[int],
+               logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
+    """:func:`chat_logprobs` of some tokens."""
 
     def top(token_id: int, logprob: float) -> TopLogprob:
         text = strings(token_id)
@@ -378,9 +396,28 @@ def chat_logprobs(strings: TokenStrings, record: RequestRecord) -> ChatLogprobs:
     content = [
         ChatTokenLogprob(**top(t, lp.logprob).model_dump(),
                          top_logprobs=[top(a, v) for a, v in lp.top])
-        for t, lp in zip(record.generated_ids, record.logprobs, strict=False)
+        for t, lp in zip(ids, logprobs, strict=False)
     ]
     return ChatLogprobs(content=content)
+
+
+@dataclass
+class StreamedLogprobs:
+    """A streamed choice's ``logprobs`` blocks, chunk by chunk, in the non-streamed shapes
+    (:data:`services.ingest.streaming.LogprobsBlock`): joined, they are the non-streamed
+    block (completions' ``text_offset`` runs on from chunk to chunk)."""
+
+    strings: TokenStrings
+    chat: bool
+    offset: int = 0  # completions: the text offset of the next token
+
+    def __call__(self, ids: list[int], logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        """The block of the next tokens, ``ids`` with their ``logprobs``."""
+        if self.chat:
+            return chat_block(self.strings, ids, logprobs).model_dump()
+        block = completion_block(self.strings, ids, logprobs, self.offset)
+        self.offset += sum(len(token) for token in block.tokens)
+        return block.model_dump()
 
 
 @dataclass(frozen=True)
@@ -397,6 +434,10 @@ class Shape:
         if not self.logprobs:
             return None
         return (chat_logprobs if self.chat else completion_logprobs)(strings, record)
+
+    def streamed_logprobs(self, strings: TokenStrings) -> StreamedLogprobs | None:
+        """A streamed choice's logprobs blocks, or None when the client did not ask."""
+        return StreamedLogprobs(strings, self.chat) if self.logprobs else None
 
     def echoed(self, index: int) -> str:
         """Text choice ``index`` starts with (its prompt, with ``echo``)."""
@@ -423,10 +464,9 @@ def stream(request: Request, records: list[RequestRecord], body: GenerationParam
     def finisher(record: RequestRecord) -> Callable[[], Awaitable[Finished]]:
         async def finish() -> Finished:
             done = ended[record.id] = await finished(ingest, record)
-            logprobs = shape.logprobs_of(strings, done)
             return Finished(done.text, finish_reason(done), usage(done).model_dump(),
-                            scls_info(done).model_dump(),
-                            None if logprobs is None else logprobs.model_dump())
+                            scls_info(done).model_dump(), done.generated_ids,
+                            list(done.logprobs))
         return finish
 
     def total() -> dict[str, int]:
@@ -441,9 +481,11 @@ def stream(request: Request, records: list[RequestRecord], body: GenerationParam
         choices = [
             ChoiceStream(
                 index=i, events=await ingest.waiter.subscribe(key),
-                holdback=StopHoldback(r.params.stop), text=TokenText(ingest.codec.decode),
+                holdback=StopHoldback(r.params.stop),
+                text=TokenText(ingest.codec.decode, per_token=shape.logprobs),
                 finish=finisher(r), timeout_error=partial(_timeout, r.id, timeout_s),
                 echo=shape.echoed(i), prompt_tokens=len(r.prompt_ids),
+                logprobs=shape.streamed_logprobs(strings),
             )
             for i, (r, key) in enumerate(zip(records, keys, strict=True))
         ]

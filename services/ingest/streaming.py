@@ -9,9 +9,13 @@ Entries without ``pos`` (older workers, the ILS runtime) are forwarded by their 
 once per slice. With ``n`` > 1 or batched prompts, every choice is a request of its own and
 the chunks of all are interleaved, each with its choice ``index`` (:func:`stream_chunks`).
 
-Log-probabilities, when asked, travel in each choice's last chunk, for all its tokens (they
-are read from the finished request's record): text chunks before it carry ``"logprobs":
-null``.
+Log-probabilities, when asked, travel with the text: the worker publishes each token's with
+its id (the ``tokens`` entry's ``logprobs`` field, a JSON array in the record's form), and a
+chunk carries those of the tokens whose text it completes (:meth:`ChoiceStream.chunks`).
+Tokens whose logprobs did not come that way (a commit entry filled a gap; an old worker), and
+tokens whose text is never sent (a stop string), travel in the choice's last chunk, read
+from the finished request's record; so the chunks' logprobs, joined, are the non-streamed
+answer's.
 
 Stop strings: the worker ends a request at a stop string and the final text is cut before
 it, but a stop string can begin in one slice and end in the next. Text that could be the
@@ -26,6 +30,8 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from shared.core.records import TokenLogprob
 
 DONE = "data: [DONE]\n\n"
 
@@ -102,11 +108,21 @@ class TokenText:
     The cost per token is constant, where decoding every id held each time made a stream's
     decoding quadratic in its length. A decoder whose window text does not extend the
     window's prefix text (one that rewrites text across tokens) is decoded whole instead.
+
+    Each id's log-probability, when its entry brings one, is kept with it (``logprobs``),
+    and each id whose text is handed out gets the length of the text handed out once its
+    text is (``ends``): a chunk carries the logprobs of the tokens whose text it completes.
+    With ``per_token``, a flush decodes its ids one by one, so that each gets its own end
+    (a batch decoded at once would give all its ids the batch's end).
     """
 
     decode: Callable[[list[int]], str]
+    per_token: bool = False  # the stream sends logprobs: an end per id
     ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per id: its entry's
+    ends: list[int] = field(default_factory=list)  # per id read: text length with it sent
     pieces: list[str] = field(default_factory=list)  # the text handed out, piece by piece
+    chars: int = 0  # length of the text handed out
     decoded: int = 0  # ids held at the last flush
     prefix: int = 0  # the decode window's first id
     read: int = 0  # ids whose text is handed out
@@ -131,38 +147,60 @@ class TokenText:
         new = [int(t) for t in entry.get("ids", "").split(",") if t]
         if pos <= held < pos + len(new):  # else a gap (missed entries) or nothing new
             self.ids.extend(new[held - pos:])
+            self.logprobs.extend(_logprobs(entry, len(new))[held - pos:])
         return True
 
     def flush(self) -> str:
         """The text the ids added since the last flush bring."""
         if len(self.ids) == self.decoded:  # nothing new (a repeat, a commit of held ids)
             return ""
-        self.decoded = len(self.ids)
-        out = self._whole_text() if self.whole else self._window_text()
-        if out:
-            self.pieces.append(out)
-        return out
+        start, self.decoded = self.decoded, len(self.ids)
+        if not self.per_token:
+            return self._text_upto(len(self.ids))
+        return "".join([self._text_upto(upto) for upto in range(start + 1, len(self.ids) + 1)])
 
-    def _window_text(self) -> str:
-        """The new text of the ids past ``read``, from the window ``ids[prefix:]``."""
+    def _text_upto(self, upto: int) -> str:
+        """The new text of ``ids[read:upto]`` (none while it ends in a cut character)."""
+        if self.whole:
+            return self._whole_text(upto)
         before = self.decode(self.ids[self.prefix:self.read])
-        text = self.decode(self.ids[self.prefix:])
+        text = self.decode(self.ids[self.prefix:upto])
         if not text.startswith(before):  # the decoder rewrote text across the window's
             self.whole = True  # start: only the whole decode is right for it (vLLM's
-            return self._whole_text()  # detokenizer would send a wrong text here)
+            return self._whole_text(upto)  # detokenizer would send a wrong text here)
         if len(text) == len(before) or text.endswith(_INCOMPLETE):
             return ""  # nothing yet (a special token), or a cut character: wait
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
+        self.prefix = self.read
+        return self._hand_out(text[len(before):], upto)
 
-    def _whole_text(self) -> str:
-        """The new text of the ids past ``read``, decoding every id held (the old way)."""
-        text = self.decode(self.ids).rstrip(_INCOMPLETE)
+    def _whole_text(self, upto: int) -> str:
+        """The new text of ``ids[read:upto]``, decoding every id before (the old way)."""
+        full = self.decode(self.ids[:upto])
+        text = full.rstrip(_INCOMPLETE)
         sent = self.sent
         if not text.startswith(sent):  # a decoder that rewrites earlier text
             return ""  # sent text cannot be taken back: the final text settles it
-        self.prefix = self.read = len(self.ids)
-        return text[len(sent):]
+        # Ids whose text is not complete yet are read with what completes it.
+        return self._hand_out(text[len(sent):], upto if text == full else self.read)
+
+    def _hand_out(self, new: str, upto: int) -> str:
+        """Record ``new`` as handed out, completing the text of ``ids[read:upto]``."""
+        self.chars += len(new)
+        self.ends.extend([self.chars] * (upto - self.read))
+        self.read = max(self.read, upto)
+        if new:
+            self.pieces.append(new)
+        return new
+
+
+def _logprobs(entry: dict[str, str], count: int) -> list[TokenLogprob | None]:
+    """The ``count`` ids' logprobs that ``entry`` brings: each token's as the worker
+    published it, or None for each (a commit entry, a request that did not ask)."""
+    raw = entry.get("logprobs")
+    if not raw:
+        return [None] * count
+    items: list[TokenLogprob | None] = [TokenLogprob.from_json(item) for item in json.loads(raw)]
+    return items if len(items) == count else [None] * count  # never half a list
 
 
 @dataclass
@@ -220,7 +258,13 @@ class Finished:
     finish_reason: str | None
     usage: dict[str, int]
     scls: dict[str, Any] = field(default_factory=dict)  # the non-streamed body's scls block
-    logprobs: dict[str, Any] | None = None  # every token's, in the choice's last chunk
+    generated_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated id, if asked
+
+
+#: A choice's ``logprobs`` block for some of its tokens (ids and their logprobs), in the
+#: endpoint's shape; called on consecutive runs of tokens, in order.
+LogprobsBlock = Callable[[list[int], list[TokenLogprob]], dict[str, Any]]
 
 
 @dataclass
@@ -235,7 +279,10 @@ class ChoiceStream:
     timeout_error: Callable[[], Exception]
     echo: str = ""  # completions' ``echo``: the prompt, sent first
     prompt_tokens: int = 0  # for ``continuous_usage_stats``
+    logprobs: LogprobsBlock | None = None  # the client asked for logprobs
     done: bool = False  # its last chunk was produced
+    logprobs_sent: int = 0  # tokens whose logprobs a chunk carried
+    by_text: bool = True  # the text is the ids' (no entry fed its own delta)
 
     def usage_so_far(self) -> dict[str, int]:
         """Usage of this choice so far: its prompt and the tokens received."""
@@ -245,8 +292,8 @@ class ChoiceStream:
 
     async def chunks(self, fmt: ChunkFormat, deadline: float) -> AsyncIterator[dict[str, Any]]:
         """This choice's chunks: the echoed prompt, a chunk per batch of events that
-        releases text, then the last one with the finish reason (and all logprobs, when
-        asked)."""
+        releases text (with the logprobs of the tokens whose text it completes, when
+        asked), then the last one with the finish reason (and the logprobs not sent yet)."""
         if self.echo:
             yield fmt.chunk(self.echo, index=self.index, usage=self.usage_so_far())
         while True:
@@ -260,17 +307,41 @@ class ChoiceStream:
                 if kind == "final":
                     released += self.holdback.feed(self.text.flush())
                     if released:  # what the entries before it released: a chunk of its own
-                        yield fmt.chunk(released, index=self.index, usage=self.usage_so_far())
+                        yield self._text_chunk(fmt, released)
                     yield await self._last_chunk(fmt)
                     return
                 if not self.text.add(entry):  # no pos: the entry's own text delta
                     released += self.holdback.feed(self.text.flush())
                     released += self.holdback.feed(entry.get("delta", ""))
-            # One decode for every entry that was waiting: a loaded ingest that falls
-            # behind decodes less often instead of more.
+                    self.by_text = False  # the ids' text ends no longer match: logprobs wait
+            # One flush for every entry that was waiting: a loaded ingest that falls
+            # behind sends fewer, larger chunks (and, without logprobs, decodes once).
             released += self.holdback.feed(self.text.flush())
             if released:
-                yield fmt.chunk(released, index=self.index, usage=self.usage_so_far())
+                yield self._text_chunk(fmt, released)
+
+    def _text_chunk(self, fmt: ChunkFormat, released: str) -> dict[str, Any]:
+        """A chunk of released text, with the logprobs of the tokens it completes."""
+        return fmt.chunk(released, index=self.index, logprobs=self._released_logprobs(),
+                         usage=self.usage_so_far())
+
+    def _released_logprobs(self) -> dict[str, Any] | None:
+        """The logprobs block of the tokens whose text has all been released since the
+        last one, in order, up to the first whose logprobs did not come with it; None when
+        there are none (or the client did not ask)."""
+        if self.logprobs is None or not self.by_text:
+            return None
+        text, start = self.text, self.logprobs_sent
+        upto = start
+        # The held-back text (a possible stop string) holds its tokens' logprobs back too.
+        while (upto < len(text.ends) and text.ends[upto] <= self.holdback.sent
+               and text.logprobs[upto] is not None):
+            upto += 1
+        if upto == start:
+            return None
+        self.logprobs_sent = upto
+        return self.logprobs(text.ids[start:upto],
+                             [lp for lp in text.logprobs[start:upto] if lp is not None])
 
     async def _next_entries(self, deadline: float) -> list[dict[str, str]]:
         """The next entry (waiting until ``deadline``) and every one queued behind it."""
@@ -286,10 +357,16 @@ class ChoiceStream:
         return entries
 
     async def _last_chunk(self, fmt: ChunkFormat) -> dict[str, Any]:
-        """The choice's last chunk: text not sent yet, the finish reason, the logprobs."""
+        """The choice's last chunk: text not sent yet, the finish reason, the logprobs not
+        sent yet (from the record: every generated token's, the stop string's too)."""
         done = await self.finish()
+        logprobs = None
+        start = self.logprobs_sent
+        if self.logprobs is not None and (start < len(done.logprobs) or start == 0):
+            logprobs = self.logprobs(done.generated_ids[start:len(done.logprobs)],
+                                     done.logprobs[start:])
         last = fmt.chunk(self.holdback.finish(done.text), done.finish_reason, self.index,
-                         done.logprobs, done.usage)
+                         logprobs, done.usage)
         if done.scls:  # our extension, as in the non-streamed body; clients ignore it
             last["scls"] = done.scls
         self.done = True

@@ -397,8 +397,11 @@ class SliceEngine:
             before = len(row.new_ids)
             self._take(row, int(token), logprob)
             if row.spec.params.stream and len(row.new_ids) > before:
+                # The logprob goes with its token, so a chunk carries its tokens' logprobs;
+                # None (the row did not ask) adds nothing to the entry.
                 taken.append(StepTokens(row.spec.request_id, row.spec.fence,
-                                        row.position - 1, [int(token)]))
+                                        row.position - 1, [int(token)],
+                                        () if logprob is None else (logprob,)))
         if taken and self._on_tokens is not None:
             self._on_tokens(taken)
 

@@ -258,6 +258,7 @@ class StepTokens:
     fence: int  # the slice's fence for the request: publishing is fenced like the commit
     position: int  # index within the request's generated tokens of the first of ``ids``
     ids: list[int]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per id when the request asks
 
 
 @dataclass(frozen=True)

@@ -280,12 +280,15 @@ class Store:
 
     def publish_tokens(self, batch_id: str, steps: Sequence[StepTokens]) -> int:
         """Append streaming requests' new tokens to their event streams, fenced (see
-        ``lua/publish_tokens.lua``); returns how many entries were written."""
+        ``lua/publish_tokens.lua``), with their logprobs when the request asks (a JSON
+        array in the record's form); returns how many entries were written."""
         keys: list[str] = []
         args: list[str | int] = [batch_id]
         for step in steps:
             keys += [self.keys.request(step.request_id), self.keys.events(step.request_id)]
-            args += [step.fence, step.position, ",".join(map(str, step.ids))]
+            logprobs = (json.dumps([lp.to_json() for lp in step.logprobs], separators=(",", ":"))
+                        if step.logprobs else "")
+            args += [step.fence, step.position, ",".join(map(str, step.ids)), logprobs]
         return int(self._publish_tokens(keys=keys, args=args)) if steps else 0
 
     def requeue_batch(
