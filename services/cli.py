@@ -132,10 +132,14 @@ def up(model: ModelOpt = None, workers: WorkersOpt = None, port: PortOpt = None,
 
     typer.echo("starting; on first start each worker profiles its hardware (SmolLM2: about "
                "11 min on 2 CPU cores; cached afterwards; SCLS_PROFILE_MODE=cached skips it)")
-    deployment.start(ready_timeout_s=3600)  # Ctrl-C here interrupts and cleans up
+    # A stop signal can come at any moment, so the try covers the start too, and SIGTERM's
+    # handler is set before start(), which restores it when it returns: a moment with the
+    # default one would kill us outright and leave the children (own sessions) running.
     signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     try:
+        # SIGTERM (exit 143) or Ctrl-C while it starts: it stops what it started, raises
+        deployment.start(ready_timeout_s=3600)
+        signal.signal(signal.SIGINT, request_stop)
         typer.echo(
             f"scls is up: {deployment.url}  (redis {deployment.settings.redis_url}, "
             f"{deployment.settings.workers} workers, model {deployment.settings.model}); "
@@ -150,6 +154,7 @@ def up(model: ModelOpt = None, workers: WorkersOpt = None, port: PortOpt = None,
             deployment.check_children()
         typer.echo("stopping ...")
     finally:
+        signal.signal(signal.SIGINT, request_stop)  # a second Ctrl-C must not cut it short
         deployment.stop()
 
 

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -42,27 +42,100 @@ def default_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-@contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """Inside the block, the first SIGTERM raises ``SystemExit(143)`` (later ones are
-    ignored, so the clean-up it triggers is not cut short); the handler before it is
-    restored after. Signal handlers exist in the main thread only: elsewhere, nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    raised = False
+#: Seconds :meth:`LocalDeployment.stop` gives its children after SIGTERM (a worker finishes
+#: its slice, the scheduler hands back its lock) before it SIGKILLs the process group of each
+#: one still running.
+STOP_GRACE_S = 60.0
 
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        nonlocal raised
-        if not raised:
-            raised = True
-            raise SystemExit(128 + signum)
+#: The stop signals :class:`_StopSignals` handles, and the exception each one raises.
+_EXITS: dict[int, Callable[[int], BaseException]] = {
+    signal.SIGTERM: lambda signum: SystemExit(128 + signum),
+    signal.SIGINT: lambda _signum: KeyboardInterrupt(),
+}
+_DEFAULT_INT = signal.default_int_handler
 
-    previous = signal.signal(signal.SIGTERM, handler)
+
+class _StopSignals:
+    """SIGTERM (and SIGINT, while Python's default handler has it) during a deployment's
+    start: the first one raises (``SystemExit(143)``; ``KeyboardInterrupt``) so the start
+    stops what it started, later ones are ignored so that clean-up is not cut short.
+
+    Inside :meth:`deferred` the first one is only recorded and raised when the block ends:
+    a child is started and registered there, and an exception between its fork and its
+    registration would leave it running, unknown to :meth:`LocalDeployment.stop` (its own
+    session keeps it out of reach of anything else)."""
+
+    def __init__(self) -> None:
+        self._deferring = 0
+        self._pending: int | None = None
+        self._raised = False
+
+    def _handler(self, signum: int, _frame: FrameType | None) -> None:
+        if self._raised or self._pending is not None:
+            return
+        if self._deferring:
+            self._pending = signum
+            return
+        self._raised = True
+        raise _EXITS[signum](signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle the stop signals inside the block; the previous handlers are restored
+        after. Signal handlers exist in the main thread only: elsewhere, nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._pending, self._raised = None, False
+        previous: dict[int, Any] = {}
+        for signum in _EXITS:
+            if signum == signal.SIGINT and signal.getsignal(signum) is not _DEFAULT_INT:
+                continue  # someone else owns Ctrl-C (or ignores it)
+            previous[signum] = signal.signal(signum, self._handler)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A stop signal inside the block is raised when it ends (at once if none is
+        installed: then nothing is recorded)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+            if not self._deferring and self._pending is not None and not self._raised:
+                self._raised = True
+                raise _EXITS[self._pending](self._pending)
+
+
+def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:
+    """``proc``'s return code (as Popen's: ``-N`` for signal N) once it exited, else None,
+    without reaping it: while it is a zombie its process group id cannot be reused, so a
+    ``killpg`` still reaches only what it left in its group."""
+    if proc.returncode is not None:
+        return proc.returncode
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped elsewhere
+        return proc.poll()
+    if info is None:
+        return None
+    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
+
+
+def _end_child(proc: subprocess.Popen[bytes], deadline: float) -> None:
+    """Wait until ``proc`` exits or ``deadline`` passes, SIGKILL its process group (itself if
+    still running, and whatever it started and left behind), then reap it."""
+    if proc.returncode is None:
+        while _exit_status(proc) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 class LocalDeployment:
@@ -78,6 +151,7 @@ class LocalDeployment:
         #: ingest serves its metrics at ``{url}/metrics``. Empty when metrics_port is 0.
         self.metrics_ports: dict[str, int] = {}
         self._logs: list[IO[bytes]] = []
+        self._signals = _StopSignals()
 
     @property
     def url(self) -> str:
@@ -93,28 +167,29 @@ class LocalDeployment:
     def start(self, ready_timeout_s: float = 600.0) -> LocalDeployment:
         """Start everything and wait until ingest answers and every worker registered.
 
-        A SIGTERM meanwhile stops what was started and exits (143): the children run in
-        sessions of their own, so nothing else would stop them.
+        A SIGTERM (or Ctrl-C) meanwhile stops what was started (:meth:`stop`) and exits
+        (143; ``KeyboardInterrupt``): the children run in sessions of their own, so nothing
+        else would stop them. Then the previous handlers are back.
         """
-        with _sigterm_exits():
+        with self._signals.installed():
             return self._start(ready_timeout_s)
 
     def _start(self, ready_timeout_s: float) -> LocalDeployment:
-        updates: dict[str, object] = {}
-        if not self._base.redis_url:
-            self.redis = EmbeddedRedis().start()
-            updates["redis_url"] = self.redis.url
-        if self._base.port == 0:
-            updates["port"] = free_port()
-        if self._base.torch_threads is None:
-            updates["torch_threads"] = default_threads(self._base.workers)
-        self.settings = self._base.model_copy(update=updates)
-        # Convert the model once here, not in N children at once (quietly: no tqdm bars).
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        ensure_cached(self.settings.model, self.settings.cache_dir)
         try:
+            self._start_redis()
+            updates: dict[str, object] = {}
+            if self.redis is not None:
+                updates["redis_url"] = self.redis.url
+            if self._base.port == 0:
+                updates["port"] = free_port()
+            if self._base.torch_threads is None:
+                updates["torch_threads"] = default_threads(self._base.workers)
+            self.settings = self._base.model_copy(update=updates)
+            # Convert the model once here, not in N children at once (quietly: no tqdm bars).
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            ensure_cached(self.settings.model, self.settings.cache_dir)
             self._spawn("ingest", ["ingest"])
             self._spawn("scheduler", ["scheduler"], self._metrics_env("scheduler"))
             for i in range(self.settings.workers):
@@ -125,6 +200,13 @@ class LocalDeployment:
             self.stop()
             raise
         return self
+
+    def _start_redis(self) -> None:
+        """The embedded Redis, unless a URL is set; known to stop() before it runs."""
+        if not self._base.redis_url:
+            with self._signals.deferred():
+                self.redis = EmbeddedRedis()
+                self.redis.start()
 
     def _metrics_env(self, name: str) -> dict[str, str]:
         """A metrics port of its own for one child (all of them share this machine), bound
@@ -137,15 +219,25 @@ class LocalDeployment:
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
         env = {**os.environ, **settings_env(self.settings), **(extra_env or {})}
-        out: IO[bytes] | int | None = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 closed in stop()
-            self._logs.append(handle)
-            out = handle
-        self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
-            env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+        # A stop signal between the fork and the registration below would leave the child
+        # running unknown to stop(): it waits until the child is in self.children.
+        with self._signals.deferred():
+            out: IO[bytes] | None = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 closed in stop()
+                self._logs.append(out)
+            self.children[name] = self._popen(self._command(args), env, out)
+
+    def _command(self, args: list[str]) -> list[str]:
+        """The command line of a child: ``scls <args>`` with this interpreter."""
+        return [sys.executable, "-m", "services.cli", *args]
+
+    def _popen(self, command: list[str], env: dict[str, str],
+               out: IO[bytes] | None) -> subprocess.Popen[bytes]:
+        """Start one child process (its output to ``out``, else to ours)."""
+        return subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
             # Own session and process group: a terminal's Ctrl-C (SIGINT to the foreground
             # group) reaches only `scls up`, whose stop() then drains the workers with
             # SIGTERM and stops Redis last; otherwise every child died at once, mid-drain.
@@ -170,32 +262,34 @@ class LocalDeployment:
         raise TimeoutError(f"deployment not ready after {timeout_s:.0f}s (see logs)")
 
     def check_children(self) -> None:
-        """Raise if a child process has exited."""
+        """Raise if a child process has exited (left unreaped: stop() ends its group)."""
         for name, proc in self.children.items():
-            if proc.poll() is not None:
+            if _exit_status(proc) is not None:
                 where = f" (log: {self.log_dir / (name + '.log')})" if self.log_dir else ""
-                raise RuntimeError(f"{name} exited with code {proc.returncode}{where}")
+                raise RuntimeError(f"{name} exited with code {_exit_status(proc)}{where}")
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """SIGTERM every child (workers finish their slice), wait, then stop Redis."""
-        for proc in self.children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for proc in self.children.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.children.clear()
-        self.metrics_ports.clear()
-        for handle in self._logs:
-            handle.close()
-        self._logs.clear()
-        if self.redis is not None:
-            self.redis.stop()
-            self.redis = None
+    def stop(self, timeout_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM every child (workers finish their slice) and wait; after ``timeout_s``
+        SIGKILL the process group of each one still running. Every child's group is
+        SIGKILLed once it exited too (nothing it started outlives it), and every child is
+        reaped before Redis stops: none is left running when this returns."""
+        with self._signals.deferred():  # a stop signal meanwhile must not cut it short
+            procs = list(self.children.values())
+            for proc in procs:
+                if proc.returncode is None:  # not poll(): an exited child stays unreaped
+                    with suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for proc in procs:
+                _end_child(proc, deadline)
+            self.children.clear()
+            self.metrics_ports.clear()
+            for handle in self._logs:
+                handle.close()
+            self._logs.clear()
+            if self.redis is not None:
+                self.redis.stop()
+                self.redis = None
 
     def __enter__(self) -> LocalDeployment:
         return self.start()
