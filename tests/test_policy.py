@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,14 @@ from shared.policy.batching import (
     slice_cost_matrix,
 )
 from shared.policy.config import PolicyConfig, with_cursor
-from shared.policy.offloading import Placement, least_requests, max_min, round_robin
+from shared.policy.offloading import (
+    Placement,
+    fcfs_ect,
+    least_requests,
+    max_min,
+    prefill_first,
+    round_robin,
+)
 from shared.policy.planning import plan_cycle, select_candidates, split_never_fit
 from shared.policy.presets import POLICIES
 from shared.policy.types import Candidate, CandidatePool, InstanceView
@@ -377,9 +384,32 @@ def test_max_min_estimates_each_batch_on_its_target_instance() -> None:
     assert batch.estimated_s == pytest.approx(float(COST.slice_time(4, 403, 32)))
 
 
+# One instance, horizon 3 s: batches 0, 1, 3 are fresh (arrived at 0, 1, 3 s), batch 2
+# resumes K/V kept on the instance (arrived at 2 s). What each order places before the
+# instance closes; a resuming batch never moves while fresh work waits.
+ORDER_CASES = [
+    # max-min: resuming first, then longest (1: 2.5 s) -> closed at 3.5 s
+    (max_min, [-1, 0, 0, -1]),
+    # fcfs-ect: resuming first, then oldest: 0, then 1 -> closed at 4.5 s
+    (fcfs_ect, [0, 0, 0, -1]),
+    # prefill-first: fresh oldest first: 0, then 1 -> closed; the resuming batch waits
+    (prefill_first, [0, 0, -1, -1]),
+]
+
+
+@pytest.mark.parametrize(("offload", "expected"), ORDER_CASES,
+                         ids=["max-min", "fcfs-ect", "prefill-first"])
+def test_each_order_places_what_its_rule_says(offload, expected) -> None:
+    times = np.array([[1.0], [2.5], [1.0], [0.5]])
+    placement = replace(problem(times, [0.0], horizon=3.0), home=np.array([-1, -1, 0, -1]))
+    assign, cursor = offload(placement, 7)
+    assert assign.tolist() == expected
+    assert cursor == 7
+
+
 def test_batch_goes_only_where_it_fits() -> None:
     times = np.array([[np.inf, 2.0, np.inf]])
-    for offload in (max_min, round_robin, least_requests):
+    for offload in (max_min, fcfs_ect, prefill_first, round_robin, least_requests):
         assign, _ = offload(problem(times, [0.0, 9.0, 0.0]), 0)
         assert assign.tolist() == [1]
     assign, _ = max_min(problem(np.array([[np.inf, np.inf]]), [0.0, 0.0]), 0)
@@ -393,7 +423,7 @@ def test_memory_is_checked_on_each_instance_own_model() -> None:
     cands = [cand(i, 1000) for i in range(4)]
     budget_a = float(COST.slice_memory(4, 1000, 32))
     instances = [inst("a", budget_a, busy=1.0), inst("b", budget_a * 1.1, cost=heavy)]
-    for offload in ("max-min", "round-robin", "least-requests"):
+    for offload in ("max-min", "fcfs-ect", "prefill-first", "round-robin", "least-requests"):
         config = PolicyConfig(offloading=offload, max_batch=4, horizon_s=1e9)
         (batch,) = plan_cycle(cands, instances, config).batches
         assert batch.instance_id == "a"

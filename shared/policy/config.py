@@ -7,7 +7,13 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from shared.policy.batching import fcfs_batching, scls_batching, single_batching
-from shared.policy.offloading import least_requests, max_min, round_robin
+from shared.policy.offloading import (
+    fcfs_ect,
+    least_requests,
+    max_min,
+    prefill_first,
+    round_robin,
+)
 from shared.policy.presets import POLICIES, WHOLE_GENERATION, is_continuous
 from shared.policy.types import BatchingFn, BatchPlan, CyclePlan, InstanceView, OffloadingFn
 
@@ -27,6 +33,8 @@ BATCHING: dict[str, BatchingFn] = {
 #: Offloading policies by name (:data:`~shared.policy.types.OffloadingFn`).
 OFFLOADING: dict[str, OffloadingFn] = {
     "max-min": max_min,
+    "fcfs-ect": fcfs_ect,
+    "prefill-first": prefill_first,
     "round-robin": round_robin,
     "least-requests": least_requests,
 }

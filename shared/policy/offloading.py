@@ -57,7 +57,8 @@ class _Loads:
 
 
 def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
-    """SCLS max-min: longest batch first, each to the instance where it completes soonest.
+    """SCLS max-min: longest batch first, each to the instance where it completes soonest
+    (:func:`_earliest_completion` in that order).
 
     Order: batches resuming retained K/V, then urgent ones (holding a request past the
     age bound), then the rest; within each, longest first.
@@ -80,15 +81,51 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     drops it), so nothing waits for it.
     """
     longest = np.min(problem.times, axis=1)
-    loads = _Loads(problem)
     home = np.full(len(problem.times), -1) if problem.home is None else problem.home
-    assign = np.full(len(problem.times), -1)
-    fresh_waiting = bool((home < 0).any())  # new work an open instance can take instead
     # Batches resuming retained K/V first (requests already started, holding pool memory,
     # as a continuous-batching engine serves running requests before waiting ones: their
     # entries are then not evicted by requests started after them, which would make them
     # re-prefill), then urgent ones (the age bound), then longest first.
-    for b in np.lexsort((-longest, ~problem.urgent, home < 0)).tolist():
+    return _earliest_completion(problem, np.lexsort((-longest, ~problem.urgent, home < 0)),
+                                cursor)
+
+
+def fcfs_ect(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
+    """Max-min's placement in arrival order: resuming batches first, then the batch holding
+    the oldest request first, each to the instance where it completes soonest.
+
+    Max-min's longest-first order balances one cycle's batches across instances, but with
+    a horizon that defers whatever does not fit this cycle, the batches it leaves are the
+    short ones, again and again, until the age bound makes them urgent: under overload,
+    short new requests wait longest for their first token. In arrival order the same
+    placement rule serves new requests first come, first served.
+    """
+    home = np.full(len(problem.times), -1) if problem.home is None else problem.home
+    return _earliest_completion(problem, np.lexsort((problem.arrival, home < 0)), cursor)
+
+
+def prefill_first(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
+    """Fresh batches (their requests' first slice) first, oldest first, then the resuming
+    ones, oldest first; each to the instance where it completes soonest.
+
+    The order of a prefill-first engine (vLLM's original scheduler): new requests get their
+    first token before running ones continue, trading end-to-end latency and retained K/V
+    (resuming batches wait, their entries may be evicted) for time to first token.
+    """
+    home = np.full(len(problem.times), -1) if problem.home is None else problem.home
+    return _earliest_completion(problem, np.lexsort((problem.arrival, home >= 0)), cursor)
+
+
+def _earliest_completion(
+    problem: Placement, order: np.ndarray, cursor: int
+) -> tuple[np.ndarray, int]:
+    """Place the batches in ``order``, each on the open instance where it completes soonest,
+    with max-min's affinity rule (see :func:`max_min`); the cursor is returned unchanged."""
+    loads = _Loads(problem)
+    home = np.full(len(problem.times), -1) if problem.home is None else problem.home
+    assign = np.full(len(problem.times), -1)
+    fresh_waiting = bool((home < 0).any())  # new work an open instance can take instead
+    for b in order.tolist():
         if not loads.open_count:
             break  # every instance is past the horizon: nothing else can be placed
         completion = loads.busy + problem.times[b] + loads.closed
