@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import httpx
@@ -15,6 +16,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.ingest.app import create_app
 from shared.modeling.loading import LoadedModel
 from shared.settings import Settings
+
+
+def wait_for(what: str, check: Callable[[], object], timeout_s: float = 30,
+             proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``check`` until it is truthy; fail with ``what`` after ``timeout_s``, or as soon
+    as ``proc`` (a process the wait depends on) has exited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) while waiting: {what}")
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout_s} s: {what}")
 
 
 def greedy_reference(

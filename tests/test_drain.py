@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,23 +29,11 @@ from shared.core.states import RequestStatus
 from shared.core.store import Store, connect
 from shared.modeling.loading import LoadedModel
 from shared.settings import Settings
+from tests.helpers import wait_for
 
 SLICE = 1024  # a second or two per slice of 2 rows on one CPU thread (tiny-random)
 MAX_TOKENS = 2048
 REQUESTS = 6
-
-
-def wait_for(what: str, check: Callable[[], object], timeout_s: float,
-              proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``check`` until it is truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"worker exited ({proc.returncode}) while waiting: {what}")
-        time.sleep(0.01)
-    raise AssertionError(f"timed out: {what}")
 
 
 @pytest.fixture()

@@ -22,7 +22,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
@@ -41,20 +41,10 @@ from shared.modeling.loading import LoadedModel
 from shared.obs.prometheus import serve_metrics
 from shared.policy.types import BatchPlan
 from shared.settings import Settings
-from tests.helpers import greedy_reference
+from tests.helpers import greedy_reference, wait_for
 from tests.test_system import drive, make_cluster, places, submit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_for(what: str, check: Callable[[], object], timeout_s: float) -> None:
-    """Poll ``check`` until it is truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s: {what}")
 
 
 def livez(port: int) -> tuple[int, dict[str, object]]:

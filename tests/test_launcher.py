@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -18,6 +17,7 @@ import pytest
 
 from services.launcher import LocalDeployment
 from shared.settings import Settings
+from tests.helpers import wait_for
 
 
 def proc_stat(pid: int) -> list[str] | None:
@@ -42,16 +42,6 @@ def group_members(pgid: int) -> list[int]:
         if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
-
-
-def wait_for(what: str, check: Callable[[], object], timeout_s: float = 30) -> None:
-    """Poll ``check`` until it is truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s: {what}")
 
 
 class ShellDeployment(LocalDeployment):
