@@ -49,11 +49,6 @@ def _rows(store: Store, loaded: LoadedModel, batch: int, prompt_len: int, slice_
                       for r in records]
 
 
-def _redis_cpu_s(store: Store) -> float:
-    info = store.r.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 class _CpuLedger:
     """CPU seconds and decode wall time of each kind of run, and the hand-off's time."""
 
@@ -107,12 +102,12 @@ def measure(store: Store, loaded: LoadedModel, batch: int, prompt_len: int, slic
             kind = "streaming" if stream else "plain"
             batch_id, rows = _rows(store, loaded, batch, prompt_len, slice_len, stream, rng)
             sink = ledger.sink(publisher, batch_id) if stream else None
-            redis_before = _redis_cpu_s(store)
+            redis_before = store.server_cpu_s()
             _, stats = engine.run_slice(rows, slice_len, sink)
             start = time.perf_counter()
             publisher.flush()
             lag = time.perf_counter() - start
-            ledger.redis[kind] += _redis_cpu_s(store) - redis_before
+            ledger.redis[kind] += store.server_cpu_s() - redis_before
             ledger.decode_s[kind] += stats.decode_s + lag
             ledger.steps[kind] += len(stats.decode_rows)
             decode_tokens = stats.generated_tokens - len(rows)  # the prefill drew the first

@@ -278,6 +278,12 @@ class Store:
             raise CommitRejected(str(detail))
         return int(detail)
 
+    def server_cpu_s(self) -> float:
+        """CPU seconds the Redis server has used (user + system, ``INFO cpu``): what a
+        measurement attributes to the server's side of a workload."""
+        info = self.r.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
     def publish_tokens(self, batch_id: str, steps: Sequence[StepTokens]) -> int:
         """Append streaming requests' new tokens to their event streams, fenced (see
         ``lua/publish_tokens.lua``), with their logprobs when the request asks (a JSON
