@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from services.chaos.command import FULL, QUICK, chaos_settings
 from services.chaos.workload import Ledger, Sent, verify
 from shared.core.records import RequestParams, RequestRecord, now
 from shared.core.store import Store
@@ -72,6 +73,14 @@ def test_a_503_counts_as_a_server_error_only_outside_a_redis_outage() -> None:
     ledger.redis_outage = True
     ledger.note(503, "redis down")
     assert (ledger.server_errors, ledger.unavailable_503) == (2, 1)
+
+
+@pytest.mark.parametrize("plan", [QUICK, FULL], ids=["quick", "full"])
+def test_the_retry_budget_covers_every_kill(plan) -> None:
+    """A request may be on the victim of every worker kill: the chaos deployment must not
+    fail it for running out of retries (it would count as a server error)."""
+    assert chaos_settings("tiny-random", plan).max_retries > plan.max_kills
+    assert (QUICK.max_kills, FULL.max_kills) == (4, 15)
 
 
 @pytest.mark.timeout(700)
