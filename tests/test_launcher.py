@@ -153,18 +153,26 @@ def test_stop_sigkills_a_child_that_ignores_sigterm_after_the_grace(
             proc.wait()
 
 
+def spawn_leaving_a_grandchild(
+    settings: Settings, tmp_path: Path, name: str, then: str
+) -> tuple[ShellDeployment, subprocess.Popen[bytes], int]:
+    """A deployment with one child that starts ``sleep 60`` in its process group, then runs
+    ``then``; returns the deployment, the child and the grandchild's pid."""
+    pidfile = tmp_path / "grandchild.pid"
+    deployment = ShellDeployment(settings, f"sleep 60 & echo $! > {pidfile}; {then}")
+    deployment._spawn(name, [])
+    wait_for("the grandchild's pid", lambda: pidfile.exists() and pidfile.read_text().strip())
+    return deployment, deployment.started[0], int(pidfile.read_text())
+
+
 def test_stop_sigkills_what_a_child_left_in_its_process_group(
     settings: Settings, tmp_path: Path
 ) -> None:
     """A child that exits on SIGTERM but leaves a process of its own behind (only the child
     gets the SIGTERM: a worker's drain must not be cut short by its helpers dying first):
     stop() SIGKILLs the rest of the group without waiting out the grace."""
-    pidfile = tmp_path / "grandchild.pid"
-    deployment = ShellDeployment(settings, f"sleep 60 & echo $! > {pidfile}; exec sleep 60")
-    deployment._spawn("leaky", [])
-    proc = deployment.started[0]
-    wait_for("the grandchild's pid", lambda: pidfile.exists() and pidfile.read_text().strip())
-    grandchild = int(pidfile.read_text())
+    deployment, proc, grandchild = spawn_leaving_a_grandchild(
+        settings, tmp_path, "leaky", "exec sleep 60")
     try:
         assert running(grandchild) and grandchild in group_members(proc.pid)
         begin = time.monotonic()
@@ -184,12 +192,8 @@ def test_a_child_that_died_is_reported_and_stop_ends_what_it_left(
 ) -> None:
     """check_children() reports a child that exited (as during the readiness wait) without
     reaping it, so stop() still SIGKILLs the process it left in its group."""
-    pidfile = tmp_path / "grandchild.pid"
-    deployment = ShellDeployment(settings, f"sleep 60 & echo $! > {pidfile}; exit 3")
-    deployment._spawn("crashing", [])
-    proc = deployment.started[0]
-    wait_for("the grandchild's pid", lambda: pidfile.exists() and pidfile.read_text().strip())
-    grandchild = int(pidfile.read_text())
+    deployment, proc, grandchild = spawn_leaving_a_grandchild(
+        settings, tmp_path, "crashing", "exit 3")
     try:
         with pytest.raises(RuntimeError, match="crashing exited with code 3"):
             wait_for("the child exits", lambda: deployment.check_children())
