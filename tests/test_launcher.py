@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -76,15 +77,25 @@ def assert_all_ended(procs: list[subprocess.Popen[bytes]]) -> None:
         wait_for(f"group {proc.pid} empty", lambda p=proc: not group_members(p.pid), 5)
 
 
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    """Python's own Ctrl-C handler, as in a terminal: a job started in the background (CI
+    scripts, `make test &`) inherits SIGINT ignored, and the launcher leaves an ignored or
+    foreign SIGINT alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(("signum", "raised"), [(signal.SIGTERM, SystemExit),
                                                  (signal.SIGINT, KeyboardInterrupt)])
 def test_a_stop_signal_while_a_child_is_being_spawned_stops_that_child(
-    settings: Settings, signum: int, raised: type[BaseException]
+    settings: Settings, signum: int, raised: type[BaseException], default_sigint: None
 ) -> None:
     """The signal lands between the child's fork and its registration: it is held until
     the child is registered, then start() stops it and raises as for any other moment."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not Python's default handler here")
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     deployment = ShellDeployment(settings, "exec sleep 60", signal_on_spawn=signum)
     try:
