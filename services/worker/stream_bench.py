@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from services.worker.engine import SliceEngine, SliceInput
+from services.worker.engine import SliceEngine, SliceInput, TokenSink
 from services.worker.token_stream import TokenPublisher
-from shared.core.records import RequestParams, RequestRecord, new_batch_id, now
+from shared.core.records import RequestParams, RequestRecord, StepTokens, new_batch_id, now
 from shared.core.store import Store
 from shared.modeling.loading import LoadedModel
 
@@ -59,8 +59,9 @@ class _CpuLedger:
         self.handoff_s = 0.0  # engine side: building step entries is in the engine either
         # way; this is the submit calls (queueing), on the decode loop's own thread
 
-    def sink(self, publisher: TokenPublisher, batch_id: str) -> Any:
-        def submit(steps: list[Any]) -> None:
+    def sink(self, publisher: TokenPublisher, batch_id: str) -> TokenSink:
+        """The engine's sink for ``batch_id``: hands steps to ``publisher``, timed."""
+        def submit(steps: list[StepTokens]) -> None:
             start = time.perf_counter()
             publisher.submit(batch_id, steps)
             self.handoff_s += time.perf_counter() - start

@@ -33,6 +33,11 @@ class Placement:
     # ``times`` is the resume time there, and it is priced even past the horizon.
     home: np.ndarray | None = None
 
+    @property
+    def homes(self) -> np.ndarray:
+        """``home``, or -1 for every batch when none was given."""
+        return np.full(len(self.times), -1) if self.home is None else self.home
+
 
 def _fifo_order(problem: Placement) -> list[int]:
     """Urgent batches first, then oldest request first (the baselines' order)."""
@@ -81,7 +86,7 @@ def max_min(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     drops it), so nothing waits for it.
     """
     longest = np.min(problem.times, axis=1)
-    home = np.full(len(problem.times), -1) if problem.home is None else problem.home
+    home = problem.homes
     # Batches resuming retained K/V first (requests already started, holding pool memory,
     # as a continuous-batching engine serves running requests before waiting ones: their
     # entries are then not evicted by requests started after them, which would make them
@@ -100,8 +105,8 @@ def fcfs_ect(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     short new requests wait longest for their first token. In arrival order the same
     placement rule serves new requests first come, first served.
     """
-    home = np.full(len(problem.times), -1) if problem.home is None else problem.home
-    return _earliest_completion(problem, np.lexsort((problem.arrival, home < 0)), cursor)
+    return _earliest_completion(problem, np.lexsort((problem.arrival, problem.homes < 0)),
+                                cursor)
 
 
 def prefill_first(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
@@ -112,8 +117,8 @@ def prefill_first(problem: Placement, cursor: int) -> tuple[np.ndarray, int]:
     first token before running ones continue, trading end-to-end latency and retained K/V
     (resuming batches wait, their entries may be evicted) for time to first token.
     """
-    home = np.full(len(problem.times), -1) if problem.home is None else problem.home
-    return _earliest_completion(problem, np.lexsort((problem.arrival, home >= 0)), cursor)
+    return _earliest_completion(problem, np.lexsort((problem.arrival, problem.homes >= 0)),
+                                cursor)
 
 
 def _earliest_completion(
@@ -122,7 +127,7 @@ def _earliest_completion(
     """Place the batches in ``order``, each on the open instance where it completes soonest,
     with max-min's affinity rule (see :func:`max_min`); the cursor is returned unchanged."""
     loads = _Loads(problem)
-    home = np.full(len(problem.times), -1) if problem.home is None else problem.home
+    home = problem.homes
     assign = np.full(len(problem.times), -1)
     fresh_waiting = bool((home < 0).any())  # new work an open instance can take instead
     for b in order.tolist():
