@@ -72,6 +72,7 @@ def ingest(model: ModelOpt = None, port: PortOpt = None,
 def scheduler(slice_length: SliceOpt = None, policy: PolicyOpt = None) -> None:
     """Run the scheduler service (leader or standby) in the foreground."""
     from services.scheduler.service import create_scheduler
+    from shared.core.signals import on_stop_signals
     from shared.obs.prometheus import start_exporter
 
     settings = build_settings(slice_length=slice_length, policy=policy)
@@ -82,8 +83,7 @@ def scheduler(slice_length: SliceOpt = None, policy: PolicyOpt = None) -> None:
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    signal.signal(signal.SIGTERM, lambda *_: sched.stop())
-    signal.signal(signal.SIGINT, lambda *_: sched.stop())
+    on_stop_signals(sched.stop)  # not in the handler: it may interrupt the loop's waits
     sched.run()
 
 

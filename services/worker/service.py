@@ -25,7 +25,6 @@ Faults (docs/operations.md, "Worker and scheduler faults"):
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -43,6 +42,7 @@ from services.worker.runtime import WorkerRuntime
 from shared.core.connection import CALL_TIMEOUT_S, bound_timeouts
 from shared.core.connection import rq_connection as open_rq_connection
 from shared.core.keys import Keys
+from shared.core.signals import on_stop_signals
 from shared.core.states import BatchStatus
 from shared.core.store import Store, connect
 from shared.modeling.loading import LoadedModel, load_model
@@ -263,8 +263,7 @@ class WorkerService:
             # Until RQ installs its own (and between its runs): a stop only sets flags.
             # They stay installed after serve() returns: a signal during the drain must
             # not kill the process half-way.
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: self._on_stop_signal())
+            on_stop_signals(self._on_stop_signal)
         try:
             while not self._stop_requested.is_set():
                 error = self._run_rq_once(burst)
