@@ -21,7 +21,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -579,8 +578,6 @@ def test_keda_schema_catches_a_bad_field() -> None:
 @functools.cache
 def compose_validator() -> Any:
     """A JSON-schema validator for the compose-spec schema vendored in check-jsonschema."""
-    if sys.version_info < (3, 11):
-        pytest.skip("check-jsonschema (the compose-spec schema) needs Python >= 3.11")
     import jsonschema
 
     vendor = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")

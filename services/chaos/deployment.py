@@ -23,6 +23,7 @@ from pathlib import Path
 import redis
 
 from services.launcher import LocalDeployment
+from shared.core.connection import probe_client, sync_client
 from shared.core.embedded_redis import free_port, redis_server_binary
 from shared.core.keys import Keys
 from shared.core.store import Store
@@ -95,7 +96,7 @@ class AofRedis:
 
     def wait_ping(self, timeout_s: float) -> bool:
         """True once the server answers PING (not while it loads its AOF)."""
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+        client = probe_client(self.url, timeout_s=0.5)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -202,7 +203,7 @@ class ChaosDeployment(LocalDeployment):
     def store(self) -> Store:
         """A new store client on the deployment's Redis (the caller closes it)."""
         # short timeouts: a frozen Redis must not hang the harness that froze it
-        client = redis.Redis.from_url(
+        client = sync_client(
             self.aof.url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=1.0
         )
         return Store(client, Keys(self.settings.key_prefix))

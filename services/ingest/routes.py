@@ -230,7 +230,7 @@ async def healthz(request: Request) -> Any:
     """200 while Redis answers PING, 503 otherwise."""
     try:
         await asyncio.wait_for(ingest_of(request).store.ping(), timeout=_PING_TIMEOUT_S)
-    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RedisError, OSError) as exc:
         return JSONResponse({"status": "unavailable", "error": f"redis: {exc!r}"},
                             status_code=503)
     return {"status": "ok"}
@@ -242,7 +242,7 @@ async def metrics(request: Request) -> Response:
     ingest = ingest_of(request)
     try:
         pending = await asyncio.wait_for(ingest.store.pending_count(), timeout=_PING_TIMEOUT_S)
-    except (RedisError, OSError, asyncio.TimeoutError):
+    except (TimeoutError, RedisError, OSError):
         pending = float("nan")  # unknown, and the scrape still answers
     ingest.metrics.pending.set(pending)
     return Response(exposition(ingest.metrics.registry), media_type=CONTENT_TYPE_LATEST)

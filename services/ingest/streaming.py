@@ -350,7 +350,7 @@ class ChoiceStream:
             raise self.timeout_error()
         try:
             entries = [await asyncio.wait_for(self.events.get(), remaining)]
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise self.timeout_error() from None
         while not self.events.empty():
             entries.append(self.events.get_nowait())

@@ -101,6 +101,17 @@ class SliceWorker(SimpleWorker):
         finally:
             self._in_work = False
 
+    def subscribe(self) -> None:
+        """RQ's command channel (``rq`` shutdown, stop-job...), read by a thread that looks
+        at its stop flag every :data:`RQ_POLL_S`. RQ's own waits 60 s per read, and since
+        redis-py 8.2 stopping that thread waits for the read to end: a worker's teardown
+        (a SIGTERM, an outage) took up to a minute."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=RQ_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         """RQ's start-up (registers this RQ worker in Redis), then ``on_started``."""
         super().bootstrap(*args, **kwargs)

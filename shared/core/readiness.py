@@ -108,7 +108,7 @@ class Readiness:
                 return cached
             try:
                 state = await asyncio.wait_for(self._check(), CHECK_TIMEOUT_S)
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, OSError) as exc:
                 state = ReadinessState(redis=repr(exc), scheduler=None, instances=0)
             self._last, self._checked_at = state, time.monotonic()
             return state
