@@ -19,6 +19,7 @@ import httpx
 
 from shared.core.embedded_redis import EmbeddedRedis, free_port
 from shared.core.keys import Keys
+from shared.core.lifeline import tied_to_this_process
 from shared.core.store import Store, connect
 from shared.modeling.registry import ensure_cached
 from shared.obs.logging import get_logger
@@ -205,7 +206,7 @@ class LocalDeployment:
         """The embedded Redis, unless a URL is set; known to stop() before it runs."""
         if not self._base.redis_url:
             with self._signals.deferred():
-                self.redis = EmbeddedRedis()
+                self.redis = EmbeddedRedis(die_with_parent=True)
                 self.redis.start()
 
     def _metrics_env(self, name: str) -> dict[str, str]:
@@ -235,9 +236,11 @@ class LocalDeployment:
 
     def _popen(self, command: list[str], env: dict[str, str],
                out: IO[bytes] | None) -> subprocess.Popen[bytes]:
-        """Start one child process (its output to ``out``, else to ours)."""
+        """Start one child process (its output to ``out``, else to ours). It gets SIGTERM
+        when this process dies, however it dies (a SIGKILL runs no :meth:`stop`)."""
         return subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            tied_to_this_process(command), env=env, stdout=out,
+            stderr=subprocess.STDOUT if out else None,
             # Own session and process group: a terminal's Ctrl-C (SIGINT to the foreground
             # group) reaches only `scls up`, whose stop() then drains the workers with
             # SIGTERM and stops Redis last; otherwise every child died at once, mid-drain.

@@ -5,9 +5,11 @@ test Redis, the model cache, signals delivered to this process, real child proce
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -216,3 +218,50 @@ def test_a_child_that_died_is_reported_and_stop_ends_what_it_left(
     finally:
         if running(grandchild):
             os.kill(grandchild, signal.SIGKILL)
+
+
+LAUNCHER_SCRIPT = """
+import json, sys, time
+from services.launcher import LocalDeployment
+from shared.settings import Settings
+
+class SleepingDeployment(LocalDeployment):
+    def _command(self, args):
+        return ["sleep", "120"]
+
+    def _wait_ready(self, timeout_s):
+        pass
+
+settings = Settings.model_validate_json(sys.argv[1])
+deployment = SleepingDeployment(settings).start()
+pids = [proc.pid for proc in deployment.children.values()] + [deployment.redis._proc.pid]
+print(json.dumps(pids), flush=True)
+time.sleep(600)
+"""
+
+
+def test_nothing_outlives_a_sigkilled_launcher(settings: Settings) -> None:
+    """`scls up` SIGKILLed (no handler, no stop() runs): its embedded Redis, ingest,
+    scheduler and workers, each in a session of its own, still end within moments."""
+    own = settings.model_copy(update={"redis_url": None, "workers": 2, "port": 0})
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER_SCRIPT, own.model_dump_json()],
+        stdout=subprocess.PIPE, text=True,
+    )
+    pids: list[int] = []
+    try:
+        assert launcher.stdout is not None
+        pids = json.loads(launcher.stdout.readline())
+        assert len(pids) == 5 and all(running(pid) for pid in pids)
+        launcher.kill()
+        launcher.wait()
+        for pid in pids:
+            wait_for(f"child {pid} gone after the launcher's SIGKILL",
+                     lambda p=pid: not running(p), timeout_s=10)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in pids:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -265,13 +265,16 @@ class _BlockingSentinelPool(_SentinelPool, aioredis.BlockingConnectionPool):
     """Sentinel's primary lookup with the blocking pool's wait for a free connection."""
 
 
-def async_client(url: str, *, single_connection_client: bool = False,
+def async_client(url: str, *, single_connection_client: bool = False, reconnect: bool = True,
                  **connection_kwargs: Any) -> aioredis.Redis:
     """A ``redis.asyncio`` client for ``url`` (plain or Sentinel); create it on the event
-    loop that uses it."""
+    loop that uses it. ``reconnect=False``: a dropped connection raises at once instead of
+    being retried on a fresh one, for a caller that must know (a blocked reader whose
+    connection id others use to wake it)."""
     if not is_sentinel_url(url):
+        retry = _async_retry() if reconnect else aretry.Retry(NoBackoff(), 0)
         return aioredis.Redis.from_url(url, single_connection_client=single_connection_client,
-                                       retry=_async_retry(), **connection_kwargs)
+                                       retry=retry, **connection_kwargs)
     pool = _async_sentinel_pool(url, _SentinelPool, connection_kwargs)
     return _async_owner(pool, single_connection_client)
 

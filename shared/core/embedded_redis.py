@@ -18,6 +18,7 @@ from pathlib import Path
 import redis
 
 from shared.core.connection import probe_client
+from shared.core.lifeline import tied_to_this_process
 
 
 def redis_server_binary() -> Path:
@@ -43,8 +44,11 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process on a free loopback port; use as a context manager."""
 
-    def __init__(self, startup_timeout_s: float = 10.0) -> None:
+    def __init__(self, startup_timeout_s: float = 10.0, die_with_parent: bool = False) -> None:
+        """``die_with_parent``: the server gets SIGTERM when this process dies, however it
+        dies (``scls up``: nothing outlives a SIGKILLed launcher)."""
         self._startup_timeout_s = startup_timeout_s
+        self._die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self.port = 0
@@ -59,17 +63,20 @@ class EmbeddedRedis:
         self._dir = tempfile.mkdtemp(prefix="scls-redis-")
         for _attempt in range(5):  # the free port can be taken between probe and bind
             self.port = free_port()
+            command = [
+                str(redis_server_binary()),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", self._dir,
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--loglevel", "warning",
+            ]
+            if self._die_with_parent:
+                command = tied_to_this_process(command)
             self._proc = subprocess.Popen(
-                [
-                    str(redis_server_binary()),
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--dir", self._dir,
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--daemonize", "no",
-                    "--loglevel", "warning",
-                ],
+                command,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 # Its own session and process group: a Ctrl-C in the terminal reaches only

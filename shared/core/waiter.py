@@ -95,8 +95,10 @@ class EventWaiter:
     async def start(self) -> None:
         """Prepare the clients; the reader loop starts with the first wait (so it runs in
         the loop that serves requests, and an idle server holds no blocked connection)."""
+        # No transparent reconnect: the read loop must see a dropped connection, to learn
+        # the new connection's client id (CLIENT UNBLOCK wakes the reader by it).
         self._reader = async_client(self._url, decode_responses=True,
-                                    single_connection_client=True,
+                                    single_connection_client=True, reconnect=False,
                                     socket_timeout=_READER_SOCKET_TIMEOUT_S)
         self._control = async_client(self._url, decode_responses=True)
 
@@ -143,7 +145,7 @@ class EventWaiter:
         await self._nudge(key)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         finally:
             self._forget(key, fut)
