@@ -252,6 +252,7 @@ def test_bench_refuses_bad_options_with_a_fix(args: list[str], message: str) -> 
     assert message in result.stderr
 
 
+@pytest.mark.soak
 def test_bench_streams_and_measures_ttft_at_the_client(tmp_path: Path) -> None:
     """--stream: every request streams; TTFT is the client's time to the first chunk (never
     after its end-to-end latency), and the server-side figures still come through. Fixed
@@ -272,6 +273,7 @@ def test_bench_streams_and_measures_ttft_at_the_client(tmp_path: Path) -> None:
     assert doc["meta"]["ttft"] == "client, first streamed chunk"
 
 
+@pytest.mark.soak
 def test_bench_runs_two_policies_end_to_end(tmp_path: Path) -> None:
     """Real deployments (Redis, ingest, scheduler, 2 workers) per policy; every request
     is accounted for and the worker-side counters come from Redis."""

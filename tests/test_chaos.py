@@ -83,6 +83,7 @@ def test_the_retry_budget_covers_every_kill(plan) -> None:
     assert (QUICK.max_kills, FULL.max_kills) == (4, 15)
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(700)
 def test_quick_chaos_run_loses_nothing(tmp_path: Path) -> None:
     """`scls chaos --quick`: worker and leader kill -9, Redis frozen and killed, a burst over

@@ -122,6 +122,7 @@ def test_request_state_endpoint_and_health(deployment: LocalDeployment) -> None:
     assert state["status"] == "finished"
 
 
+@pytest.mark.soak
 def test_scls_sls_and_ils_give_the_same_greedy_text(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

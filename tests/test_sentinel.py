@@ -257,6 +257,7 @@ async def test_async_single_connection_client_follows_the_primary(cluster: Clust
         await client.aclose()
 
 
+@pytest.mark.soak
 @pytest.mark.anyio
 async def test_event_waiter_sees_events_written_after_a_failover(cluster: Cluster) -> None:
     """The ingest's reader, blocked in XREAD on the old primary, gets a final entry written
