@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from services.scheduler.service import Scheduler, create_scheduler
 from services.worker.service import WorkerService, create_worker
@@ -201,3 +202,22 @@ async def test_no_api_key_means_open(settings: Settings, rclient: redis.Redis) -
     assert settings.api_key is None
     async with serve(settings) as client:
         assert (await client.get("/v1/models")).status_code == 200
+
+
+@pytest.mark.parametrize(("with_health", "path", "status"), [
+    (True, "/metrics", 200), (True, "/livez", 200), (True, "/livz", 404), (True, "/", 404),
+    (False, "/metrics", 200), (False, "/livez", 404), (False, "/healthz", 404),
+])
+def test_the_exporter_serves_only_its_paths(with_health: bool, path: str, status: int) -> None:
+    """prometheus_client answers any path with the metrics page: a mistyped probe path
+    (Kubernetes, compose) would pass. Only /metrics and, with a health check, /livez do."""
+    registry = CollectorRegistry()
+    health = (lambda: (True, {"status": "ok"})) if with_health else None
+    exporter = serve_metrics(registry, 0, "127.0.0.1", health=health)
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{exporter.port}{path}", timeout=5)
+    finally:
+        exporter.close()
+    assert reply.status_code == status
+    if status == 404:
+        assert path in reply.json()["error"]

@@ -364,29 +364,38 @@ def serve_metrics(
     health: HealthCheck | None = None,
 ) -> MetricsServer:
     """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread, and
-    ``health`` at ``/livez`` when given.
+    ``health`` at ``/livez`` when given; any other path is 404.
 
     Raises:
         OSError: the port is taken.
     """
     server, thread = start_http_server(port, addr=host, registry=registry)
-    if health is not None:
-        server.set_app(_with_livez(server.get_app(), health))
+    server.set_app(_routed(server.get_app(), health))
     return MetricsServer(server, thread)
 
 
-def _with_livez(app: Any, health: HealthCheck) -> Any:
-    """The exporter's WSGI app plus ``GET /livez``: 200 or 503 and ``health``'s JSON body.
-    It reads only process state (no Redis call), so it answers while Redis is down."""
+def _routed(app: Any, health: HealthCheck | None) -> Any:
+    """The exporter's WSGI app at ``/metrics`` only (prometheus_client answers every path
+    with the metrics, so a mistyped probe path would pass), plus ``GET /livez``: 200 or 503
+    and ``health``'s JSON body. /livez reads only process state (no Redis call), so it
+    answers while Redis is down."""
+
+    def respond(start_response: Callable[..., Any], status: str, body: object) -> list[bytes]:
+        payload = json.dumps(body).encode()
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(payload)))])
+        return [payload]
 
     def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != "/livez":
+        path = environ.get("PATH_INFO")
+        if path == "/metrics":
             return app(environ, start_response)  # type: ignore[no-any-return]
-        alive, body = health()
-        payload = json.dumps(body).encode()
-        start_response("200 OK" if alive else "503 Service Unavailable",
-                       [("Content-Type", "application/json"),
-                        ("Content-Length", str(len(payload)))])
-        return [payload]
+        if path == "/livez" and health is not None:
+            alive, body = health()
+            return respond(start_response, "200 OK" if alive else "503 Service Unavailable",
+                           body)
+        served = "/metrics, /livez" if health is not None else "/metrics"
+        return respond(start_response, "404 Not Found",
+                       {"error": f"no such path: {path}; this port serves {served}"})
 
     return wsgi
