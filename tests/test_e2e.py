@@ -53,6 +53,10 @@ def test_two_workers_serve_one_run_over_http(deployment: LocalDeployment) -> Non
     prompts = [f"Request number {i} says" for i in range(12)]
     bodies = [{"prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
               for p in prompts]
+    store = Store(connect(deployment.settings.redis_url), Keys(deployment.settings.key_prefix))
+    # the module's deployment is shared: count what this run adds to its counters
+    before = {w: store.stats(w).get("slices", 0) for w in ("w0", "w1")}
+    tokens_before = store.stats().get("generated_tokens", 0)
     responses = asyncio.run(_post_all(deployment.url, bodies))
     assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses]
     ids = {r.json()["scls"]["request_id"] for r in responses}
@@ -62,9 +66,8 @@ def test_two_workers_serve_one_run_over_http(deployment: LocalDeployment) -> Non
         assert body["usage"]["completion_tokens"] == 10
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["scls"]["slices"] >= 3
-    store = Store(connect(deployment.settings.redis_url), Keys(deployment.settings.key_prefix))
-    assert store.stats("w0").get("slices", 0) > 0 and store.stats("w1").get("slices", 0) > 0
-    assert store.stats()["generated_tokens"] == 12 * 10
+    assert all(store.stats(w).get("slices", 0) > before[w] for w in ("w0", "w1"))
+    assert store.stats()["generated_tokens"] - tokens_before == 12 * 10
     assert store.pending_count() == 0 and store.inflight_batches() == []
 
 
