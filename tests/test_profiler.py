@@ -142,7 +142,9 @@ def test_quick_profile_fits_allocator_peaks_and_bounds_the_process_growth(
     assert model.heap_overhead == quick_run["heap_overhead"] >= 1.0
     for p in samples.points:
         assert float(model.slice_memory(p.b, p.l)) * model.heap_overhead >= p.process_peak_bytes
-    settings = Settings(memory_budget_bytes=3 * 2**30)
+    # memory_limit_bytes: room enough that the container's limit does not cap the budget
+    # (tests/test_profile_memory.py covers the cap)
+    settings = Settings(memory_budget_bytes=3 * 2**30, memory_limit_bytes=1 << 50)
     budget = profile_cache.instance_memory_budget(tiny, settings, model)
     assert budget == int(3 * 2**30 / model.heap_overhead)
     assert "heap overhead" in quick_run["stdout"]
@@ -199,7 +201,8 @@ def test_grid_choice_and_cpu_budget(tiny: LoadedModel, settings: Settings) -> No
     assert profiler.grid_for("analytic", "tiny-random") is None
     with pytest.raises(ValueError, match="profile_mode"):
         profiler.grid_for("fast", "tiny-random")
-    assert profile_cache.instance_memory_budget(tiny, settings) == settings.memory_budget_bytes
+    roomy = settings.model_copy(update={"memory_limit_bytes": 1 << 50})  # no cap by the limit
+    assert profile_cache.instance_memory_budget(tiny, roomy) == settings.memory_budget_bytes
     full = profiler.FULL_GRID.points(8192, 32)
     assert (32, 512) not in full and (1, 512) in full and (32, 128) in full
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import structlog
 
 from shared.core.embedded_redis import free_port, redis_server_binary
 from shared.core.keys import Keys
+from shared.core.readiness import MAX_ERROR_CHARS, describe_error
 from shared.core.records import InstanceInfo, now
 from shared.core.states import RequestStatus
 from shared.core.store import Store, connect
@@ -83,6 +85,81 @@ async def test_health_is_503_when_redis_is_down(settings: Settings) -> None:
         resp = await http.get("/health")
     assert resp.status_code == 503
     assert resp.json()["redis"] != "ok" and "Redis does not answer" in resp.json()["missing"]
+
+
+def _start_refusing_redis(port: int, *args: str) -> subprocess.Popen[bytes]:
+    """A redis-server that accepts connections but refuses commands (``args``: e.g.
+    ``--requirepass``); started once its port accepts a connection."""
+    proc = subprocess.Popen(
+        [str(redis_server_binary()), "--port", str(port), "--save", "", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("redis-server did not start")
+
+
+async def test_health_names_the_servers_answer_when_redis_refuses(settings: Settings) -> None:
+    """A Redis that answers with an error (here NOAUTH: it wants a password) is reported
+    with the server's message, not only the error's class (redis-py 8's repr,
+    ``auth:AuthenticationError``, drops it)."""
+    port = free_port()
+    proc = _start_refusing_redis(port, "--requirepass", "not-the-one-we-send")
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        async with serve(settings.model_copy(update={"redis_url": url})) as http:
+            resp = await http.get("/health")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert resp.status_code == 503
+    body = resp.json()
+    # The server's NOAUTH text (to HELLO, which redis-py 8 sends first, or to the command).
+    assert body["redis"].startswith("AuthenticationError: ")
+    assert "authenticat" in body["redis"].removeprefix("AuthenticationError: ").lower()
+    assert body["missing"] == f"Redis does not answer ({body['redis']})"
+
+
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+async def test_health_names_the_protected_mode_denial(settings: Settings) -> None:
+    """The symptom of issue 23: a Redis in protected mode (no password, default bind) answers
+    a client from another address with DENIED and how to fix it; /health shows that text."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address to connect from")
+    port = free_port()
+    proc = _start_refusing_redis(port, "--protected-mode", "yes")
+    try:
+        url = f"redis://{address}:{port}/0"
+        async with serve(settings.model_copy(update={"redis_url": url})) as http:
+            resp = await http.get("/health")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert resp.status_code == 503
+    body = resp.json()
+    assert body["redis"].startswith("ResponseError: DENIED Redis is running in protected mode")
+    assert "protected-mode no" in body["missing"] and "\n" not in body["missing"]
+
+
+def test_describe_error_keeps_the_message_on_one_line() -> None:
+    denied = redis.ResponseError("DENIED Redis is running\nin protected mode")
+    assert describe_error(denied) == "ResponseError: DENIED Redis is running in protected mode"
+    assert describe_error(TimeoutError()) == "TimeoutError"
+    assert len(describe_error(redis.ResponseError("x" * 5000))) == MAX_ERROR_CHARS
 
 
 async def test_new_requests_get_503_while_unready_and_nothing_is_stored(

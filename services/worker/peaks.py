@@ -1,9 +1,16 @@
-"""Peak memory of one slice beyond what was allocated before it (the profiler's meters).
+"""Peak memory of one slice beyond what was allocated before it (the profiler's meters), and
+the memory the process may use at all.
 
 :class:`PeakMeter` reads CUDA's allocator peak, or on CPU the growth of the process's peak
 resident set (``VmHWM``, reset through ``/proc/self/clear_refs``); :class:`AllocatorPeak`
 is the largest running sum of torch's CPU allocator events under ``torch.profiler``. See
 :mod:`services.worker.profiler` for how the figures are used.
+
+:func:`memory_limit` is what the process may hold in all: the ``memory_limit_bytes``
+setting, else its cgroup's limit (a container's ``mem_limit``, a pod's memory limit: v2
+``memory.max``, v1 ``memory.limit_in_bytes``), else the machine's memory. The profiler skips
+grid points that would not fit in it and the CPU memory budget is capped by it, so a worker
+is never OOM-killed for profiling or serving beyond its container.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +39,7 @@ def _status_bytes(field_name: str) -> int:
     raise KeyError(field_name)
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Collect garbage and hand free heap back to the OS, so RSS counts only live memory."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
@@ -64,7 +72,7 @@ class PeakMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._before = torch.cuda.memory_allocated(self.device)
         elif self.available:
-            _release_free_heap()
+            release_free_heap()
             self._before = _status_bytes("VmRSS")
             _PEAK_RESET.write_text("5")  # VmHWM := current RSS
 
@@ -145,8 +153,12 @@ class AllocatorPeak:
         finally:
             with _quiet_stderr():
                 prof.__exit__(None, None, None)
-        events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
-        deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        deltas = _memory_deltas(prof)
+        # The session's records (hundreds of MB for one slice of a 30-layer model) sit in
+        # reference cycles: without a collection now, each session stayed resident until a
+        # full GC, and the 16 sessions of the quick grid grew a worker by 8 GB (issue 23).
+        del prof
+        release_free_heap()
         start = next(i for i, (_, d) in enumerate(deltas) if d == -_MARKER_BYTES) + 1
         running = base = sum(d for _, d in deltas[:start])  # the level when block starts
         peak = 0
@@ -154,6 +166,12 @@ class AllocatorPeak:
             running += delta
             peak = max(peak, running - base)
         return peak
+
+
+def _memory_deltas(prof: Any) -> list[tuple[int, int]]:
+    """(time, bytes) of every allocator event of a finished profiler session, in order."""
+    events = prof.profiler.kineto_results.events()
+    return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
 
 
 
@@ -171,3 +189,113 @@ def measure_after(device: torch.device, before: Callable[[], Any],
         block()
         return int(meter.peak() or 0)
     return AllocatorPeak.measure_after(before, block)
+
+
+# --------------------------------------------------------------------------------------------
+# What the process may use
+# --------------------------------------------------------------------------------------------
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_SELF_CGROUP = Path("/proc/self/cgroup")
+_MEMINFO = Path("/proc/meminfo")
+#: cgroup v1 writes "no limit" as a huge page-aligned number (9223372036854771712).
+_NO_LIMIT = 1 << 60
+#: Kept free of slices and profiling: Python objects, tokenizer, Redis buffers, allocator
+#: fragmentation. A share of the limit, at least :data:`MIN_RESERVE_BYTES`.
+RESERVE_SHARE = 0.10
+MIN_RESERVE_BYTES = 256 * 2**20
+
+
+def process_rss() -> int:
+    """The process's resident set now, in bytes."""
+    return _status_bytes("VmRSS")
+
+
+def _cgroup_paths(self_cgroup: Path) -> tuple[str | None, str | None]:
+    """This process's cgroup path in the v2 hierarchy and in v1's memory hierarchy."""
+    v2 = v1 = None
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "memory" in parts[1].split(","):
+            v1 = parts[2]
+    return v2, v1
+
+
+def _limits_along(base: Path, cgroup: str, name: str) -> list[int]:
+    """Limits in ``name`` files from ``base/cgroup`` up to ``base`` (those that exist and are
+    numbers below "no limit"). Inside a container its own cgroup is mounted at ``base``, so
+    the deeper directories do not exist there and ``base`` itself is the container's."""
+    found = []
+    parts = [p for p in cgroup.strip("/").split("/") if p and p != ".."]
+    for depth in range(len(parts), -1, -1):
+        try:
+            text = (base.joinpath(*parts[:depth]) / name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < _NO_LIMIT:
+            found.append(int(text))
+    return found
+
+
+def cgroup_memory_limit(root: Path = _CGROUP_ROOT, self_cgroup: Path = _SELF_CGROUP) -> int | None:
+    """The memory limit of this process's cgroup in bytes (the smallest along its path to
+    the root: a parent's limit binds too), or None when there is none. cgroup v2
+    ``memory.max`` ("max" = none), v1 ``memory/memory.limit_in_bytes``."""
+    v2, v1 = _cgroup_paths(self_cgroup)
+    found: list[int] = []
+    if v2 is not None:
+        found += _limits_along(root, v2, "memory.max")
+    if v1 is not None:
+        found += _limits_along(root / "memory", v1, "memory.limit_in_bytes")
+    return min(found) if found else None
+
+
+def machine_memory(meminfo: Path = _MEMINFO) -> int | None:
+    """``MemTotal`` of ``/proc/meminfo`` in bytes (None where unreadable)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """What the whole process may hold (weights included), and where that figure came from
+    (``setting``, ``cgroup`` or ``machine``)."""
+
+    limit_bytes: int
+    source: str
+
+    @property
+    def reserve_bytes(self) -> int:
+        """Kept free for everything that is not a slice or a profiling session."""
+        return max(MIN_RESERVE_BYTES, int(self.limit_bytes * RESERVE_SHARE))
+
+    def available(self, rss: int | None = None) -> int:
+        """Bytes the process may still grow by: the limit minus its resident set (``rss``,
+        default now) minus the reserve; never negative."""
+        used = process_rss() if rss is None else rss
+        return max(0, self.limit_bytes - used - self.reserve_bytes)
+
+
+def memory_limit(setting: int | None = None) -> MemoryLimit | None:
+    """The process's memory limit: ``setting`` (``SCLS_MEMORY_LIMIT_BYTES``) when given,
+    else the cgroup's limit, else the machine's memory; None where none can be read."""
+    if setting is not None:
+        return MemoryLimit(int(setting), "setting")
+    limit = cgroup_memory_limit()
+    machine = machine_memory()
+    if limit is not None and (machine is None or limit <= machine):
+        return MemoryLimit(limit, "cgroup")
+    return None if machine is None else MemoryLimit(machine, "machine")

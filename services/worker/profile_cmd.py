@@ -84,10 +84,19 @@ def run_profile_command(
             console.print(f"using the cached profile {path}")
             cost = cached
         else:
-            console.print(f"profiling {loaded.info.name} on {loaded.device}, grid {grid.name}")
-            cost, report, samples = profiler.profile_and_fit(
-                loaded, settings.slice_length, grid, progress=lambda m: console.print(f"  {m}")
-            )
+            memory = profile_cache.profile_memory_limit(loaded, settings)
+            limit = "" if memory is None else (
+                f", memory limit {memory.limit_bytes / 2**30:.1f} GiB ({memory.source})")
+            console.print(f"profiling {loaded.info.name} on {loaded.device}, grid {grid.name}"
+                          f"{limit}")
+            try:
+                cost, report, samples = profiler.profile_and_fit(
+                    loaded, settings.slice_length, grid,
+                    progress=lambda m: console.print(f"  {m}"), memory=memory,
+                )
+            except ValueError as exc:  # no grid point fits in memory, or too few to fit
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
             cost = profile_cache.with_cache_key(cost, key)
             profile_cache.save_profile(cost, path)  # workers with the same settings reuse it
     return result_dict(cost, report, samples, time.perf_counter() - started, path)
@@ -127,6 +136,8 @@ def result_dict(
         "slice_length": cost.slice_length,
         "torch_threads": cost.meta.get("torch_threads"),
         "profile_seconds": cost.meta.get("profile_s"),
+        "memory_limit_bytes": cost.meta.get("memory_limit_bytes"),
+        "skipped_points": cost.meta.get("skipped_points"),
         "total_seconds": round(seconds, 2),
         "cached": report is None,
         "cache_file": str(path),
@@ -202,6 +213,11 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
             f"process growth (resident set): heap overhead {result['heap_overhead']:.3f}, "
             f"estimate x overhead / measured: min {result['process_ratio_min']:.3f}, "
             f"max {result['process_ratio_max']:.3f}"
+        )
+    if result.get("skipped_points"):
+        console.print(
+            f"skipped, beyond the memory limit of {result['memory_limit_bytes'] / 2**30:.1f} "
+            "GiB: " + ", ".join(f"(b={b}, l={x})" for b, x in result["skipped_points"])
         )
     if result["cv_mape"]:
         console.print("feature sets, leave-one-out slice-time MAPE on the fit points: " + "; ".join(

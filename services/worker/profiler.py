@@ -32,6 +32,17 @@ Warm-up slices run first and are not recorded; every point is repeated (the repe
 interleaved over the grid, so a burst of outside load hits one repeat of many points rather
 than every repeat of one point) and the median time and the largest peak are kept.
 
+Memory of the run itself: each ``torch.profiler`` session holds its records (about 0.6 GB
+for one slice of smollm2-135m at S = 32) until it is collected, which
+:meth:`AllocatorPeak.measure_after` does at once. Given the process's memory limit
+(:func:`services.worker.peaks.memory_limit`: a container's limit), grid points whose
+analytic bound, times :data:`ASSUMED_HEAP_OVERHEAD`, plus one session (measured on the
+smallest point first) would not fit in what the process may still grow by are skipped and
+recorded in the profile's ``meta`` (``skipped_points``).
+
+Progress: ``progress`` gets a line at the start of each phase and at most every
+:data:`PROGRESS_EVERY_S` within one ("step 17/70: timing repeat 2/3 (b=1, l=16), ...").
+
 :func:`profile_and_fit` measures a grid and fits the model;
 :func:`services.worker.profile_cache.load_or_profile` is what a worker calls at start.
 """
@@ -51,7 +62,13 @@ import torch
 from services.worker.engine import SliceEngine, SliceInput
 from services.worker.fit import FitReport, fit_cost_model
 from services.worker.kv_pool import KvEntry, KvPool
-from services.worker.peaks import AllocatorPeak, PeakMeter, measure_after
+from services.worker.peaks import (
+    AllocatorPeak,
+    MemoryLimit,
+    PeakMeter,
+    measure_after,
+    release_free_heap,
+)
 from services.worker.samples import PointSample, ProfileSamples
 from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel
@@ -62,6 +79,12 @@ from shared.policy.costmodel import CostModel, analytic_cost_model
 log = get_logger(__name__)
 
 PROFILER_VERSION = 4  # bump when measurement changes: cached profiles then become stale
+#: Process growth per byte of the analytic memory bound, assumed when deciding which grid
+#: points fit in memory (on CPU glibc's heap grows the process beyond what torch allocates:
+#: ``CostModel.heap_overhead``; smollm2-135m's quick grid measured 1.89 with its slack).
+ASSUMED_HEAP_OVERHEAD = 2.0
+#: A phase of the run reports its progress at most this often (and when it starts).
+PROGRESS_EVERY_S = 10.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,17 +207,96 @@ def measure_slice(
 # --------------------------------------------------------------------------------------------
 
 
+class _Steps:
+    """Counts the run's steps (one measured slice each) and reports them through
+    ``progress``: when a phase starts and at most every ``every_s`` within it."""
+
+    def __init__(self, total: int, progress: Callable[[str], None] | None,
+                 every_s: float | None = None) -> None:
+        self.total = total
+        self.done = 0
+        self.progress = progress
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.started = time.perf_counter()
+        self._reported = -math.inf
+        self._what = ""
+
+    def phase(self, what: str) -> None:
+        """A new phase begins: report it now."""
+        self._what = what
+        self._report()
+
+    def step(self, detail: str = "") -> None:
+        """One slice measured; report if the last report is old enough."""
+        self.done += 1
+        if time.perf_counter() - self._reported >= self.every_s:
+            self._report(detail)
+
+    def _report(self, detail: str = "") -> None:
+        if self.progress is None:
+            return
+        now = time.perf_counter()
+        self._reported = now
+        elapsed = now - self.started
+        left = (f", about {elapsed / self.done * (self.total - self.done):.0f}s left"
+                if self.done else "")
+        where = f" ({detail})" if detail else ""
+        self.progress(f"step {self.done}/{self.total}: {self._what}{where}; "
+                      f"{elapsed:.0f}s so far{left}")
+
+
+def point_need_bytes(analytic: CostModel, b: int, x: int, session_bytes: int) -> int:
+    """How much measuring the point ``(b, x)`` may grow the process by: the analytic bound
+    of its slice plus as much K/V again (the resumed pass holds a pool's entries while its
+    slice runs), times :data:`ASSUMED_HEAP_OVERHEAD`, plus one profiler session's records."""
+    slice_bytes = float(analytic.slice_memory(b, x)) + float(analytic.kv_cache_bytes(b, x))
+    return int(slice_bytes * ASSUMED_HEAP_OVERHEAD) + int(session_bytes)
+
+
+def fit_points(
+    points: list[tuple[int, int]], analytic: CostModel, available: int | None,
+    session_bytes: int,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``points`` split into those whose :func:`point_need_bytes` fits in ``available``
+    bytes and those that do not (None: no limit, all fit)."""
+    if available is None:
+        return list(points), []
+    kept = [p for p in points if point_need_bytes(analytic, *p, session_bytes) <= available]
+    return kept, [p for p in points if p not in kept]
+
+
+def _session_bytes(
+    engine: SliceEngine, point: tuple[int, int], s: int, vocab: int,
+    rng: np.random.Generator, device: torch.device,
+) -> int:
+    """Growth of the process's peak resident set while one slice of ``point`` runs under
+    the allocator meter: what a profiler session costs beyond the slice (0 where the peak
+    cannot be read). The same slice runs once before, unmeasured: a process's first slice
+    also allocates torch's lasting state (thread pools, kernels), which is no session's."""
+    meter = PeakMeter(device)
+    if not meter.available:
+        return 0
+    rows = _rows(*point, s, vocab, rng)
+    engine.run_slice(rows, s)
+    meter.start()
+    AllocatorPeak.measure(lambda: engine.run_slice(rows, s))
+    return int(meter.peak() or 0)
+
+
 def run_profile(
     loaded: LoadedModel,
     slice_length: int,
     grid: ProfileGrid,
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
+    memory: MemoryLimit | None = None,
 ) -> ProfileSamples:
-    """Measure every point of ``grid`` (repeats interleaved, warm-up discarded).
+    """Measure every point of ``grid`` (repeats interleaved, warm-up discarded) that fits in
+    ``memory`` (the process's limit; None: every point).
 
     Raises:
-        ValueError: the grid has no point that fits the model's context window.
+        ValueError: the grid has no point that fits the model's context window, or none
+            that fits in ``memory``.
     """
     points = grid.points(loaded.info.context_limit, slice_length)
     if not points:
@@ -204,28 +306,49 @@ def run_profile(
     meter = PeakMeter(loaded.device)
     rng = np.random.default_rng(seed)
     vocab = loaded.info.vocab_size
+    allocator = _allocator_meter(loaded.device)
+    session = 0
+    if allocator is not None and memory is not None:
+        if progress is not None:
+            progress("measuring one profiler session's memory")
+        session = _session_bytes(engine, points[0], slice_length, vocab, rng, loaded.device)
+    analytic = analytic_model_for(loaded, slice_length)
+    available = None if memory is None else memory.available()
+    points, skipped = fit_points(points, analytic, available, session)
+    if skipped:
+        log.warning("profile_points_skipped", points=[list(p) for p in skipped],
+                    kept=len(points), memory_limit_bytes=memory and memory.limit_bytes,
+                    limit_source=memory and memory.source, available_bytes=available,
+                    session_bytes=session)
+    if not points:
+        raise ValueError(f"no point of grid {grid.name!r} fits in memory: "
+                         f"{available} bytes available under a limit of "
+                         f"{memory and memory.limit_bytes} ({memory and memory.source})")
+    exact = allocator is not None or meter.cuda
+    resumable = [p for p in points if p[1] > slice_length] if exact else []
+    steps = _Steps(grid.warmup + grid.repeats * len(points)
+                   + (len(points) if allocator is not None else 0) + len(resumable), progress)
     warm = [points[0], points[-1]]
+    steps.phase("warm-up")
     for i in range(grid.warmup):  # first calls allocate pools, pick kernels: not data
         b, x = warm[i % len(warm)]
         measure_slice(engine, _rows(b, x, slice_length, vocab, rng), slice_length, meter)
+        steps.step()
     runs: dict[tuple[int, int], list[SliceTiming]] = {p: [] for p in points}
     started = time.perf_counter()
     for rep in range(grid.repeats):
+        steps.phase(f"timing repeat {rep + 1}/{grid.repeats} of {len(points)} points")
         for b, x in points:
             rows = _rows(b, x, slice_length, vocab, rng)
             runs[(b, x)].append(measure_slice(engine, rows, slice_length, meter))
-        if progress is not None:
-            elapsed = time.perf_counter() - started
-            progress(f"repeat {rep + 1}/{grid.repeats} of {len(points)} points, {elapsed:.0f}s")
-    allocator = _allocator_peaks(engine, points, slice_length, vocab, rng, loaded.device)
-    if allocator and progress is not None:
-        progress(f"allocator peaks of {len(points)} points")
-    resumed = _resumed_peaks(loaded, points, slice_length, rng, bool(allocator) or meter.cuda)
-    if resumed and progress is not None:
-        progress(f"resumed-slice peaks of {len(resumed)} points")
+            steps.step(f"b={b}, l={x}")
+    peaks = _allocator_peaks(engine, points, slice_length, vocab, rng, allocator, steps)
+    resumed = _resumed_peaks(loaded, resumable, slice_length, rng, steps)
+    steps.phase("done")
+    release_free_heap()  # the run's freed heap goes back to the OS before the worker serves
     return ProfileSamples(
         points=tuple(
-            replace(_summarise(b, x, slice_length, runs[(b, x)], allocator.get((b, x))),
+            replace(_summarise(b, x, slice_length, runs[(b, x)], peaks.get((b, x))),
                     resume_peak_bytes=resumed.get((b, x)))
             for b, x in points
         ),
@@ -240,10 +363,26 @@ def run_profile(
             "torch": torch.__version__,
             "grid": json.loads(json.dumps(asdict(grid))),
             "profile_s": round(time.perf_counter() - started, 2),
-            "memory_measured": bool(allocator) or meter.available,
-            "memory_method": _memory_method(meter, bool(allocator)),
+            "memory_measured": bool(peaks) or meter.available,
+            "memory_method": _memory_method(meter, bool(peaks)),
+            "memory_limit_bytes": None if memory is None else memory.limit_bytes,
+            "memory_limit_source": None if memory is None else memory.source,
+            "profiler_session_bytes": session or None,
+            "skipped_points": [list(p) for p in skipped],
         },
     )
+
+
+def _allocator_meter(device: torch.device) -> AllocatorPeak | None:
+    """CPU: the allocator-event meter, None elsewhere or where the profiler gives no
+    allocation events (then memory falls back to the resident-set growth)."""
+    if device.type != "cpu":
+        return None
+    meter = AllocatorPeak()
+    if not meter.available:
+        log.warning("allocator_peak_unavailable", fallback="resident set growth")
+        return None
+    return meter
 
 
 def _allocator_peaks(
@@ -252,20 +391,18 @@ def _allocator_peaks(
     s: int,
     vocab: int,
     rng: np.random.Generator,
-    device: torch.device,
+    meter: AllocatorPeak | None,
+    steps: _Steps,
 ) -> dict[tuple[int, int], int]:
-    """CPU: one more slice per point under the allocator meter (empty elsewhere, or where
-    the profiler gives no allocation events)."""
-    if device.type != "cpu":
+    """CPU: one more slice per point under the allocator meter (empty without a meter)."""
+    if meter is None:
         return {}
-    meter = AllocatorPeak()
-    if not meter.available:
-        log.warning("allocator_peak_unavailable", fallback="resident set growth")
-        return {}
+    steps.phase(f"allocator peaks of {len(points)} points")
     peaks = {}
     for b, x in points:
         rows = _rows(b, x, s, vocab, rng)
         peaks[(b, x)] = meter.measure(lambda rows=rows: engine.run_slice(rows, s))
+        steps.step(f"b={b}, l={x}")
     return peaks
 
 
@@ -274,18 +411,19 @@ def _resumed_peaks(
     points: list[tuple[int, int]],
     s: int,
     rng: np.random.Generator,
-    exact: bool,
+    steps: _Steps,
 ) -> dict[tuple[int, int], int]:
     """Peak of a slice of ``b`` rows of context ``l`` that all resume from a KV pool,
-    per point with ``l > s``, beyond the level before it; only where peaks are exact
-    (CUDA's counter or CPU allocator events), else empty.
+    per point of ``points`` (those with ``l > s``, and only where peaks are exact: CUDA's
+    counter or CPU allocator events), beyond the level before it.
 
     The rows' entries are made (zeros: memory does not depend on values) inside the same
     measurement just before the slice, so their release when the slice copies them in is
     seen; the pool never evicts, so the slice's own entries are all it frees.
     """
-    if not exact:
+    if not points:
         return {}
+    steps.phase(f"resumed-slice peaks of {len(points)} points")
     pool = KvPool(1 << 62)
     engine = SliceEngine(loaded, pool=pool, pass_tokens=math.inf)
     config = loaded.model.config.get_text_config(decoder=True)
@@ -297,8 +435,6 @@ def _resumed_peaks(
     params = RequestParams(max_tokens=4 * s, ignore_eos=True)
     peaks = {}
     for b, x in points:
-        if x <= s:
-            continue
         rows = [replace(r, generated_ids=rng.integers(3, vocab, size=s).tolist(), params=params,
                         fence=2, kv_fence=1)
                 for r in _rows(b, x - s, s, vocab, rng)]
@@ -315,6 +451,7 @@ def _resumed_peaks(
         if pool.counters.misses:
             raise RuntimeError("a profiled resumed row did not resume")
         pool.clear()
+        steps.step(f"b={b}, l={x}")
     return peaks
 
 
@@ -393,9 +530,15 @@ def profile_and_fit(
     slice_length: int,
     grid: ProfileGrid,
     progress: Callable[[str], None] | None = None,
+    memory: MemoryLimit | None = None,
 ) -> tuple[CostModel, FitReport, ProfileSamples]:
-    """Measure ``grid`` and fit; memory falls back to the analytic bound if unmeasured."""
-    samples = run_profile(loaded, slice_length, grid, progress)
+    """Measure ``grid`` (the points that fit in ``memory``) and fit; memory falls back to
+    the analytic bound if unmeasured.
+
+    Raises:
+        ValueError: no point fits, or too few to fit and hold out.
+    """
+    samples = run_profile(loaded, slice_length, grid, progress, memory=memory)
     fallback = analytic_model_for(loaded, slice_length)
     model, report = fit_cost_model(samples, fallback=fallback)
     return model, report, samples

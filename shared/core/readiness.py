@@ -28,13 +28,26 @@ READY_TTL_S = 1.0
 UNREADY_TTL_S = 0.25
 #: Bound on one check's Redis round trips.
 CHECK_TIMEOUT_S = 1.0
+#: Longest server message kept in the readiness text (Redis's DENIED answer is ~700 chars).
+MAX_ERROR_CHARS = 1000
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why Redis did not answer, for an operator: the exception's class and the server's own
+    message (``ResponseError: DENIED Redis is running in protected mode ...``,
+    ``AuthenticationError: Authentication required.``). ``repr`` is not enough: redis-py 8
+    writes only the category and class (``server:ResponseError``), dropping the message."""
+    message = " ".join(str(exc).split())  # one line: the DENIED answer spans several
+    name = type(exc).__name__
+    text = f"{name}: {message}" if message else name
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 @dataclass(frozen=True)
 class ReadinessState:
     """One readiness check: what answered and what is missing."""
 
-    redis: str  # "ok", or why Redis did not answer
+    redis: str  # "ok", or why Redis did not answer (the error and the server's message)
     scheduler: str | None  # the leader lock's holder, None when no scheduler holds it
     instances: int  # live worker instances that take work (not draining)
     draining: int = 0  # live instances that are draining (finish what they have, take no more)
@@ -109,7 +122,7 @@ class Readiness:
             try:
                 state = await asyncio.wait_for(self._check(), CHECK_TIMEOUT_S)
             except (TimeoutError, RedisError, OSError) as exc:
-                state = ReadinessState(redis=repr(exc), scheduler=None, instances=0)
+                state = ReadinessState(redis=describe_error(exc), scheduler=None, instances=0)
             self._last, self._checked_at = state, time.monotonic()
             return state
 
