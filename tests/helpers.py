@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import httpx
 import torch
@@ -75,7 +76,15 @@ def metric(text: str, name: str, **labels: str) -> float:
 def served_over_tcp(settings: Settings) -> Iterator[str]:
     """The ingest app under a real uvicorn server on a free port (a real client can hang
     up, the official openai client can connect); yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
+    with served_app(create_app(settings)) as url:
+        yield url
+
+
+@contextmanager
+def served_app(app: Any) -> Iterator[str]:
+    """An ASGI ``app`` under a real uvicorn server on a free local port (lifespan
+    included); yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -29,8 +29,6 @@ import math
 import os
 import re
 import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -40,6 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.settings import Settings
+from tests.helpers import served_app
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -920,7 +919,7 @@ class SclsProcesses:
             output = re.sub(r"[\s\u2500-\u257f]+", " ", output).strip()  # typer's box
             return Served(error=f"exit {result.exit_code}: {output[-300:]}")
         if "app" in seen:
-            with _serve_asgi(seen["app"]) as base:
+            with served_app(seen["app"]) as base:
                 return _answers(base, seen["host"], seen["port"], paths)
         if "exporter" in seen:
             try:
@@ -949,22 +948,3 @@ def _answers(base: str, host: str, port: int, paths: tuple[str, ...]) -> Served:
             conn.close()
 
     return Served(host=host, port=port, answers={p: get(p) for p in paths})
-
-
-@contextlib.contextmanager
-def _serve_asgi(app: Any) -> Iterator[str]:
-    """``app`` under a real uvicorn server on a free local port (lifespan included)."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
