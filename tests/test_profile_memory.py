@@ -26,10 +26,9 @@ from services.worker.engine import SliceEngine
 from services.worker.peaks import AllocatorPeak, MemoryLimit, cgroup_memory_limit
 from shared.modeling.loading import LoadedModel, load_model
 from shared.settings import Settings
+from tests.test_profiler import SMALL_GRID
 
 GIB = 2**30
-SMALL_GRID = profiler.ProfileGrid("test", (1, 2, 4), (8, 16, 32), max_batch_tokens=128,
-                                  repeats=1, warmup=1)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -102,19 +103,26 @@ def _start_refusing_redis(port: int, *args: str) -> subprocess.Popen[bytes]:
     raise AssertionError("redis-server did not start")
 
 
+async def _health_of_refusing_redis(settings: Settings, host: str, *args: str) -> Any:
+    """``GET /health`` of an ingest whose Redis (started with ``args``) is reached at
+    ``host`` and refuses it."""
+    port = free_port()
+    proc = _start_refusing_redis(port, *args)
+    try:
+        url = f"redis://{host}:{port}/0"
+        async with serve(settings.model_copy(update={"redis_url": url})) as http:
+            return await http.get("/health")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 async def test_health_names_the_servers_answer_when_redis_refuses(settings: Settings) -> None:
     """A Redis that answers with an error (here NOAUTH: it wants a password) is reported
     with the server's message, not only the error's class (redis-py 8's repr,
     ``auth:AuthenticationError``, drops it)."""
-    port = free_port()
-    proc = _start_refusing_redis(port, "--requirepass", "not-the-one-we-send")
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        async with serve(settings.model_copy(update={"redis_url": url})) as http:
-            resp = await http.get("/health")
-    finally:
-        proc.kill()
-        proc.wait()
+    resp = await _health_of_refusing_redis(settings, "127.0.0.1",
+                                           "--requirepass", "not-the-one-we-send")
     assert resp.status_code == 503
     body = resp.json()
     # The server's NOAUTH text (to HELLO, which redis-py 8 sends first, or to the command).
@@ -140,15 +148,7 @@ async def test_health_names_the_protected_mode_denial(settings: Settings) -> Non
     address = _non_loopback_address()
     if address is None:
         pytest.skip("no non-loopback IPv4 address to connect from")
-    port = free_port()
-    proc = _start_refusing_redis(port, "--protected-mode", "yes")
-    try:
-        url = f"redis://{address}:{port}/0"
-        async with serve(settings.model_copy(update={"redis_url": url})) as http:
-            resp = await http.get("/health")
-    finally:
-        proc.kill()
-        proc.wait()
+    resp = await _health_of_refusing_redis(settings, address, "--protected-mode", "yes")
     assert resp.status_code == 503
     body = resp.json()
     assert body["redis"].startswith("ResponseError: DENIED Redis is running in protected mode")
