@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from shared.settings import Settings
 from tests.helpers import served_app
+from tests.test_deploy import keda_validator
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -48,7 +49,6 @@ OVERLAY_DIRS = ("base", *sorted(f"overlays/{p.parent.name}"
 #: Oldest Kubernetes minor we support and the newest schemas kubernetes-validate ships
 #: (as tests/test_deploy.py).
 K8S_VERSIONS = ("1.29.0", "1.37.0")
-KEDA_SCHEMA = Path(__file__).parent / "data" / "keda" / "scaledobject-v1alpha1.schema.json"
 
 Obj = dict[str, Any]
 Objects = Sequence[Obj]
@@ -394,16 +394,6 @@ def pod_settings(objects: Objects, c: Container) -> Settings | None:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _keda_validator() -> Any:
-    import jsonschema
-
-    schema = json.loads(KEDA_SCHEMA.read_text())
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
-
-
 def schema_problems(objects: Objects) -> list[str]:
     """Every object validates strictly (unknown fields fail) against the Kubernetes schemas
     of the oldest and newest version we support; KEDA's CRD against tests/data/keda/."""
@@ -413,7 +403,7 @@ def schema_problems(objects: Objects) -> list[str]:
     for obj in objects:
         if str(obj.get("apiVersion", "")).startswith("keda.sh/"):
             problems += [f"{ref(obj)}: {list(e.absolute_path)}: {e.message}"
-                         for e in _keda_validator().iter_errors(obj)]
+                         for e in keda_validator().iter_errors(obj)]
             continue
         for version in K8S_VERSIONS:
             try:
