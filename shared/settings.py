@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     max_queued_batches: int = Field(
         2, ge=1, description="batches queued or running per instance before dispatch pauses"
     )
+    running_set: bool = Field(
+        False,
+        description="simulator only, for now: each slice instance keeps one running set, "
+        "its unfinished rows continue into the next slice together with the batches "
+        "queued for it, as far as its whole memory budget allows (no separate KV pool)",
+    )
+    max_running: int = Field(
+        256, ge=1, description="running_set: most rows in one instance's running set"
+    )
     kv_retention: bool = Field(
         True,
         description="keep each unfinished request's K/V in its instance's pool between "

@@ -106,11 +106,32 @@ def test_quick_chaos_run_loses_nothing(tmp_path: Path) -> None:
     assert out.exists(), stdout[-3000:]
     report = json.loads(out.read_text())
     summary = {k: report[k] for k in ("lost", "duplicated", "mismatched", "server_errors")}
-    assert summary == {"lost": 0, "duplicated": 0, "mismatched": 0, "server_errors": 0}, json.dumps(
-        {k: report[k] for k in ("phases", "faults")}, indent=1
-    )[:6000]
+    assert summary == {"lost": 0, "duplicated": 0, "mismatched": 0, "server_errors": 0}, (
+        _clues(report)
+    )
     assert report["completed"] > 0
     assert report["accepted"] == report["completed"] + report["failed"] + report["lost"]
     assert report["faults"]["leader_kill"]["failover_s"] is not None
     assert report["faults"]["burst"]["bound_held"]
     assert proc.returncode == 0, stdout[-3000:]
+
+
+def _clues(report: dict) -> str:
+    """What a failed quick run needs to be diagnosed from CI's output alone: per phase, the
+    bad requests and what Redis held of them, each fault's figures, then every log line
+    that names a lost request (the run keeps its logs when it fails)."""
+    keys = ("lost_states", "duplicated_ids", "mismatched_ids", "failed_errors", "error_samples",
+            "statuses", "transport_errors")
+    phases = {name: {k: p.get(k) for k in keys if p.get(k)} for name, p in report["phases"].items()}
+    faults = {name: {k: v for k, v in f.items() if not isinstance(v, list)}
+              for name, f in report["faults"].items() if not name.startswith("fuzz")}
+    lines = []
+    lost = [i for p in report["phases"].values() for i in p.get("lost_ids", [])]
+    log_dir = Path(report.get("log_dir") or "/nonexistent")
+    for log in sorted(log_dir.rglob("*.log")) if lost else []:
+        for line in log.read_text(errors="replace").splitlines():
+            if any(i in line for i in lost):
+                lines.append(f"{log.name}: {line[:400]}")
+    text = json.dumps({"phases": phases, "faults": faults}, indent=1, default=str)
+    return text[:5000] + "\nlog lines naming a lost request:\n" + "\n".join(lines[-60:])
+

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from services.worker.engine import SliceEngine, SliceInput, SliceStats
-from services.worker.kv_cache import pass_tokens_of, prefill_groups
 from services.worker.kv_pool import KvEntry, KvPool
 from shared.core.records import RequestParams
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
+from shared.policy.prefill import pass_tokens_of, prefill_groups
 from tests.helpers import greedy_reference
 
 PROMPTS = ("The quick brown fox jumps over", "Hi", "Slices, batches & seeds: 12345", "ok?")

@@ -50,6 +50,7 @@ def phase_dict(ledger: Ledger, verdict: Verdict) -> dict[str, Any]:
         "polled": verdict.polled,
         "stream_text_differs": verdict.stream_text_differs,
         "lost_ids": verdict.lost_ids[:20],
+        "lost_states": dict(list(verdict.lost_states.items())[:20]),
         "duplicated_ids": verdict.duplicated_ids[:20],
         "mismatched_ids": verdict.mismatched_ids[:20],
         "failed_errors": verdict.failed_errors[:10],

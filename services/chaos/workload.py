@@ -243,6 +243,7 @@ class Verdict:
     stream_text_differs: int = 0
     polled: int = 0
     lost_ids: list[str] = field(default_factory=list)
+    lost_states: dict[str, str] = field(default_factory=dict)
     duplicated_ids: list[str] = field(default_factory=list)
     mismatched_ids: list[str] = field(default_factory=list)
     failed_errors: list[str] = field(default_factory=list)
@@ -272,6 +273,11 @@ def verify(store: Store, ledger: Ledger, baseline: dict[int, list[int]] | None) 
         if record is None or record.status not in TERMINAL or sent.abandoned:
             verdict.lost += 1
             verdict.lost_ids.append(sent.request_id)
+            # what Redis holds of it, and whether its client gave up: the first clue
+            verdict.lost_states[sent.request_id] = (
+                ("missing" if record is None else record.status.value)
+                + (" (client stopped waiting)" if sent.abandoned else "")
+            )
             continue
         if record.status is not RequestStatus.FINISHED:
             verdict.failed += 1

@@ -19,6 +19,7 @@ from services.simulator.profiles import BUILTIN, Profile, load_profile
 from services.simulator.workloads import at_rate, build_workload
 from shared.bench.report import Run, rich_table, write_load_plot, write_report, write_results
 from shared.bench.workload import WorkItem, describe
+from shared.policy.kvlayout import LAYOUTS, PADDED
 from shared.settings import Settings
 
 
@@ -37,7 +38,9 @@ def simulate_command(
         help=f"comma-separated: {', '.join(SIM_POLICIES)} (ils-vllm: ILS engines bounded by "
              "paged-KV memory, with preemption by recompute)")]
     = "scls,sls,ils",
-    instances: Annotated[int, typer.Option(min=1, help="simulated instances")] = 4,
+    instances: Annotated[str, typer.Option(
+        help="simulated instances: a count (of --profile), or a fleet of COUNT:PROFILE "
+             "groups, e.g. 8:a100-llama2-7b,8:h100-llama2-7b")] = "4",
     profile: Annotated[str, typer.Option(
         help=f"built-in ({', '.join(BUILTIN)}) or a `scls profile --json` file")]
     = "a100-llama2-7b",
@@ -66,6 +69,13 @@ def simulate_command(
         "--kv-retention/--no-kv-retention",
         help="slice instances keep unfinished requests' K/V in a pool between slices "
              "(default: settings, on)")] = None,
+    running_set: Annotated[bool | None, typer.Option(
+        "--running-set/--no-running-set",
+        help="slice instances keep one running set: unfinished rows continue into the next "
+             "slice with the rows the scheduler admits (default: settings, off)")] = None,
+    kv_layout: Annotated[str, typer.Option(
+        help="KV layout of the simulated slice engines: padded (the engine as built) or "
+             "ragged (each row's own tokens: a what-if)")] = PADDED,
     memory_budget: Annotated[int | None, typer.Option(
         min=1, help="bytes per instance beyond the weights (default: the profile's)")] = None,
     context_limit: Annotated[int | None, typer.Option(
@@ -88,9 +98,11 @@ def simulate_command(
                                  param_hint="--policies")
     if trace is not None and synthetic:
         raise typer.BadParameter("give --trace or --synthetic, not both", param_hint="--trace")
-    settings = _settings(slice_length, max_batch, kv_retention)
-    plan_prof, truth_prof = _profiles(profile, truth_profile, settings, memory_budget,
-                                      context_limit)
+    if kv_layout not in LAYOUTS:
+        raise typer.BadParameter(f"choose from {', '.join(LAYOUTS)}", param_hint="--kv-layout")
+    settings = _settings(slice_length, max_batch, kv_retention, running_set)
+    fleet = _fleet(instances, profile, truth_profile, settings, memory_budget, context_limit)
+    plan_prof, truth_prof = fleet[0][1], fleet[0][2]
     base = build_workload(trace, requests, length_scale, time_scale, seed)
     rate_list: list[float | None] = [*_floats(rates, "--rates")] or [rate]
     console = Console(stderr=True)
@@ -98,9 +110,10 @@ def simulate_command(
     for r in rate_list:
         items = at_rate(base, r, burstiness, seed)
         for name in names:
-            result = _run_one(items, name, instances, plan_prof, truth_prof, settings,
+            result = _run_one(items, name, fleet, settings,
                               SimOptions(cycle_overhead_s=cycle_overhead,
-                                         slice_overhead_s=slice_overhead))
+                                         slice_overhead_s=slice_overhead,
+                                         kv_layout=kv_layout))
             console.print(f"{name} at {'trace' if r is None else f'{r:g} req/s'}: "
                           f"{result.metrics['completed']}/{result.metrics['sent']} done, "
                           f"{result.metrics['req_per_s']:.3f} req/s, "
@@ -109,10 +122,11 @@ def simulate_command(
             result.metrics["offered_rate"] = describe(items)["offered_rate"]
             runs.append(Run(name, r, result.metrics))
             timelines[name] = (result.timeline.times, result.timeline.loads)
-    meta = _meta(plan_prof, truth_prof, settings, instances, base, cycle_overhead,
+    meta = _meta(plan_prof, truth_prof, settings, fleet, base, cycle_overhead,
                  slice_overhead, seed)
+    meta["kv_layout"] = kv_layout
     baseline = "scls" if "scls" in names else names[0]
-    title = f"scls simulate: {instances} x {plan_prof.name}"
+    title = f"scls simulate: {_fleet_name(fleet)}"
     Console().print(rich_table(runs, baseline, title))
     Console().print(kv_table(runs))
     if json_file is not None:
@@ -165,9 +179,46 @@ def kv_markdown(runs: list[Run]) -> str:
 
 
 def _settings(slice_length: int | None, max_batch: int | None,
-              kv_retention: bool | None = None) -> Settings:
+              kv_retention: bool | None = None, running_set: bool | None = None) -> Settings:
     return build_settings(slice_length=slice_length, max_batch_size=max_batch,
-                          kv_retention=kv_retention)
+                          kv_retention=kv_retention, running_set=running_set)
+
+
+#: One group of a simulated fleet: how many instances, planning profile, truth profile.
+Group = tuple[int, Profile, Profile]
+
+
+def _fleet(instances: str, profile: str, truth: str | None, settings: Settings,
+           memory_budget: int | None, context_limit: int | None) -> list[Group]:
+    """Parse ``--instances``: a count of ``--profile`` instances, or ``COUNT:PROFILE``
+    groups (each its own truth; ``--truth-profile`` applies to a count only)."""
+    hint = "--instances"
+    text = instances.strip()
+    if text.isdigit():
+        if int(text) < 1:
+            raise typer.BadParameter("need at least one instance", param_hint=hint)
+        plan, real = _profiles(profile, truth, settings, memory_budget, context_limit)
+        return [(int(text), plan, real)]
+    groups = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        count, _, name = part.partition(":")
+        if not count.strip().isdigit() or int(count) < 1 or not name.strip():
+            raise typer.BadParameter(
+                f"{part!r}: give a count, or COUNT:PROFILE groups such as "
+                "8:a100-llama2-7b,8:h100-llama2-7b", param_hint=hint)
+        if truth is not None:
+            raise typer.BadParameter("--truth-profile applies to a plain count of instances",
+                                     param_hint="--truth-profile")
+        plan, real = _profiles(name.strip(), None, settings, memory_budget, context_limit)
+        groups.append((int(count), plan, real))
+    if not groups:
+        raise typer.BadParameter("need at least one instance", param_hint=hint)
+    return groups
+
+
+def _fleet_name(fleet: list[Group]) -> str:
+    """``16 x a100-llama2-7b`` or ``8 x a100-llama2-7b + 8 x h100-llama2-7b``."""
+    return " + ".join(f"{count} x {plan.name}" for count, plan, _ in fleet)
 
 
 def _profiles(profile: str, truth: str | None, settings: Settings, memory_budget: int | None,
@@ -181,22 +232,27 @@ def _profiles(profile: str, truth: str | None, settings: Settings, memory_budget
     return plan, real
 
 
-def _run_one(items: list[WorkItem], policy: str, instances: int, plan: Profile, truth: Profile,
-             settings: Settings, options: SimOptions) -> SimResult:
+def _run_one(items: list[WorkItem], policy: str, fleet: list[Group], settings: Settings,
+             options: SimOptions) -> SimResult:
     from services.simulator import uniform_instances
 
-    specs = uniform_instances(instances, plan.cost, plan.memory_budget_bytes,
-                              plan.context_limit, truth.cost)
+    specs = []
+    for count, plan, truth in fleet:
+        prefix = "sim" if len(fleet) == 1 else plan.name
+        specs += uniform_instances(count, plan.cost, plan.memory_budget_bytes,
+                                   plan.context_limit, truth.cost, prefix)
     return simulate(items, specs, settings.model_copy(update={"policy": policy}), options)
 
 
-def _meta(plan: Profile, truth: Profile, settings: Settings, instances: int,
+def _meta(plan: Profile, truth: Profile, settings: Settings, fleet: list[Group],
           items: list[WorkItem], cycle_overhead: float, slice_overhead: float,
           seed: int) -> dict[str, Any]:
     return {
         "command": " ".join(["scls", *sys.argv[1:]]),
         "tool": "simulate",
-        "instances": instances,
+        "instances": sum(count for count, _, _ in fleet),
+        "fleet": [{"count": count, "profile": p.name, "truth_profile": t.name}
+                  for count, p, t in fleet],
         "profile": {"name": plan.name, "source": plan.source,
                     "memory_budget_bytes": plan.memory_budget_bytes,
                     "context_limit": plan.context_limit},
@@ -204,7 +260,7 @@ def _meta(plan: Profile, truth: Profile, settings: Settings, instances: int,
         "settings": {k: getattr(settings, k) for k in (
             "slice_length", "max_gen_length", "max_batch_size", "horizon_s", "max_wait_s",
             "candidate_limit", "max_queued_batches", "ils_max_concurrency", "max_retries",
-            "kv_retention", "kv_pool_bytes", "kv_pool_share")},
+            "kv_retention", "kv_pool_bytes", "kv_pool_share", "running_set", "max_running")},
         "cycle_overhead_s": cycle_overhead,
         "slice_overhead_s": slice_overhead,
         "seed": seed,

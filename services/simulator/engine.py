@@ -51,13 +51,15 @@ from services.simulator.results import (
     outcomes_of,
     usage_of,
 )
+from services.simulator.running_set import RunningSetInstance
 from services.simulator.state import DONE, FAILED, INFLIGHT, PENDING, PendingPool, RequestTable
 from shared.bench.workload import WorkItem
 from shared.obs.metrics import summarize
+from shared.policy.admission import admit
 from shared.policy.config import DispatchCaps, policy_config, with_cursor
-from shared.policy.planning import plan_cycle
+from shared.policy.planning import plan_cycle, split_never_fit
 from shared.policy.presets import ILS_PRESET, WHOLE_GENERATION, expected_busy, is_continuous
-from shared.policy.types import Candidate, InstanceView
+from shared.policy.types import Candidate, CandidatePool, InstanceView
 from shared.settings import Settings
 
 __all__ = ["KV_COUNTERS", "SIM_POLICIES", "VLLM_POLICY", "LoadTimeline", "SimInstance",
@@ -111,8 +113,11 @@ class _Simulation:
         self.drop_finished = self.config.batching != "fcfs-fixed"  # as Scheduler._dispatch
         # Slice workers keep unfinished requests' K/V between slices (whole-generation
         # batching finishes its requests in one go: nothing to keep).
-        self.retention = (settings.kv_retention and not is_continuous(self.policy)
-                          and self.config.batching not in WHOLE_GENERATION)
+        slices = not is_continuous(self.policy) and self.config.batching not in WHOLE_GENERATION
+        # One running set per slice instance (RunningSetInstance): its rows' K/V stays in
+        # its memory while they run, so there is no pool and no retention between claims.
+        self.running_set = settings.running_set and slices
+        self.retention = settings.kv_retention and slices and not self.running_set
         self.reqs = RequestTable(workload, options.max_tokens)
         self.pending = PendingPool(self.reqs.n)
         self.specs = list(specs)
@@ -150,22 +155,35 @@ class _Simulation:
         if is_continuous(self.policy):
             return IlsInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit,
                                self.settings.ils_max_concurrency)
+        if self.running_set:
+            return RunningSetInstance(k, spec.id, truth, spec.memory_budget_bytes,
+                                      spec.context_limit, self.options.slice_overhead_s,
+                                      spec.cost, self.config.batch_slice_length,
+                                      self.settings.max_running, self.options.kv_layout)
         pool = self._pool_bytes(spec)
         # The batch budget is what the pool leaves (what a worker publishes).
         return SliceInstance(k, spec.id, truth, spec.memory_budget_bytes - pool,
-                             spec.context_limit, self.options.slice_overhead_s, pool)
+                             spec.context_limit, self.options.slice_overhead_s, pool,
+                             self.options.kv_layout)
 
     def _view(self, inst: InstanceBase) -> InstanceView:
         spec = self.specs[inst.position]
+        running = isinstance(inst, RunningSetInstance)
         return InstanceView(
             id=inst.id, cost=spec.cost, memory_budget_bytes=inst.budget_bytes,
             context_limit=spec.context_limit,
             expected_busy_s=expected_busy(self.policy, inst.estimated_s),
             queued_requests=inst.requests, queued_batches=inst.batches,
+            running_rows=inst.running_rows if running else 0,
+            running_width=inst.running_width if running else 0,
         )
 
     def _is_open(self, k: int) -> bool:
-        """Whether a cycle could give instance ``k`` work (the horizon rule and its cap)."""
+        """Whether a cycle could give instance ``k`` work (the horizon rule and its cap;
+        a running set: nothing given to it still waits to join)."""
+        inst = self.insts[k]
+        if isinstance(inst, RunningSetInstance):
+            return inst.is_open()
         view = self.views[k]
         return view.expected_busy_s < self.config.horizon_s and self.caps.has_room(view)
 
@@ -260,6 +278,8 @@ class _Simulation:
         cands = [self._candidate(i) for i in self.pending.oldest(self.config.candidate_limit)
                  .tolist()]
         views = list(self.views)
+        if self.running_set:
+            return self._fill_cycle(cands, views, t)
         plan = plan_cycle(cands, views, self.config, now=t)
         self.config = with_cursor(self.config, plan)
         for cand in plan.never_fit:
@@ -286,6 +306,40 @@ class _Simulation:
                 self._deliver(inst, batch, t)
         return len(kept)
 
+    def _fill_cycle(self, cands: list[Candidate], views: list[InstanceView], t: float) -> int:
+        """A running-set cycle: never-fitting requests fail, then the open instances'
+        running sets are filled with the oldest candidates (shared.policy.admission)."""
+        s = self.config.batch_slice_length
+        runnable, never = split_never_fit(CandidatePool.of(cands), views, s)
+        for cand in never.candidates:
+            self._never_fits(int(cand.id), cand.context_len, t)
+        open_views = [views[k] for k in sorted(self.open)]
+        admissions = admit(runnable, open_views, s, self.settings.max_running,
+                           self.options.kv_layout)
+        for adm in admissions:
+            rows = [runnable.candidates[r] for r in adm.rows.tolist()]
+            idx = np.array([int(c.id) for c in rows], dtype=np.int64)
+            inst = self.by_id[adm.instance_id]
+            est = float(inst.estimate.slice_time(len(idx), max(c.context_len for c in rows), 1))
+            self._claim(inst, QueuedBatch(idx, s, est, True), t)
+        return len(admissions)
+
+    def _claim(self, inst: InstanceBase, batch: QueuedBatch, t: float) -> None:
+        """Claim ``batch`` for ``inst`` and deliver it (after the cycle's overhead)."""
+        idx = batch.idx
+        self.kv.claimed(idx, inst.position)
+        inst.claimed(batch)
+        self._refresh(inst)
+        self.pending.remove(idx)
+        self.reqs.status[idx] = INFLIGHT
+        claim = self.reqs.first_claim
+        claim[idx] = np.where(np.isnan(claim[idx]), t, claim[idx])
+        arrive = t + self.options.cycle_overhead_s
+        if arrive > t:
+            self._push(arrive, _DELIVER, inst.position, batch)
+        else:
+            self._deliver(inst, batch, t)
+
     def _never_fits(self, i: int, context_len: int, t: float) -> None:
         self.pending.remove(i)
         self.cands.pop(i, None)
@@ -295,10 +349,11 @@ class _Simulation:
 
     # --- instances ------------------------------------------------------------------
     def _deliver(self, inst: InstanceBase, batch: QueuedBatch, t: float) -> None:
-        if isinstance(inst, SliceInstance):
+        if isinstance(inst, SliceInstance):  # RunningSetInstance too
             end = inst.deliver(batch, t, self.reqs)
             if end is not None:
                 self._push(end, _SLICE_DONE, inst.position)
+            self._requeue_shed(inst)
             return
         assert isinstance(inst, IlsInstance)
         nxt = inst.deliver(batch, t, self.reqs, self._ils_fail)
@@ -306,10 +361,24 @@ class _Simulation:
             inst.version += 1
             self._push(nxt, _ILS_EVENT, inst.position, inst.version)
 
+    def _requeue_shed(self, inst: SliceInstance) -> None:
+        """Rows the instance handed back at a slice start (they missed their K/V and did
+        not fit): pending again, with their tokens."""
+        if not inst.shed:
+            return
+        back = np.array(inst.shed, dtype=np.int64)
+        inst.shed = []
+        for i in back.tolist():
+            self.cands.pop(i, None)
+        self.reqs.status[back] = PENDING
+        self.pending.add(back)
+        self._refresh(inst)
+
     def _slice_done(self, inst: SliceInstance, t: float) -> None:
         batch, out, nxt = inst.complete(t, self.reqs)
         if nxt is not None:
             self._push(nxt, _SLICE_DONE, inst.position)
+        self._requeue_shed(inst)  # from the next slice, which has started
         self._refresh(inst)
         reqs, idx = self.reqs, batch.idx
         for i in idx.tolist():
@@ -318,6 +387,8 @@ class _Simulation:
             self.cands.pop(i, None)  # pending, and no longer retained anywhere
         if out.oom:
             self._requeue_oom(idx, inst, t)
+            if isinstance(inst, RunningSetInstance):
+                self._next_running_slice(inst, batch, out, t)  # nothing carried: the queue
             return
         first = reqs.slices[idx] == 0
         inst.add_counters({"first_slice_finishes": float(np.sum(out.finished & first)),
@@ -331,9 +402,25 @@ class _Simulation:
         for i in idx[out.finished & out.eos].tolist():
             reqs.reason[i] = "stop"
         again = idx[~out.finished]
-        if len(again):
+        if isinstance(inst, RunningSetInstance):
+            self._next_running_slice(inst, batch, out, t)
+        elif len(again):
             reqs.status[again] = PENDING
             self.pending.add(again)
+
+    def _next_running_slice(self, inst: RunningSetInstance, batch: QueuedBatch,
+                            out: Any, t: float) -> None:
+        """Running set: the unfinished rows stay on ``inst`` (in flight); its next slice
+        starts with them and what joins; preempted rows go back to pending."""
+        inst.carry_on(batch, out)
+        nxt = inst.start_next(t, self.reqs)
+        if nxt is not None:
+            self._push(nxt, _SLICE_DONE, inst.position)
+        if inst.preempted:
+            back = np.array(inst.preempted, dtype=np.int64)
+            self.reqs.status[back] = PENDING
+            self.pending.add(back)
+        self._refresh(inst)
 
     def _requeue_oom(self, idx: np.ndarray, inst: InstanceBase, t: float) -> None:
         """An out-of-memory slice: requeue its requests, failing those out of retries."""

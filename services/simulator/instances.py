@@ -18,6 +18,8 @@ from numpy.typing import ArrayLike
 
 from services.simulator.kv import SimKvPool
 from services.simulator.state import RequestTable
+from shared.policy.kvlayout import PADDED, cache_width
+from shared.policy.prefill import pass_tokens_of, prefill_passes
 
 
 class StepCost(Protocol):
@@ -36,6 +38,15 @@ class StepCost(Protocol):
     def slice_memory(self, b: ArrayLike, l: ArrayLike, s: ArrayLike | None = None) -> np.ndarray:  # noqa: E741
         """Peak bytes beyond the weights of a slice."""
         ...
+
+
+def pass_tokens(truth: StepCost) -> float:
+    """A prefill pass's overhead in tokens' worth, as the engine derives it from its cost
+    model; a model without prefill coefficients gets one padded pass (``inf``)."""
+    features = getattr(truth, "prefill_features", None)
+    if features is None:
+        return float("inf")
+    return pass_tokens_of(features, truth.prefill_coef)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -85,9 +96,26 @@ def _slice_memory(truth: StepCost, b: int, padded: int, s: int, prefilled: int,
     return float(truth.mixed_memory(b, padded, s, prefilled, prefill_len))
 
 
+def slice_peak(truth: StepCost, reqs: RequestTable, idx: np.ndarray, fresh: np.ndarray,
+               slice_length: int, context_limit: int, layout: str = PADDED) -> float:
+    """Peak bytes of a slice of rows ``idx`` (``fresh`` marks rows that prefill) as
+    :func:`run_slice` computes it; 0 when no row has a token left to draw."""
+    ctx = reqs.context(idx)
+    allowed = np.minimum(slice_length, np.minimum(reqs.max_tokens[idx] - reqs.generated[idx],
+                                                  context_limit - ctx))
+    live = allowed > 0
+    if not live.any():
+        return 0.0
+    pre = fresh & live
+    return _slice_memory(truth, int(live.sum()), cache_width(ctx[live], layout),
+                         int(allowed[live].max()), int(pre.sum()),
+                         int(ctx[pre].max()) if pre.any() else 0)
+
+
 def run_slice(
     reqs: RequestTable, idx: np.ndarray, slice_length: int, drop_finished: bool,
     truth: StepCost, budget_bytes: int, context_limit: int, pool: SimKvPool | None = None,
+    layout: str = PADDED,
 ) -> SliceOutcome:
     """One slice of requests ``idx`` as :meth:`SliceEngine.run_slice` would run it.
 
@@ -95,7 +123,8 @@ def run_slice(
     whose true output ends first emits EOS (not returned) one step later, unless the
     output is forced. Rows whose entry is in ``pool`` (this instance's) **resume**: no
     prefill, they feed their last token, so all their tokens come from decode steps. The
-    others **prefill** (one pass, padded to the longest of them), which yields their first
+    others **prefill** (in the engine's passes: :func:`shared.policy.prefill.prefill_groups`
+    cuts them, by length, into left-padded passes), which yields their first
     token. Decode steps run until every row is done (early return): a resumed row needs as
     many steps as it draws tokens, a prefilled row one fewer. With ``drop_finished``
     finished rows leave the batch; without it (SLS) they stay and are counted as invalid
@@ -103,6 +132,8 @@ def run_slice(
     and context (the cache's width, i.e. the longest cached context, plus the step); memory
     is its ``slice_memory`` for the static cache the engine allocates (longest budget)
     against ``budget_bytes``, the instance's batch budget (its pool is outside it).
+    ``layout`` (:mod:`shared.policy.kvlayout`): with ``ragged`` the cache's width in
+    these formulas is the mean context instead of the longest (a what-if).
     """
     ctx = reqs.context(idx)
     gen = reqs.generated[idx]
@@ -120,18 +151,21 @@ def run_slice(
     live_ctx = ctx[live]
     # Tokens each row draws (an EOS draw included), then the decode steps that takes.
     need = np.where(eos, left + 1, allowed)[live] - (~res)
-    b, padded, steps = len(live_ctx), int(live_ctx.max()), int(need.max())
+    b, padded, steps = len(live_ctx), cache_width(live_ctx, layout), int(need.max())
     pre = ~res
     prefill, pad = 0.0, 0
     if pre.any():
-        longest = int(live_ctx[pre].max())
-        prefill = float(truth.prefill_time(int(pre.sum()), longest))
-        pad = int(pre.sum()) * longest - int(live_ctx[pre].sum())
+        # The engine's passes: rows sorted by length, cut where padding costs more than a
+        # pass's overhead (shared.policy.prefill.prefill_groups).
+        lens = live_ctx[pre]
+        passes = prefill_passes(lens.tolist(), pass_tokens(truth))
+        prefill = sum(float(truth.prefill_time(n, longest)) for n, longest in passes)
+        pad = sum(n * longest for n, longest in passes) - int(lens.sum())
     memory = _slice_memory(truth, b, padded, int(allowed[live].max()), int(pre.sum()),
                            int(live_ctx[pre].max()) if pre.any() else 0)
     if memory > budget_bytes:
         return SliceOutcome(prefill, np.zeros_like(tokens), np.zeros_like(finished), eos, True)
-    width = int((live_ctx - res).max())  # a resumed row's cache lacks its last token
+    width = cache_width(live_ctx - res, layout)  # a resumed row's cache lacks its last token
     ks = np.arange(1, steps + 1)
     if drop_finished:
         rows = b - np.searchsorted(np.sort(need), ks, side="left")  # rows with need >= k
@@ -214,7 +248,8 @@ class SliceInstance(InstanceBase):
     """A slice worker: runs its queue's batches one at a time, in order (an RQ queue)."""
 
     def __init__(self, position: int, inst_id: str, truth: StepCost, budget_bytes: int,
-                 context_limit: int, overhead_s: float, pool_bytes: int = 0) -> None:
+                 context_limit: int, overhead_s: float, pool_bytes: int = 0,
+                 layout: str = PADDED) -> None:
         """``budget_bytes`` is the batch budget; ``pool_bytes`` (0: retention off) the KV
         pool's capacity beside it, as a worker splits its memory budget."""
         super().__init__(position, inst_id, truth, budget_bytes, context_limit)
@@ -222,6 +257,8 @@ class SliceInstance(InstanceBase):
         self.queue: deque[QueuedBatch] = deque()
         self.running: tuple[QueuedBatch, SliceOutcome] | None = None
         self.pool = SimKvPool(pool_bytes) if pool_bytes > 0 else None
+        self.layout = layout
+        self.shed: list[int] = []  # rows handed back at a slice start (the engine requeues)
 
     def deliver(self, batch: QueuedBatch, t: float, reqs: RequestTable) -> float | None:
         """Enqueue ``batch`` at ``t``; the time its slice ends if it starts now, else None."""
@@ -231,14 +268,38 @@ class SliceInstance(InstanceBase):
     def _start(self, t: float, reqs: RequestTable) -> float | None:
         if not self.queue:
             return None
-        batch = self.queue.popleft()
+        batch = self._shed_misses(self.queue.popleft(), reqs)
         # SLS batches (drop_finished off) run whole generations: nothing to retain.
         pool = self.pool if batch.drop_finished else None
         out = run_slice(reqs, batch.idx, batch.slice_length, batch.drop_finished, self.truth,
-                        self.budget_bytes, self.context_limit, pool)
+                        self.budget_bytes, self.context_limit, pool, self.layout)
         self.running = (batch, out)
         # The worker is occupied by the compute and the commit/next-job latency.
         return t + out.compute_s + self.overhead_s
+
+    def _shed_misses(self, batch: QueuedBatch, reqs: RequestTable) -> QueuedBatch:
+        """The batch without the rows it cannot hold now: a row planned to resume whose
+        entry was evicted since (a *miss*) must prefill, which needs more memory than the
+        scheduler priced; while the slice would not fit, the youngest missed row is handed
+        back (``shed``, to pending) instead of running out of memory."""
+        if self.pool is None or not batch.drop_finished:
+            return batch
+        idx = batch.idx
+        in_pool = np.array([i in self.pool for i in idx.tolist()], dtype=bool)
+        missed = np.flatnonzero(~in_pool & (reqs.generated[idx] > 0))
+        keep = np.ones(len(idx), dtype=bool)
+        for r in missed[np.argsort(-idx[missed])].tolist():  # youngest first (a larger
+            # position arrived later)
+            if slice_peak(self.truth, reqs, idx[keep], ~in_pool[keep], batch.slice_length,
+                          self.context_limit, self.layout) <= self.budget_bytes:
+                break
+            keep[r] = False
+        if keep.all() or not keep.any():
+            return batch
+        self.shed += idx[~keep].tolist()
+        self.add_counters({"kv_miss_handbacks": float((~keep).sum())})
+        self.released(0.0, 0, int((~keep).sum()))
+        return QueuedBatch(idx[keep], batch.slice_length, batch.estimated_s, batch.drop_finished)
 
     def complete(self, t: float, reqs: RequestTable) -> tuple[QueuedBatch, SliceOutcome,
                                                               float | None]:

@@ -10,7 +10,9 @@ A built-in profile is derived from public datasheet figures and the model's shap
   attention, ``2 * layers * hidden`` FLOPs per token pair:
   ``Tp(b, l) = overhead + W / BW' + b * l * 2P / F'_pre + b * l^2 * 2 * layers * hidden / F'_pre``,
 * memory beyond the weights: the static KV cache plus a per-token activation bound and
-  the per-row logits (the same shape bound as ``services/scheduler/bench.py``),
+  the per-row logits (the same shape bound as ``services/scheduler/bench.py``); a slice
+  whose rows all resume feeds one token per row, so its activations are one token's per
+  row (the resume envelope the profiler measures on a real worker),
 
 where ``BW'`` and ``F'`` are the datasheet HBM bandwidth and dense fp16 tensor FLOPs
 times the achievable fractions below. The budget is ``GPU memory * 0.9 - weights``.
@@ -122,7 +124,11 @@ def gpu_cost_model(gpu: GpuSpec, model: ModelSpec, slice_length: int = 32) -> Co
         kv_bytes_per_token=model.kv_bytes_per_token,
         act_features=ACT_FEATURES,
         act_coef=(64.0 * 1024**2, float(logits_per_row), float(act_per_token), 0.0),
+        # a slice whose rows all resume feeds one token per row: its activations are one
+        # token's per row, whatever the context (the profiler measures this envelope)
+        resume_act_coef=(64.0 * 1024**2, float(logits_per_row + act_per_token), 0.0, 0.0),
         mem_margin=1.0,
+        resume_margin=1.0,
         model=model.name,
         device=gpu.name,
         dtype="float16",

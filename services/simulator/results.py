@@ -19,6 +19,7 @@ from services.simulator.ils import IlsInstance
 from services.simulator.instances import InstanceBase, StepCost
 from services.simulator.state import DONE, RequestTable
 from shared.obs.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome
+from shared.policy.kvlayout import LAYOUTS, PADDED
 from shared.policy.presets import POLICIES
 from shared.policy.types import SliceCost
 
@@ -60,12 +61,18 @@ class SimOptions:
     max_tokens: int | None = None  # None: forced output lengths (max_tokens = output)
     ect_max_samples: int = 512  # bound on kept load samples (halved when reached)
     ect_interval_s: float = 1.0  # first sampling interval of the load (simulated s)
+    # KV layout of the simulated slice engines (shared.policy.kvlayout): "padded" is the
+    # engine as built; "ragged" prices each row's own tokens (a what-if)
+    kv_layout: str = PADDED
 
     def __post_init__(self) -> None:
         if self.cycle_overhead_s < 0 or self.slice_overhead_s < 0:
             raise ValueError("overheads must be >= 0")
         if self.ect_max_samples < 2 or not self.ect_interval_s > 0:
             raise ValueError("need ect_max_samples >= 2 and ect_interval_s > 0")
+        if self.kv_layout not in LAYOUTS:
+            raise ValueError(f"unknown KV layout {self.kv_layout!r}; choose from "
+                             f"{', '.join(LAYOUTS)}")
 
 
 @dataclass

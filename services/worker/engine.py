@@ -7,7 +7,7 @@ A slice batch is one left-padded ``StaticCache``. Each row enters it one of two 
   in and the row feeds only that last token: no prefill.
 * **prefilled**: everything else (a new request, or one whose cache was evicted, lives on
   another instance or is stale). Prefilled rows are grouped into passes of similar length
-  (:func:`services.worker.kv_cache.prefill_groups`), so padding is computed only where a
+  (:func:`shared.policy.prefill.prefill_groups`), so padding is computed only where a
   shared pass is cheaper than another one; a pass yields the row's first token.
 
 Then up to ``slice_len`` decode steps run with an explicit attention mask (zeros over the
@@ -38,6 +38,7 @@ from services.worker.sampling import (
 from shared.core.records import RequestParams, StepTokens, TokenLogprob
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
+from shared.policy.prefill import DEFAULT_PASS_TOKENS, prefill_groups
 
 
 @dataclass
@@ -137,7 +138,7 @@ class SliceEngine:
         loaded: LoadedModel,
         drop_finished_rows: bool = True,
         pool: KvPool | None = None,
-        pass_tokens: float = kv_cache.DEFAULT_PASS_TOKENS,
+        pass_tokens: float = DEFAULT_PASS_TOKENS,
     ) -> None:
         """Wrap ``loaded``.
 
@@ -294,7 +295,7 @@ class SliceEngine:
         its last ``padded`` columns), and nothing but the batch cache ever holds K/V. With
         one pass and no resumed row that window is the whole cache.
         """
-        groups = kv_cache.prefill_groups([r.cached for r in fresh], self.pass_tokens)
+        groups = prefill_groups([r.cached for r in fresh], self.pass_tokens)
         passes = [[fresh[i] for i in group] for group in groups]
         rows = [r for rows in passes for r in rows] + [r for r in live if r.entry is not None]
         width = max(r.cached for r in rows)

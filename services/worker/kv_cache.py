@@ -13,59 +13,11 @@ Measured on transformers 5.23: a ``StaticLayer`` writes each update at its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
-
-#: Prefill passes cost a fixed overhead on top of their tokens; when the cost model does
-#: not say how much (in tokens' worth), assume this.
-DEFAULT_PASS_TOKENS = 32.0
-
-
-def prefill_groups(lengths: Sequence[int], pass_tokens: float) -> list[list[int]]:
-    """Split rows into left-padded prefill passes minimising computed work.
-
-    Each pass costs ``pass_tokens`` (its fixed overhead, in tokens' worth) plus
-    ``rows x longest`` tokens. Rows are taken by length and cut into contiguous runs by an
-    exact dynamic programme (``n <= max batch``, so ``O(n^2)`` is nothing). Returns lists of
-    indices into ``lengths``, each run ordered by length. ``pass_tokens = inf`` gives one
-    pass (a single padded prefill).
-    """
-    n = len(lengths)
-    if n == 0:
-        return []
-    order = sorted(range(n), key=lambda i: lengths[i])
-    if not np.isfinite(pass_tokens):
-        return [order]
-    sorted_lens = [lengths[i] for i in order]
-    best = [0.0] + [np.inf] * n  # best[p]: cheapest cover of the p shortest rows
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        longest = sorted_lens[end - 1]
-        for start in range(end):
-            cost = best[start] + pass_tokens + (end - start) * longest
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups = []
-    end = n
-    while end > 0:
-        groups.append(order[cut[end]:end])
-        end = cut[end]
-    groups.reverse()
-    return groups
-
-
-def pass_tokens_of(prefill_features: Sequence[str], prefill_coef: Sequence[float]) -> float:
-    """A prefill pass's fixed cost in tokens' worth from a fitted ``Tp``: ``p_1 / p_bl``."""
-    coef = dict(zip(prefill_features, prefill_coef, strict=True))
-    fixed, per_token = coef.get("1", 0.0), coef.get("bl", 0.0)
-    if fixed > 0 and per_token > 0:
-        return fixed / per_token
-    return DEFAULT_PASS_TOKENS
 
 
 def supports_assembly(cache: StaticCache) -> bool:

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from services.worker.engine import SliceEngine, SliceInput
-from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
 from services.worker.peaks import measure_after
 from services.worker.profile_cache import load_or_profile
 from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel
+from shared.policy.prefill import pass_tokens_of
 from shared.settings import Settings
 
 KINDS = ("resumed", "mixed", "fresh")

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from redis.exceptions import RedisError
 
 from services.worker.engine import SliceEngine, SliceInput, SliceOutput, SliceStats
-from services.worker.kv_cache import pass_tokens_of
 from services.worker.kv_pool import KvPool
 from services.worker.token_stream import TokenPublisher
 from shared.core.records import BatchRecord, CommitItem, InstanceInfo, RequestRecord, now
@@ -24,6 +23,7 @@ from shared.modeling.registry import TextCodec
 from shared.obs.logging import bound, get_logger
 from shared.obs.prometheus import WorkerMetrics
 from shared.policy.costmodel import CostModel
+from shared.policy.prefill import pass_tokens_of
 from shared.policy.presets import SLICE_MODE
 from shared.settings import Settings
 

@@ -241,13 +241,18 @@ def _join_guests(
     own = np.where(np.isnan(own), alone, own)  # unplaced guests: their own slice here
     free = np.ones(len(guests), dtype=bool)
     taken: list[tuple[int, BatchPlan | FormedBatch]] = []
+    # Rows each host prefills (earlier guests) and the longest of them: a new guest's
+    # prefill runs with theirs, so the activations are those of all of them.
+    fresh = np.array([len(out[h].request_ids) - out[h].resumed_rows for h in hosts])[:, None]
+    fresh_len = np.zeros_like(fresh)
     while free.any():
         size = np.array([len(out[h].request_ids) for h in hosts])[:, None]
         base = np.array([out[h].estimated_s for h in hosts])[:, None]
         b = size + rows[None, :]
         width = np.maximum(np.array([out[h].padded_len for h in hosts])[:, None], lens[None, :])
-        memory = np.asarray(cost.mixed_memory(b, width, s, rows[None, :], lens[None, :]),
-                            dtype=float)
+        fresh_b = fresh + rows[None, :]
+        fresh_l = np.maximum(fresh_len, lens[None, :])
+        memory = np.asarray(cost.mixed_memory(b, width, s, fresh_b, fresh_l), dtype=float)
         added = prefill[None, :] + np.asarray(cost.resume_time(b, width, s), dtype=float) - base
         good = (free[None, :] & (b <= max_batch) & (width <= inst.context_limit)
                 & (memory <= inst.memory_budget_bytes) & (added < own[None, :]))
@@ -261,6 +266,8 @@ def _join_guests(
             host, request_ids=host.request_ids + guest.request_ids,
             padded_len=int(width[k, i]), estimated_s=float(base[k, 0] + added[k, i]),
             estimated_bytes=int(memory[k, i]))
+        fresh[k, 0] = fresh_b[k, i]
+        fresh_len[k, 0] = fresh_l[k, i]
         free[i] = False
         taken.append(guests[i])
     return taken

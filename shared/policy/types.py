@@ -96,6 +96,10 @@ class InstanceView:
     expected_busy_s: float = 0.0  # estimated work queued or running on it now
     queued_requests: int = 0  # requests queued or running on it now
     queued_batches: int = 0  # batches queued or running on it now (informational)
+    # running_set mode (shared.policy.admission): rows of its running slice, which
+    # continue into its next one, and the longest context among them at the slice's start
+    running_rows: int = 0
+    running_width: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""Admission into running sets (``settings.running_set``): pure functions, numpy only.
+
+With one running set per instance (docs/design.md §3.6), the unfinished rows of a slice
+continue on their instance, and the scheduler's work is to give each instance fresh rows
+for its next slice boundary, as many as its memory can carry, oldest first:
+
+* an instance is **open** when nothing it was given is still waiting to join (the queued
+  rows join at the boundary; a second batch would only wait behind the first);
+* open instances are served **most free memory first**: an instance frees memory as fast
+  as it finishes rows, so a faster instance comes back for work sooner (the load follows
+  speed without a speed estimate: what a heterogeneous fleet needs);
+* each takes the **oldest** candidates, in arrival order, while its running set plus them
+  fits its memory budget at the next slice (:func:`admissible`), under ``max_running``
+  rows. Arrival order is the fairness rule, as in :func:`shared.policy.planning.plan_cycle`:
+  a candidate is never passed by a younger one that happens to fit.
+
+The running set is priced as it will be at its next slice: every row still there (the
+scheduler does not know which will finish), each ``S`` tokens longer, with the cache as
+wide as its longest row; the memory model prices the merged slice (fresh rows' prefill
+activations included) with :meth:`SliceCost.mixed_memory`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shared.policy.kvlayout import PADDED, RAGGED
+from shared.policy.types import CandidatePool, InstanceView, SliceCost
+
+
+def admissible(
+    lens: np.ndarray, cost: SliceCost, budget_bytes: int, running_rows: int,
+    running_width: int, slice_length: int, max_rows: int,
+) -> int:
+    """How many of the first candidates (context lengths ``lens``, in admission order) can
+    join a running set of ``running_rows`` rows, ``running_width`` tokens wide at its next
+    slice, within ``budget_bytes`` and ``max_rows`` rows. A prefix: the first candidate
+    that does not fit stops the count."""
+    room = min(len(lens), max_rows - running_rows)
+    if room <= 0:
+        return 0
+    k = np.arange(1, room + 1)
+    fresh_len = np.maximum.accumulate(np.asarray(lens[:room], dtype=np.int64))
+    width = np.maximum(running_width, fresh_len)
+    memory = np.asarray(cost.mixed_memory(running_rows + k, width, slice_length, k, fresh_len))
+    fits = memory <= budget_bytes
+    return room if fits.all() else int(np.argmin(fits))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Candidates (their positions in the pool) given to one instance this cycle."""
+
+    instance_id: str
+    rows: np.ndarray
+
+
+def admit(
+    pool: CandidatePool, instances: Sequence[InstanceView], slice_length: int, max_rows: int,
+    layout: str = PADDED,
+) -> list[Admission]:
+    """Place ``pool``'s candidates, oldest first, into the open instances' running sets
+    (module docstring): each goes where it adds the least memory (the padded cache grows
+    for every row when a longer one joins), ties to the most free memory; the first
+    candidate that fits nowhere ends the cycle (no younger one passes it). Each view's
+    ``running_rows``/``running_width`` describe its set; ``layout`` is the engines' KV
+    layout (:mod:`shared.policy.kvlayout`: the width a row adds to). Returns one admission
+    per instance that takes at least one row, its rows in arrival order."""
+    if not len(pool) or not instances:
+        return []
+    order = np.argsort(pool.arrivals, kind="stable")
+    sets = _Sets(instances, slice_length, layout == RAGGED)
+    taken: list[list[int]] = [[] for _ in instances]
+    for c in order.tolist():
+        k = sets.best(int(pool.lens[c]), max_rows)
+        if k < 0:
+            break
+        sets.add(k, int(pool.lens[c]))
+        taken[k].append(c)
+    return [Admission(inst.id, np.array(rows, dtype=np.int64))
+            for inst, rows in zip(instances, taken, strict=True) if rows]
+
+
+class _Sets:
+    """The open instances' running sets as admission grows them (one column each)."""
+
+    def __init__(self, instances: Sequence[InstanceView], slice_length: int,
+                 ragged: bool) -> None:
+        self.instances = list(instances)
+        self.s = slice_length
+        self.ragged = ragged
+        self.rows = np.array([i.running_rows for i in instances], dtype=np.int64)
+        # at the next slice every row is S tokens longer
+        self.width = np.array([i.running_width + slice_length if i.running_rows else 0
+                               for i in instances], dtype=np.float64)
+        self.fresh = np.zeros(len(instances), dtype=np.int64)
+        self.fresh_len = np.zeros(len(instances), dtype=np.int64)
+        self.budget = np.array([i.memory_budget_bytes for i in instances], dtype=np.float64)
+        self.used = self._memory(self.rows, self.width, self.fresh, self.fresh_len)
+
+    def _memory(self, rows: np.ndarray, width: np.ndarray, fresh: np.ndarray,
+                fresh_len: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows))
+        for k, inst in enumerate(self.instances):  # instances may differ in memory model
+            if rows[k]:
+                out[k] = float(inst.cost.mixed_memory(rows[k], width[k], self.s, fresh[k],
+                                                      fresh_len[k]))
+        return out
+
+    def best(self, length: int, max_rows: int) -> int:
+        """The set a row of ``length`` tokens joins (-1: it fits none)."""
+        fresh_len = np.maximum(self.fresh_len, length)
+        after = self._memory(self.rows + 1, self._widened(self.width, self.rows, length),
+                             self.fresh + 1, fresh_len)
+        ok = (after <= self.budget) & (self.rows < max_rows)
+        if not ok.any():
+            return -1
+        added = np.where(ok, after - self.used, np.inf)
+        free = self.budget - self.used
+        return int(np.lexsort((-free, added))[0])
+
+    def _widened(self, width: Any, rows: Any, length: int) -> Any:
+        """A set's width once a row of ``length`` joins: the longest row (padded) or the
+        mean row (ragged)."""
+        if self.ragged:
+            return (width * rows + length) / (rows + 1)
+        return np.maximum(width, length)
+
+    def add(self, k: int, length: int) -> None:
+        """A row of ``length`` tokens joins set ``k``."""
+        self.rows[k] += 1
+        self.fresh[k] += 1
+        self.width[k] = self._widened(self.width[k], self.rows[k] - 1, length)
+        self.fresh_len[k] = max(self.fresh_len[k], length)
+        self.used[k] = float(self.instances[k].cost.mixed_memory(
+            self.rows[k], self.width[k], self.s, self.fresh[k], self.fresh_len[k]))

@@ -1,0 +1,99 @@
+"""Admission into running sets (shared.policy.admission) and the cache width of each KV
+layout (shared.policy.kvlayout): table-driven, no model, no Redis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.policy.admission import admissible, admit
+from shared.policy.costmodel import PREFILL_BASE, CostModel
+from shared.policy.kvlayout import PADDED, RAGGED, cache_width
+from shared.policy.types import Candidate, CandidatePool, InstanceView
+
+S = 4
+#: One byte per cached position, no activations: a slice of b rows w wide needs
+#: b * (w + S + 1) bytes, so every figure below is checked by hand.
+BYTE = CostModel(
+    slice_length=S, prefill_features=PREFILL_BASE, prefill_coef=(1.0, 0.0, 0.001, 0.0),
+    decode_coef=(0.1, 0.0, 0.0, 0.0), kv_bytes_per_token=1, act_coef=(0.0, 0.0, 0.0, 0.0),
+    mem_margin=1.0, source="test",
+)
+
+
+@pytest.mark.parametrize(("lens", "budget", "rows", "width", "max_rows", "expected"), [
+    ([10, 10, 10], 45, 0, 0, 256, 3),  # 3 x 15 bytes
+    ([10, 10, 10], 44, 0, 0, 256, 2),
+    ([10], 75, 2, 20, 256, 1),  # 3 x (20 + 5)
+    ([10], 74, 2, 20, 256, 0),
+    ([30], 60, 2, 10, 256, 0),  # a longer row widens the whole padded cache: 3 x 35
+    ([10, 100, 10], 60, 0, 0, 256, 1),  # a prefix: the row that does not fit stops it
+    ([1, 1, 1], 10**6, 3, 4, 4, 1),  # max_rows
+    ([1, 1, 1], 10**6, 4, 4, 4, 0),
+    ([], 10**6, 0, 0, 256, 0),
+])
+def test_admissible_counts_the_prefix_that_fits(lens: list[int], budget: int, rows: int,
+                                                width: int, max_rows: int, expected: int) -> None:
+    assert admissible(np.array(lens), BYTE, budget, rows, width, S, max_rows) == expected
+
+
+def view(name: str, rows: int = 0, width: int = 0, budget: int = 10**6) -> InstanceView:
+    return InstanceView(name, BYTE, budget, 4096, running_rows=rows, running_width=width)
+
+
+def pool(lens: list[int], arrivals: list[float] | None = None) -> CandidatePool:
+    arrivals = arrivals if arrivals is not None else [float(k) for k in range(len(lens))]
+    return CandidatePool.of([Candidate(str(k), n, 100, a)
+                             for k, (n, a) in enumerate(zip(lens, arrivals, strict=True))])
+
+
+def placed(admissions: list) -> dict[str, list[int]]:  # noqa: ANN001
+    return {a.instance_id: a.rows.tolist() for a in admissions}
+
+
+@pytest.mark.parametrize(("lens", "views", "expected"), [
+    # equal rows on empty instances: each goes where it adds least, ties to the most free
+    # memory, then the id: they alternate (balance without a speed estimate)
+    ([10, 10, 10, 10], [view("a"), view("b")], {"a": [0, 2], "b": [1, 3]}),
+    # a long row goes to the set that is already wide, a short one to the narrow set:
+    # a: 4 rows 96 wide (100 at its next slice), b: 4 rows 6 wide (10 next)
+    ([90, 8], [view("a", 4, 96), view("b", 4, 6)], {"a": [0], "b": [1]}),
+    # the oldest fits nowhere: nobody younger passes it
+    ([500, 10], [view("a", budget=300), view("b", budget=300)], {}),
+    # the fuller instance gets rows only when the emptier one has none left to give
+    ([10, 10], [view("a", 8, 6, budget=150), view("b", budget=150)], {"b": [0, 1]}),
+])
+def test_admit_places_oldest_first_where_each_row_adds_least(
+    lens: list[int], views: list[InstanceView], expected: dict[str, list[int]]
+) -> None:
+    assert placed(admit(pool(lens), views, S, 256)) == expected
+
+
+def test_admit_follows_arrival_order_not_pool_order() -> None:
+    """Candidates given youngest first are still admitted oldest first: with room for one,
+    the oldest gets it."""
+    got = admit(pool([10, 10], arrivals=[5.0, 1.0]), [view("a", budget=15)], S, 256)
+    assert placed(got) == {"a": [1]}
+
+
+def test_a_ragged_layout_admits_a_long_row_beside_short_ones() -> None:
+    """4 rows 6 wide (10 at the next slice) and a 90-token candidate on 200 bytes: padded,
+    every row would be 90 wide (5 x 95 = 475); ragged, the mean is 26 (5 x 31 = 155)."""
+    views = [view("a", 4, 6, budget=200)]
+    assert placed(admit(pool([90]), views, S, 256, PADDED)) == {}
+    assert placed(admit(pool([90]), views, S, 256, RAGGED)) == {"a": [0]}
+
+
+@pytest.mark.parametrize(("contexts", "layout", "width"), [
+    ([3, 10, 4], PADDED, 10),
+    ([3, 10, 4], RAGGED, 6),  # ceil(17 / 3)
+    ([7], RAGGED, 7),
+    ([], PADDED, 0),
+])
+def test_cache_width_per_layout(contexts: list[int], layout: str, width: int) -> None:
+    assert cache_width(contexts, layout) == width
+
+
+def test_an_unknown_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown KV layout 'paged'"):
+        cache_width([1, 2], "paged")
