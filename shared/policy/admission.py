@@ -100,16 +100,21 @@ class _Sets:
         self.fresh = np.zeros(len(instances), dtype=np.int64)
         self.fresh_len = np.zeros(len(instances), dtype=np.int64)
         self.budget = np.array([i.memory_budget_bytes for i in instances], dtype=np.float64)
+        by_model: dict[int, list[int]] = {}
+        for k, inst in enumerate(instances):
+            by_model.setdefault(id(inst.cost), []).append(k)
+        self.groups = [(instances[cols[0]].cost, np.array(cols)) for cols in by_model.values()]
         self.used = self._memory(self.rows, self.width, self.fresh, self.fresh_len)
 
     def _memory(self, rows: np.ndarray, width: np.ndarray, fresh: np.ndarray,
                 fresh_len: np.ndarray) -> np.ndarray:
+        """Each set's next-slice peak (0 for an empty one): one vectorised evaluation per
+        distinct memory model (instances serving one model usually share it)."""
         out = np.zeros(len(rows))
-        for k, inst in enumerate(self.instances):  # instances may differ in memory model
-            if rows[k]:
-                out[k] = float(inst.cost.mixed_memory(rows[k], width[k], self.s, fresh[k],
-                                                      fresh_len[k]))
-        return out
+        for cost, cols in self.groups:
+            out[cols] = np.asarray(cost.mixed_memory(rows[cols], width[cols], self.s,
+                                                     fresh[cols], fresh_len[cols]), dtype=float)
+        return np.where(rows > 0, out, 0.0)
 
     def best(self, length: int, max_rows: int) -> int:
         """The set a row of ``length`` tokens joins (-1: it fits none)."""
