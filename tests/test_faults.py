@@ -210,6 +210,43 @@ def test_the_job_loop_survives_a_redis_outage_and_serves_after_it(
     assert not loop.is_alive()
 
 
+def test_a_resumed_job_loop_hands_back_the_batches_the_outage_took_off_its_queue(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """RQ took batch A off w0's queue and started it, then Redis failed and RQ's loop
+    ended before the slice committed; batch B's job is still queued. When the loop starts
+    again, A goes back to pending at once (fenced, one retry: it had started) and B is
+    left to run; then both requests complete with transformers' greedy tokens. Without
+    this A would wait for its deadline on a live instance (a chaos run lost two requests
+    that way: 'running' 90 s after the faults)."""
+    s = settings.model_copy(update={"max_queued_batches": 4, "horizon_s": 1e6})
+    sched, (worker,) = make_cluster(s, tiny)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    rids = [submit(store, p, max_tokens=8, ignore_eos=True) for p in prompts]
+    batch_a = dispatch_one(s, store, "w0", rids[0])
+    batch_b = dispatch_one(s, store, "w0", rids[1])
+    queue = Queue(worker.runtime.queue_name, connection=worker.rq_connection)
+    queue.remove(batch_a)  # RQ took it off the queue ...
+    assert store.start_batch(batch_a, time.time() + 300)  # ... and started the slice
+    fence = store.get_request(rids[0]).fence
+
+    worker._loop_error = "ConnectionError: the outage"  # what serve() records
+    worker._rq_started()  # the next RQ run starts
+
+    a, b = store.get_request(rids[0]), store.get_request(rids[1])
+    assert a.status.value == "pending" and a.fence > fence and a.retries == 1
+    assert store.get_batch(batch_a).status == "requeued"
+    assert b.status.value == "running" and b.batch == batch_b
+    assert queue.get_job_ids() == [batch_b]
+    assert worker._loop_error is None
+    assert worker.hand_back_interrupted() == 0  # nothing else is off the queue
+    drive(store, sched, [worker], rids)
+    for prompt, rid in zip(prompts, rids, strict=True):
+        rec = store.get_request(rid)
+        assert rec.status.value == "finished"
+        assert rec.generated_ids == greedy_reference(tiny, prompt, 8)
+
+
 # --- 2. restart under the same id -------------------------------------------------------------
 
 

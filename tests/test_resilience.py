@@ -11,6 +11,7 @@ import time
 import pytest
 import redis
 from rq import Queue
+from rq.job import Job
 
 from shared.core.states import RequestStatus
 from shared.core.store import Store
@@ -125,6 +126,27 @@ def test_a_queued_batch_whose_job_left_its_queue_is_handed_back(
     assert sched.rq_connection.lrem(queue_key, 0, batch_id) == 1
     assert sched.sweep({"w0"}) == 1
     assert store.get_request(rid).status is RequestStatus.PENDING
+
+
+def test_a_batch_whose_job_rq_started_but_whose_slice_never_began_is_handed_back(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """RQ marked the job started, then the worker lost Redis (or died) before the slice
+    marked the batch running (found by scls chaos under CPU load: two requests 'running'
+    for minutes on a live instance). After the grace the sweep hands it back; a worker
+    that does start it late finds it requeued and skips it."""
+    sched, (worker,) = make_cluster(settings, tiny)
+    rid = submit(store, [5, 6, 7], max_tokens=3)
+    sched.cycle()
+    batch_id = store.get_request(rid).batch
+    queue = Queue(store.keys.queue_name("w0"), connection=sched.rq_connection)
+    queue.remove(batch_id)
+    sched.rq_connection.hset(Job.key_for(batch_id), "status", "started")
+    assert sched.sweep({"w0"}) == 0  # within the grace: the slice may be starting
+    sched.orphan_grace_s = 0.0
+    assert sched.sweep({"w0"}) == 1
+    assert store.get_request(rid).status is RequestStatus.PENDING
+    assert worker.runtime.run_batch(batch_id) == {"status": "skipped"}
 
 
 def test_a_slice_failing_with_redis_down_is_handed_back_once_redis_returns(

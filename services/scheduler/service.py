@@ -277,15 +277,22 @@ class Scheduler:
         """Whether a queued batch has no RQ job that a worker can still take: the
         scheduler that claimed it died before enqueueing, the enqueue failed, or a Redis
         restart kept the claim and lost the enqueue, or kept the job and lost its place in
-        the queue (AOF keeps a prefix of the writes), or the worker that popped it was
-        killed before starting it. Without this its requests would wait
+        the queue (AOF keeps a prefix of the writes), or the worker that popped (or even
+        RQ-started) it was killed, or lost Redis, before starting the slice. Without this
+        its requests would wait
         for the queue timeout (``SCLS_QUEUE_TIMEOUT_S``, minutes). Batches younger than
         ``orphan_grace_s`` are left alone: their enqueue may be under way."""
         if status != "queued" or current - created_at < self.orphan_grace_s:
             return False
         job_key = Job.key_for(batch_id)
-        if self.rq_connection.hget(job_key, "status") != b"queued":
-            return not self.rq_connection.exists(job_key)  # started or ended: not ours
+        job_status = self.rq_connection.hget(job_key, "status")
+        if job_status == b"started":
+            # RQ started the job, yet the slice never began (start.lua marks the batch
+            # running a few calls later): the worker died, or Redis failed under it, in
+            # between. Its loop may never come back to it (a new id after a crash).
+            return True
+        if job_status != b"queued":
+            return not self.rq_connection.exists(job_key)  # ended: not ours
         # Waiting in its queue: a worker will take it. Popped into RQ's intermediate list
         # but still not started after the grace: the worker that popped it died (a live one
         # starts it within milliseconds). Should that worker still start it, start.lua

@@ -49,7 +49,7 @@ from shared.modeling.loading import LoadedModel, load_model
 from shared.obs.logging import get_logger
 from shared.obs.prometheus import WorkerMetrics
 from shared.policy.costmodel import CostModel
-from shared.policy.presets import is_continuous, retains_kv
+from shared.policy.presets import SLICE_MODE, is_continuous, retains_kv
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -311,8 +311,49 @@ class WorkerService:
         self._loop_redis_down = False
         self._restart_delay = RESTART_BACKOFF_S[0]  # a later outage backs off afresh
         if self._loop_error is not None:
+            # A Redis error here ends this RQ run too; the next one tries again.
+            self.hand_back_interrupted()
             log.info("job_loop_resumed", instance=self.instance_id)
             self._loop_error = None
+
+    def hand_back_interrupted(self) -> int:
+        """Requeue, fenced, the batches placed on this instance that the interrupted RQ
+        loop had taken off the queue and never committed; returns how many went back.
+
+        RQ moves a job off the queue before it runs it. When Redis fails between that
+        move and the slice's commit (RQ's loop ends on the outage), the job is gone from
+        the queue and its batch is still in flight on this live instance: no sweep looks at
+        it before its deadline, and its requests would wait that long. So when the loop
+        starts again, every batch of this instance whose job is no longer queued goes
+        back: nothing else can be running here then (a slice runs inside the loop's own
+        thread). Batches are listed before the queue is read, so a batch placed meanwhile
+        is not touched; one listed whose job was not pushed yet goes back, and its job is
+        skipped when it runs (the batch is no longer in flight). A batch that had started
+        counts a retry, as the sweep counts it. An ILS engine keeps running its admitted
+        requests across the outage, so only slice instances do this.
+        """
+        if self.runtime.mode != SLICE_MODE:
+            return 0
+        listed = self.store.instance_batch_ids(self.instance_id)
+        if not listed:
+            return 0
+        queue = Queue(self.runtime.queue_name, connection=self.rq_connection)
+        waiting = set(queue.get_job_ids())
+        handed_back = 0
+        for batch_id in listed:
+            batch = None if batch_id in waiting else self.store.get_batch(batch_id)
+            if batch is None:
+                continue
+            started = batch.status != BatchStatus.QUEUED.value
+            reason = (f"instance {self.instance_id}'s job loop was interrupted by a Redis "
+                      f"outage ({'mid-slice' if started else 'before running it'})")
+            result = self.store.requeue_batch(batch, reason, self.settings.max_retries,
+                                              self.settings.result_ttl_s, count_retry=started)
+            handed_back += result is not None
+        if handed_back:
+            log.warning("interrupted_batches_handed_back", instance=self.instance_id,
+                        batches=handed_back)
+        return handed_back
 
     # --- shutdown -----------------------------------------------------------------------
     def redis_reachable(self) -> bool:
