@@ -15,6 +15,7 @@ from services.scheduler.bench import (
     scheduler_bench_command,
     synthetic_candidates,
 )
+from shared.policy import planning
 from shared.policy.batching import (
     greedy_partition,
     largest_fitting,
@@ -23,6 +24,7 @@ from shared.policy.batching import (
     slice_cost_matrix,
 )
 from shared.policy.config import PolicyConfig, with_cursor
+from shared.policy.costmodel import ACT_FEATURES, PREFILL_BASE, CostModel
 from shared.policy.offloading import (
     Placement,
     fcfs_ect,
@@ -33,7 +35,7 @@ from shared.policy.offloading import (
 )
 from shared.policy.planning import plan_cycle, select_candidates, split_never_fit
 from shared.policy.presets import POLICIES
-from shared.policy.types import Candidate, CandidatePool, InstanceView
+from shared.policy.types import BatchPlan, Candidate, CandidatePool, FormedBatch, InstanceView
 
 GIB = 2**30
 
@@ -569,3 +571,25 @@ def test_bench_lengths_follow_the_trace_statistics() -> None:
     context = np.array([c.context_len for c in synthetic_candidates(
         1000, np.random.default_rng(5), 32)])
     assert (context >= first).all() and 0.2 < np.mean(context > first) < 0.9
+
+
+def test_joined_guests_are_priced_with_every_guests_prefill() -> None:
+    """Two one-row guests join a resuming batch of two (a prefill of 1.1 s added to a 0.4 s
+    resume beats each guest's own 1.4 s slice). The joined slice prefills both guests at
+    once, so its peak counts both guests' activations: 4 x (100 + 4 + 1) cached positions
+    plus 2 x 100 prefill bytes = 620, not the 520 of the last guest alone."""
+    cost = CostModel(
+        slice_length=4, prefill_features=PREFILL_BASE, prefill_coef=(1.0, 0.0, 0.001, 0.0),
+        decode_coef=(0.1, 0.0, 0.0, 0.0), kv_bytes_per_token=1, act_features=ACT_FEATURES,
+        act_coef=(0.0, 0.0, 1.0, 0.0), resume_act_coef=(0.0, 0.0, 0.0, 0.0), mem_margin=1.0,
+        source="test",
+    )
+    host = BatchPlan("a", ("h1", "h2"), 100, 4, 0.4, 210, resumed_rows=2)
+    guests = [FormedBatch(("g1",), 100, 4, 1.0), FormedBatch(("g2",), 100, 4, 2.0)]
+    plans, left = planning.join_resumed([host], guests, [InstanceView("a", cost, 10**6, 4096)],
+                                        max_batch=4)
+    assert left == [] and len(plans) == 1
+    joined = plans[0]
+    assert joined.request_ids == ("h1", "h2", "g1", "g2")
+    assert joined.estimated_bytes == 620
+    assert joined.estimated_bytes == int(cost.mixed_memory(4, 100, 4, 2, 100))

@@ -6,6 +6,7 @@ Typer-compatible; the CLI registers it with ``app.command("simulate")(simulate_c
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +19,7 @@ from services.simulator.engine import KV_COUNTERS, SIM_POLICIES, SimOptions, Sim
 from services.simulator.profiles import BUILTIN, Profile, load_profile
 from services.simulator.workloads import at_rate, build_workload
 from shared.bench.report import Run, rich_table, write_load_plot, write_report, write_results
-from shared.bench.workload import WorkItem, describe
+from shared.bench.workload import WorkItem, describe, scale_length
 from shared.policy.kvlayout import LAYOUTS, PADDED
 from shared.settings import Settings
 
@@ -54,6 +55,9 @@ def simulate_command(
     requests: Annotated[int | None, typer.Option(
         min=1, help="requests (a trace is tiled, shifted in time, to reach it)")] = None,
     length_scale: Annotated[float, typer.Option(min=0.0001, help="multiply lengths")] = 1.0,
+    output_scale: Annotated[float, typer.Option(
+        min=0.0001, help="multiply output lengths only (e.g. 0.25: a prefill-heavy "
+                         "workload)")] = 1.0,
     time_scale: Annotated[float, typer.Option(
         min=0.0001, help="divide the trace's arrival times (speed it up)")] = 1.0,
     rate: Annotated[float | None, typer.Option(min=0.0001, help="Poisson/gamma rate, req/s")]
@@ -104,6 +108,9 @@ def simulate_command(
     fleet = _fleet(instances, profile, truth_profile, settings, memory_budget, context_limit)
     plan_prof, truth_prof = fleet[0][1], fleet[0][2]
     base = build_workload(trace, requests, length_scale, time_scale, seed)
+    if output_scale != 1.0:
+        base = [replace(w, output_tokens=scale_length(w.output_tokens, output_scale))
+                for w in base]
     rate_list: list[float | None] = [*_floats(rates, "--rates")] or [rate]
     console = Console(stderr=True)
     runs, timelines = [], {}
@@ -125,6 +132,7 @@ def simulate_command(
     meta = _meta(plan_prof, truth_prof, settings, fleet, base, cycle_overhead,
                  slice_overhead, seed)
     meta["kv_layout"] = kv_layout
+    meta["output_scale"] = output_scale
     baseline = "scls" if "scls" in names else names[0]
     title = f"scls simulate: {_fleet_name(fleet)}"
     Console().print(rich_table(runs, baseline, title))
