@@ -153,3 +153,14 @@ def test_cli_simulates_a_mixed_fleet_with_running_sets(tmp_path: Path) -> None:
 def test_cli_refuses_a_bad_fleet_or_layout(args: list[str], message: str) -> None:
     proc = run_cli(*args, "--synthetic", "--requests", "5", "--rate", "1")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1500:]
+
+
+@pytest.mark.parametrize("policy", ["scls", "ils", "ils-vllm"])
+def test_runs_report_running_sizes_kv_in_use_and_recomputed_share(policy: str) -> None:
+    """Every policy reports its running-set distribution (rows while busy), the KV memory
+    it holds as a share of the budget, and recomputed prompt tokens per prompt token."""
+    s = settings(policy, running_set=True, slice_length=32, max_batch_size=32)
+    m = simulate(a100_workload(), a100_instances(), s).metrics
+    assert 1 <= m["running_p10"] <= m["running_p50"] <= m["running_p90"] <= m["max_running"]
+    assert 0 < m["kv_in_use_mean"] <= m["kv_in_use_p90"] <= 1.0
+    assert m["recomputed_share"] == pytest.approx(m["recomputed_tokens"] / m["prompt_tokens"])

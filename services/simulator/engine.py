@@ -48,6 +48,7 @@ from services.simulator.results import (
     SimOptions,
     SimResult,
     kv_metrics,
+    occupancy_metrics,
     outcomes_of,
     usage_of,
 )
@@ -136,6 +137,7 @@ class _Simulation:
         self.events = 0
         self.last_t = 0.0
         self.timeline = LoadTimeline([inst.id for inst in self.insts])
+        self.budgets = np.array([s.memory_budget_bytes for s in self.specs], dtype=np.float64)
         self.sample_every = options.ect_interval_s
         self.next_sample = -math.inf
 
@@ -483,8 +485,11 @@ class _Simulation:
         tl.times.append(t)
         tl.loads.append(np.fromiter((inst.estimated_s for inst in self.insts), np.float64,
                                     len(self.insts)))
+        occupancy = [inst.occupancy() for inst in self.insts]
+        tl.rows.append(np.array([rows for rows, _ in occupancy], dtype=np.float64))
+        tl.kv_share.append(np.array([held for _, held in occupancy]) / self.budgets)
         if len(tl.times) >= self.options.ect_max_samples:
-            tl.times, tl.loads = tl.times[::2], tl.loads[::2]
+            tl.thin()
             self.sample_every *= 2
         base = tl.times[0] if len(tl.times) > 1 else t
         steps = math.floor((t - base) / self.sample_every) + 1
@@ -512,4 +517,5 @@ class _Simulation:
             "max_running": max((getattr(i, "max_running", 0) for i in self.insts), default=0),
         })
         kv_metrics(metrics, counters, usage)
+        occupancy_metrics(metrics, self.timeline)
         return SimResult(metrics, outcomes, usage, counters, self.timeline)

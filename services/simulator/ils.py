@@ -108,6 +108,11 @@ class IlsInstance(InstanceBase):
         self.run = run.select(~leave)
         return departed, self._segment(t, reqs, fail)
 
+    def occupancy(self) -> tuple[int, float]:
+        """Requests inside the engine and their K/V (contexts as of the last boundary)."""
+        tokens = float(np.sum(self.run.ctx0 + self.run.done))
+        return len(self.run.idx), tokens * self.truth.kv_bytes_per_token
+
     # --- hooks the vLLM-like engine overrides ------------------------------------------
     def _may_join(self, waiting_before: int) -> bool:
         """Whether a request delivered mid-segment may join at the next boundary."""
@@ -253,6 +258,11 @@ class VllmInstance(IlsInstance):
 
     def _fits(self, ctx: int) -> bool:
         return self._used() + -(-ctx // BLOCK_TOKENS) <= self.blocks
+
+    def occupancy(self) -> tuple[int, float]:
+        """Requests inside the engine and the KV blocks they hold."""
+        return len(self.run.idx), float(self._used() * BLOCK_TOKENS
+                                        * self.truth.kv_bytes_per_token)
 
     def _never_fits(self, prompt: int, max_new: int) -> str:
         need = -(-(prompt + max_new) // BLOCK_TOKENS)

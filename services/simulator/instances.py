@@ -67,6 +67,7 @@ class SliceOutcome:
     # now holds, and requests evicted to make room (any request, in eviction order).
     stored: list[int] = field(default_factory=list)
     evicted: list[int] = field(default_factory=list)
+    cache_bytes: float = 0.0  # the slice's KV cache as allocated (width x rows)
 
 
 def _resume_rows(reqs: RequestTable, idx: np.ndarray, live: np.ndarray,
@@ -186,6 +187,8 @@ def run_slice(
         "busy_s": prefill + decode,
     }
     out = SliceOutcome(prefill + decode, tokens, finished, eos, False, counters)
+    out.cache_bytes = float(b * (padded + int(allowed[live].max()) + 1)
+                            * truth.kv_bytes_per_token)
     if pool is not None:
         counters["kv_hits"] = float(resumed.sum())
         counters["kv_misses"] = float((live & ~resumed & (gen > 0)).sum())
@@ -238,6 +241,10 @@ class InstanceBase:
         self.batches -= batches
         self.requests -= requests
 
+    def occupancy(self) -> tuple[int, float]:
+        """``(rows running, KV bytes held)`` now (sampled for the run's distributions)."""
+        return 0, 0.0
+
     def add_counters(self, counters: dict[str, float]) -> None:
         """Accumulate worker counters."""
         for key, value in counters.items():
@@ -276,6 +283,14 @@ class SliceInstance(InstanceBase):
         self.running = (batch, out)
         # The worker is occupied by the compute and the commit/next-job latency.
         return t + out.compute_s + self.overhead_s
+
+    def occupancy(self) -> tuple[int, float]:
+        """The running slice's rows and its cache, plus what the pool holds."""
+        pooled = float(self.pool.used_bytes) if self.pool is not None else 0.0
+        if self.running is None:
+            return 0, pooled
+        batch, out = self.running
+        return len(batch.idx), out.cache_bytes + pooled
 
     def _shed_misses(self, batch: QueuedBatch, reqs: RequestTable) -> QueuedBatch:
         """The batch without the rows it cannot hold now: a row planned to resume whose

@@ -82,6 +82,25 @@ class LoadTimeline:
     instance_ids: list[str]
     times: list[float] = field(default_factory=list)
     loads: list[np.ndarray] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)  # rows running, per instance
+    kv_share: list[np.ndarray] = field(default_factory=list)  # KV held / memory budget
+
+    def thin(self) -> None:
+        """Keep every other sample (the bound on kept samples was reached)."""
+        self.times, self.loads = self.times[::2], self.loads[::2]
+        self.rows, self.kv_share = self.rows[::2], self.kv_share[::2]
+
+
+def occupancy_metrics(metrics: dict[str, Any], timeline: LoadTimeline) -> None:
+    """Running-set size (over samples where an instance runs something) and KV memory
+    in use (share of each instance's budget, over every sample) into ``metrics``."""
+    rows = np.concatenate(timeline.rows) if timeline.rows else np.zeros(0)
+    busy = rows[rows > 0]
+    for q in (10, 50, 90):
+        metrics[f"running_p{q}"] = float(np.percentile(busy, q)) if len(busy) else None
+    kv = np.concatenate(timeline.kv_share) if timeline.kv_share else np.zeros(0)
+    metrics["kv_in_use_mean"] = float(kv.mean()) if len(kv) else None
+    metrics["kv_in_use_p90"] = float(np.percentile(kv, 90)) if len(kv) else None
 
 
 @dataclass

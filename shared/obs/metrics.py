@@ -162,6 +162,9 @@ def summarize(
         "pad_tokens": int(counters.get("pad_tokens", 0)),
         "invalid_tokens": int(counters.get("invalid_tokens", 0)),
         "recomputed_tokens": int(counters.get("recomputed_tokens", 0)),
+        # prompt tokens prefilled again (evictions, moves, preemptions) per prompt token
+        "recomputed_share": (int(counters.get("recomputed_tokens", 0))
+                             / max(1, sum(o.prompt_tokens for o in done))),
         # rows that resumed from their instance's KV pool / that had generated tokens but
         # re-prefilled (evicted, moved, stale) / pool entries evicted to make room
         "kv_hits": int(counters.get("kv_hits", 0)),
@@ -224,6 +227,12 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("pad_tokens", "pad tok", "{:.0f}"),
     ("invalid_tokens", "invalid tok", "{:.0f}"),
     ("recomputed_tokens", "recomputed tok", "{:.0f}"),
+    ("recomputed_share", "recomputed/prompt", "{:.3f}"),
+    ("running_p10", "running p10", "{:.0f}"),
+    ("running_p50", "running p50", "{:.0f}"),
+    ("running_p90", "running p90", "{:.0f}"),
+    ("kv_in_use_mean", "KV in use mean", "{:.2f}"),
+    ("kv_in_use_p90", "KV in use p90", "{:.2f}"),
     ("kv_hits", "KV hits", "{:.0f}"),
     ("kv_misses", "KV misses", "{:.0f}"),
     ("prefill_s_total", "prefill s", "{:.1f}"),
