@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 import redis
 import torch
@@ -127,17 +128,7 @@ class WorkerService:
         queue = Queue(self.runtime.queue_name, connection=self.rq_connection)
         dropped = queue.count
         queue.empty()
-        handed_back = 0
-        for batch_id in self.store.instance_batch_ids(self.instance_id):
-            batch = self.store.get_batch(batch_id)
-            if batch is None:
-                continue
-            started = batch.status != BatchStatus.QUEUED.value
-            reason = (f"instance {self.instance_id} restarted "
-                      f"({'mid-slice' if started else 'before running it'})")
-            result = self.store.requeue_batch(batch, reason, self.settings.max_retries,
-                                              self.settings.result_ttl_s, count_retry=started)
-            handed_back += result is not None
+        handed_back = self._requeue_own_batches("restarted", say_when=True, count_started=True)
         if handed_back or dropped:
             log.warning("previous_run_handed_back", instance=self.instance_id,
                         batches=handed_back, jobs_dropped=dropped)
@@ -339,17 +330,9 @@ class WorkerService:
             return 0
         queue = Queue(self.runtime.queue_name, connection=self.rq_connection)
         waiting = set(queue.get_job_ids())
-        handed_back = 0
-        for batch_id in listed:
-            batch = None if batch_id in waiting else self.store.get_batch(batch_id)
-            if batch is None:
-                continue
-            started = batch.status != BatchStatus.QUEUED.value
-            reason = (f"instance {self.instance_id}'s job loop was interrupted by a Redis "
-                      f"outage ({'mid-slice' if started else 'before running it'})")
-            result = self.store.requeue_batch(batch, reason, self.settings.max_retries,
-                                              self.settings.result_ttl_s, count_retry=started)
-            handed_back += result is not None
+        handed_back = self._requeue_own_batches(
+            "lost its job loop to a Redis outage", [b for b in listed if b not in waiting],
+            say_when=True, count_started=True)
         if handed_back:
             log.warning("interrupted_batches_handed_back", instance=self.instance_id,
                         batches=handed_back)
@@ -417,17 +400,32 @@ class WorkerService:
     def _hand_back_queued(self, only_unstarted: bool = False) -> int:
         """Requeue the batches still placed on this instance (no retry counted): all, or
         only those no worker has started yet."""
+        return self._requeue_own_batches("shut down", only_unstarted=only_unstarted)
+
+    def _requeue_own_batches(
+        self, why: str, batch_ids: Sequence[str] | None = None, *, say_when: bool = False,
+        count_started: bool = False, only_unstarted: bool = False,
+    ) -> int:
+        """Requeue, fenced, ``batch_ids`` (default: every batch placed on this instance)
+        with the reason ``instance <id> <why>`` (plus whether it was mid-slice, with
+        ``say_when``); a started batch counts a retry with ``count_started``, and is left
+        alone with ``only_unstarted``. Returns how many went back."""
+        if batch_ids is None:
+            batch_ids = self.store.instance_batch_ids(self.instance_id)
         handed_back = 0
-        for batch_id in self.store.instance_batch_ids(self.instance_id):
+        for batch_id in batch_ids:
             batch = self.store.get_batch(batch_id)
             if batch is None:
                 continue
-            if only_unstarted and batch.status != BatchStatus.QUEUED.value:
+            started = batch.status != BatchStatus.QUEUED.value
+            if only_unstarted and started:
                 continue
-            result = self.store.requeue_batch(
-                batch, f"instance {self.instance_id} shut down", self.settings.max_retries,
-                self.settings.result_ttl_s, count_retry=False,
-            )
+            reason = f"instance {self.instance_id} {why}"
+            if say_when:
+                reason += f" ({'mid-slice' if started else 'before running it'})"
+            result = self.store.requeue_batch(batch, reason, self.settings.max_retries,
+                                              self.settings.result_ttl_s,
+                                              count_retry=count_started and started)
             handed_back += result is not None
         return handed_back
 
