@@ -13,17 +13,20 @@ import csv
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
 
+from shared.policy.admission import admission_cycle
 from shared.policy.config import PolicyConfig
 from shared.policy.costmodel import PREFILL_BASE, CostModel
 from shared.policy.planning import plan_cycle
 from shared.policy.presets import POLICIES
 from shared.policy.types import Candidate, InstanceView
+from shared.settings import Settings
 
 # Inverse CDFs (quantile, tokens) of the Azure LLM 2023 conversation trace, interpolated
 # in log space: context mean 1,155, median 1,020, p99 4,142; generated median 129.
@@ -126,6 +129,38 @@ def synthetic_instances(k: int, rng: np.random.Generator, horizon_s: float) -> l
     return views
 
 
+def _admission_bench(pending: int, instances: int, rows: int, repeat: int,
+                     trace: Path | None, rng: np.random.Generator, config: PolicyConfig,
+                     json_file: Path | None) -> None:
+    """Time :func:`admission_cycle` with ``rows`` running on every (open) instance, each
+    set as wide as a trace-like context (``running_width`` 1,500 tokens)."""
+    cands = synthetic_candidates(pending, rng, config.slice_length, trace)
+    views = [replace(v, running_rows=rows, running_width=1500 if rows else 0)
+             for v in synthetic_instances(instances, rng, config.horizon_s)]
+    ids = {v.id for v in views}
+    max_rows = Settings.model_fields["max_running"].default
+
+    def cycle() -> list:  # noqa: ANN401
+        return admission_cycle(cands, views, ids, config.slice_length, max_rows)[1]
+
+    admitted = sum(len(a.rows) for a in cycle())
+    times_ms = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        cycle()
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    median, p90 = statistics.median(times_ms), float(np.percentile(times_ms, 90))
+    typer.echo(
+        f"admission_cycle: {pending} pending, {instances} instances running {rows} rows each "
+        f"-> {admitted} rows admitted\n"
+        f"  median {median:.2f} ms, p90 {p90:.2f} ms per cycle over {repeat} repeats"
+    )
+    if json_file is not None:
+        json_file.write_text(json.dumps({
+            "median_ms": median, "p90_ms": p90, "pending": pending, "instances": instances,
+            "running_rows": rows, "admitted": admitted, "repeat": repeat}, indent=2) + "\n")
+
+
 def scheduler_bench_command(
     pending: Annotated[int, typer.Option(min=1, help="pending requests per cycle")] = 1000,
     instances: Annotated[int, typer.Option(min=1, help="live instances")] = 16,
@@ -146,6 +181,11 @@ def scheduler_bench_command(
         float, typer.Option(min=0.0, max=1.0,
                             help="share of re-queued requests whose K/V an instance keeps")
     ] = 1.0,
+    running_rows: Annotated[
+        int | None, typer.Option(
+            min=0, help="time the running-set admission instead (SCLS_RUNNING_SET): every "
+                        "instance runs this many rows (0: empty sets, everything admits)")
+    ] = None,
 ) -> None:
     """Time one scheduling cycle (batching + offloading) on synthetic load; no Redis."""
     if policy not in POLICIES:
@@ -153,6 +193,10 @@ def scheduler_bench_command(
     limit = candidate_limit or PolicyConfig().candidate_limit
     config = PolicyConfig.preset(policy, candidate_limit=limit)
     rng = np.random.default_rng(seed)
+    if running_rows is not None:
+        _admission_bench(pending, instances, running_rows, repeat, trace, rng, config,
+                         json_file)
+        return
     cands = synthetic_candidates(pending, rng, config.slice_length, trace, instances, retained)
     views = synthetic_instances(instances, rng, config.horizon_s)
     plan = plan_cycle(cands, views, config, now=60.0)  # warm-up, and the plan to report

@@ -56,11 +56,11 @@ from services.simulator.running_set import RunningSetInstance
 from services.simulator.state import DONE, FAILED, INFLIGHT, PENDING, PendingPool, RequestTable
 from shared.bench.workload import WorkItem
 from shared.obs.metrics import summarize
-from shared.policy.admission import admit
+from shared.policy.admission import admission_cycle
 from shared.policy.config import DispatchCaps, policy_config, with_cursor
-from shared.policy.planning import plan_cycle, split_never_fit
+from shared.policy.planning import plan_cycle
 from shared.policy.presets import ILS_PRESET, WHOLE_GENERATION, expected_busy, is_continuous
-from shared.policy.types import Candidate, CandidatePool, InstanceView
+from shared.policy.types import Candidate, InstanceView
 from shared.settings import Settings
 
 __all__ = ["KV_COUNTERS", "SIM_POLICIES", "VLLM_POLICY", "LoadTimeline", "SimInstance",
@@ -312,12 +312,11 @@ class _Simulation:
         """A running-set cycle: never-fitting requests fail, then the open instances'
         running sets are filled with the oldest candidates (shared.policy.admission)."""
         s = self.config.batch_slice_length
-        runnable, never = split_never_fit(CandidatePool.of(cands), views, s)
-        for cand in never.candidates:
+        runnable, admissions, never = admission_cycle(
+            cands, views, {views[k].id for k in self.open}, s, self.settings.max_running,
+            self.options.kv_layout)
+        for cand in never:
             self._never_fits(int(cand.id), cand.context_len, t)
-        open_views = [views[k] for k in sorted(self.open)]
-        admissions = admit(runnable, open_views, s, self.settings.max_running,
-                           self.options.kv_layout)
         for adm in admissions:
             rows = [runnable.candidates[r] for r in adm.rows.tolist()]
             idx = np.array([int(c.id) for c in rows], dtype=np.int64)

@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from shared.policy.costmodel import CostModel, feature_matrix
 from shared.policy.kvlayout import PADDED, RAGGED
-from shared.policy.types import CandidatePool, InstanceView, SliceCost
+from shared.policy.planning import split_never_fit
+from shared.policy.types import Candidate, CandidatePool, InstanceView, SliceCost
 
 
 def admissible(
@@ -100,6 +102,7 @@ class _Sets:
         self.fresh = np.zeros(len(instances), dtype=np.int64)
         self.fresh_len = np.zeros(len(instances), dtype=np.int64)
         self.budget = np.array([i.memory_budget_bytes for i in instances], dtype=np.float64)
+        self.stacked = _StackedMemory.of([i.cost for i in instances])
         by_model: dict[int, list[int]] = {}
         for k, inst in enumerate(instances):
             by_model.setdefault(id(inst.cost), []).append(k)
@@ -110,6 +113,8 @@ class _Sets:
                 fresh_len: np.ndarray) -> np.ndarray:
         """Each set's next-slice peak (0 for an empty one): one vectorised evaluation per
         distinct memory model (instances serving one model usually share it)."""
+        if self.stacked is not None:
+            return np.where(rows > 0, self.stacked(rows, width, self.s, fresh, fresh_len), 0.0)
         out = np.zeros(len(rows))
         for cost, cols in self.groups:
             out[cols] = np.asarray(cost.mixed_memory(rows[cols], width[cols], self.s,
@@ -143,3 +148,54 @@ class _Sets:
         self.fresh_len[k] = max(self.fresh_len[k], length)
         self.used[k] = float(self.instances[k].cost.mixed_memory(
             self.rows[k], self.width[k], self.s, self.fresh[k], self.fresh_len[k]))
+
+
+class _StackedMemory:
+    """:meth:`CostModel.mixed_memory` of every instance in one vectorised evaluation
+    (instances profile themselves, so each has its own coefficients; evaluated model by
+    model, a cycle that admits hundreds of rows costs tens of milliseconds)."""
+
+    def __init__(self, models: Sequence[CostModel]) -> None:
+        self.names = models[0].act_features
+        self.margin = np.array([m.mem_margin for m in models])
+        self.resume_margin = np.array([m.resume_margin for m in models])
+        self.kv = np.array([float(m.kv_bytes_per_token) for m in models])
+        self.act = np.array([m.act_coef for m in models], dtype=float)
+        self.has_resume = np.array([bool(m.resume_act_coef) for m in models])
+        self.resume = np.array([m.resume_act_coef or m.act_coef for m in models], dtype=float)
+
+    @classmethod
+    def of(cls, costs: Sequence[SliceCost]) -> _StackedMemory | None:
+        """The stack, or None when some model is not a :class:`CostModel` or the models'
+        activation features differ (then each model is evaluated on its own)."""
+        if not costs or not all(isinstance(c, CostModel) for c in costs):
+            return None
+        models = [c for c in costs if isinstance(c, CostModel)]
+        if len({m.act_features for m in models}) != 1:
+            return None
+        return cls(models)
+
+    def __call__(self, b: np.ndarray, w: np.ndarray, s: int, fresh: np.ndarray,
+                 fresh_len: np.ndarray) -> np.ndarray:
+        cache = self.kv * b * (w + s + 1.0)
+        prefill_act = np.sum(feature_matrix(self.names, fresh, fresh_len) * self.act, axis=-1)
+        plain = self.margin * (cache + np.sum(feature_matrix(self.names, b, w) * self.act,
+                                              axis=-1))
+        mixed = self.margin * (cache + prefill_act)
+        resumed = self.resume_margin * (cache + np.sum(feature_matrix(self.names, b, w)
+                                                       * self.resume, axis=-1))
+        return np.where(self.has_resume, np.maximum(mixed, resumed), plain)
+
+
+def admission_cycle(
+    candidates: Sequence[Candidate], instances: Sequence[InstanceView], open_ids: set[str],
+    slice_length: int, max_rows: int, layout: str = PADDED,
+) -> tuple[CandidatePool, list[Admission], list[Candidate]]:
+    """One running-set cycle: ``(runnable pool, admissions into it, never-fitting)``.
+    Requests that fit no instance even alone (any instance, open or not) are returned for
+    the caller to fail; the rest are admitted into the ``open_ids`` instances."""
+    runnable, never = split_never_fit(CandidatePool.of(candidates), instances, slice_length)
+    open_views = [v for v in instances if v.id in open_ids]
+    admitted = admit(runnable, open_views, slice_length, max_rows, layout)
+    return runnable, admitted, never.candidates
+
