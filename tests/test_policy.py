@@ -560,6 +560,20 @@ def test_scheduler_bench_writes_its_json(tmp_path: Path, use_trace: bool) -> Non
     assert result["candidates_seen"] == 300 and result["placed"] >= 1
 
 
+@pytest.mark.parametrize(("rows", "admits_all_it_can"), [(0, True), (60, False)])
+def test_scheduler_bench_times_the_running_set_admission(
+    tmp_path: Path, rows: int, admits_all_it_can: bool
+) -> None:
+    """Empty sets take many rows; sets of 60 rows at 1,500 tokens (their next slice near
+    the 60 GB budget) take few or none."""
+    out = tmp_path / "admit.json"
+    scheduler_bench_command(pending=300, instances=3, json_file=out, repeat=2, trace=None,
+                            policy="scls", candidate_limit=None, seed=1, running_rows=rows)
+    result = json.loads(out.read_text())
+    assert result["running_rows"] == rows and 0 < result["median_ms"] <= result["p90_ms"]
+    assert (result["admitted"] > 30) is admits_all_it_can
+
+
 def test_bench_lengths_follow_the_trace_statistics() -> None:
     prompt, generated = sample_lengths(100_000, np.random.default_rng(0))
     assert np.mean(prompt) == pytest.approx(1155, rel=0.03)
