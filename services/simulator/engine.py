@@ -287,25 +287,14 @@ class _Simulation:
         for cand in plan.never_fit:
             self._never_fits(int(cand.id), cand.context_len, t)
         kept = self.caps.apply(plan.batches, views)
-        arrive = t + self.options.cycle_overhead_s
         for bp in kept:
             idx = np.array([int(r) for r in bp.request_ids], dtype=np.int64)
-            batch = QueuedBatch(idx, bp.slice_length, bp.estimated_s, self.drop_finished)
             inst = self.by_id[bp.instance_id]
-            self.kv.claimed(idx, inst.position)
-            inst.claimed(batch)
-            self._refresh(inst)
-            self.pending.remove(idx)
-            self.reqs.status[idx] = INFLIGHT
-            claim = self.reqs.first_claim
-            claim[idx] = np.where(np.isnan(claim[idx]), t, claim[idx])
             if is_continuous(self.policy):
                 for i in idx.tolist():
                     self.ils_claims[i] = (inst, bp.estimated_s / len(idx))
-            if arrive > t:
-                self._push(arrive, _DELIVER, inst.position, batch)
-            else:
-                self._deliver(inst, batch, t)
+            self._claim(inst, QueuedBatch(idx, bp.slice_length, bp.estimated_s,
+                                          self.drop_finished), t)
         return len(kept)
 
     def _fill_cycle(self, cands: list[Candidate], views: list[InstanceView], t: float) -> int:

@@ -319,6 +319,15 @@ class SliceInstance(InstanceBase):
     def complete(self, t: float, reqs: RequestTable) -> tuple[QueuedBatch, SliceOutcome,
                                                               float | None]:
         """Finish the running slice at ``t``: ``(batch, outcome, next slice's end or None)``."""
+        batch, out = self._end_running()
+        if not out.oom:
+            self._retain(batch, out)
+        # The next slice starts after this one's K/V is stored: it may resume from it.
+        return batch, out, self._start(t, reqs)
+
+    def _end_running(self) -> tuple[QueuedBatch, SliceOutcome]:
+        """Take the running slice off the instance: its claim is released, and its OOM
+        event or its counters recorded."""
         assert self.running is not None
         batch, out = self.running
         self.running = None
@@ -327,9 +336,7 @@ class SliceInstance(InstanceBase):
             self.oom_events += 1
         else:
             self.add_counters(out.counters)
-            self._retain(batch, out)
-        # The next slice starts after this one's K/V is stored: it may resume from it.
-        return batch, out, self._start(t, reqs)
+        return batch, out
 
     def _retain(self, batch: QueuedBatch, out: SliceOutcome) -> None:
         """Store the unfinished rows' K/V in the pool (evicting LRU entries for room)."""

@@ -80,16 +80,10 @@ class RunningSetInstance(SliceInstance):
                                                               float | None]:
         """End the running slice; the caller commits its tokens, then calls
         :meth:`carry_on` and :meth:`start_next` (the next slice reads the new contexts)."""
-        assert self.running is not None
-        batch, out = self.running
-        self.running = None
-        self.released(batch.estimated_s, 1, len(batch.idx))
-        if out.oom:
-            self.oom_events += 1
+        batch, out = self._end_running()
+        if out.oom:  # the slice's K/V is gone with it
             for i in batch.idx.tolist():
                 self.resident.discard(i)
-        else:
-            self.add_counters(out.counters)
         return batch, out, None
 
     def carry_on(self, batch: QueuedBatch, out: SliceOutcome) -> np.ndarray:
