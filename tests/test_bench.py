@@ -7,12 +7,17 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from services.bench.client import ClientConfig
 from services.bench.command import parse_bytes, parse_rates
+from services.bench.runner import external_run, served_model
+from services.scheduler.service import create_scheduler
+from services.worker.service import create_worker
 from shared.bench.report import Run, results_document, table_rows, write_report
 from shared.bench.workload import (
     WorkItem,
@@ -23,7 +28,11 @@ from shared.bench.workload import (
     trace_workload,
     with_arrivals,
 )
+from shared.core.store import Store
+from shared.modeling.loading import LoadedModel
 from shared.obs.metrics import InstanceUsage, RequestOutcome, spread, summarize
+from shared.settings import Settings
+from tests.helpers import served_over_tcp
 
 # The vendored Azure trace (data/traces/README.md); always in the repository, never skipped.
 TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure_llm_2023_conv.csv"
@@ -303,3 +312,52 @@ def test_bench_runs_two_policies_end_to_end(tmp_path: Path) -> None:
     assert doc["scls"]["slices_per_request"] > 1.0 and doc["scls"]["invalid_tokens"] == 0
     assert doc["meta"]["workload"]["requests"] == 16
     assert (out / "report.md").exists() and (out / "busy_time.png").exists()
+
+
+def test_bench_replays_the_workload_against_an_external_openai_server(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """``--external``: the same timed workload against another OpenAI-compatible server
+    (here a live scls deployment over TCP: ingest, a scheduler loop, a worker loop): every
+    request completes with its forced length, and only client-side figures are reported."""
+    scheduler = create_scheduler(settings)
+    worker = create_worker(settings, instance_id="x0", loaded=tiny)
+    worker.register()
+    threads = [threading.Thread(target=scheduler.run, daemon=True),
+               threading.Thread(target=worker.serve, daemon=True)]
+    for t in threads:
+        t.start()
+    items = with_arrivals([WorkItem(i, 0.0, 5 + i, 3 + i % 4) for i in range(6)],
+                          "poisson", 20.0, seed=1)
+    try:
+        with served_over_tcp(settings) as url:
+            model = served_model(url)
+            assert model == settings.model
+            config = ClientConfig(base_url=url, model=model,
+                                  vocab_size=tiny.info.vocab_size, stream=True)
+            run = external_run("peer", items, config, 20.0)
+    finally:
+        scheduler.stop()
+        worker.stop()
+        for t in threads:
+            t.join(timeout=20)
+        worker._stop_heartbeating()
+    m = run.metrics
+    assert run.policy == "peer" and m["external"] == {"url": url, "model": model}
+    assert m["completed"] == 6 and m["failed"] == 0, m["failures"]
+    assert m["output_tokens"] == sum(w.output_tokens for w in items)
+    assert 0 < m["ttft_p50_s"] <= m["latency_p50_s"] and m["req_per_s"] > 0
+    assert m["slices"] == 0  # no worker counters: the server is not ours to read
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("vllm", "give NAME=URL"),
+    ("vllm=ftp://x", "give NAME=URL"),
+    ("scls=http://127.0.0.1:9", "the name is taken"),
+    ("peer=http://127.0.0.1:9", "does not answer GET /v1/models"),
+])
+def test_bench_refuses_a_bad_external_server(spec: str, message: str) -> None:
+    result = run_cli("bench", "--model", "tiny-random", "--requests", "2", "--external", spec,
+                     timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.bench.client import ClientConfig
-from services.bench.runner import attach_run, run_policy
+from services.bench.runner import attach_run, external_run, run_policy, served_model
 from services.config import cli_error, workload_settings
 from shared.bench.report import Run, rich_table, write_report
 from shared.bench.workload import (
@@ -132,6 +132,10 @@ def bench_command(
     output_tokens: Annotated[int | None, typer.Option(min=1, help="every output exactly "
                                                       "this long (with --prompt-tokens)")]
     = None,
+    external: Annotated[list[str] | None, typer.Option(
+        "--external", help="NAME=URL: also replay the same workload against an external "
+        "OpenAI-compatible server serving the same model (e.g. vllm=http://127.0.0.1:8000), "
+        "one column NAME in the same report; repeatable")] = None,
     constant: Annotated[bool, typer.Option("--constant", help="evenly spaced arrivals at "
                                            "--rate (GuideLLM's constant profile)")] = False,
 ) -> None:
@@ -159,6 +163,7 @@ def bench_command(
     settings = workload_settings(model, workers, slice_length, max_gen_length, budget,
                                  profile_mode, items)
     _check_policies(names, url)
+    externals = _externals(external or [], names)
     out_dir = out or Path(tempfile.mkdtemp(prefix="scls-bench-"))
     info = model_info(settings.model, settings.cache_dir)
     client = ClientConfig(base_url=url or "", model=settings.model,
@@ -169,8 +174,9 @@ def bench_command(
     console.print(f"[bold]scls bench[/]: {len(items)} requests x {len(names)} policies x "
                   f"{len(rate_list)} rate(s), model {settings.model}, {workers} workers; "
                   f"out {out_dir}")
+    meta["external"] = {n: {"url": u, "model": m} for n, (u, m) in externals.items()}
     runs = _run_all(console, settings, names, rate_list, items, client, url, burstiness,
-                    trace is not None, seed, out_dir, constant)
+                    trace is not None, seed, out_dir, constant, externals)
     title = f"scls bench: {settings.model}, {workers} workers"
     write_report(out_dir, runs, meta, baseline=names[0], title=title)
     console.print(rich_table(runs, baseline=names[0], title=title))
@@ -193,6 +199,27 @@ def _check_policies(names: list[str], url: str | None) -> None:
     if url and len(names) > 1:
         raise cli_error("with --url only the running deployment's policy can be measured; "
                     "pass one --policies name (or drop --url to start fresh deployments)")
+
+
+def _externals(specs: list[str], names: list[str]) -> dict[str, tuple[str, str]]:
+    """``--external NAME=URL`` options: NAME -> (URL, the model it serves)."""
+    from shared.policy.presets import POLICIES
+
+    out: dict[str, tuple[str, str]] = {}
+    for spec in specs:
+        name, sep, url = spec.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not re.match(
+                r"https?://", url):
+            raise cli_error(f"--external {spec!r}: give NAME=URL, e.g. "
+                            "vllm=http://127.0.0.1:8000")
+        if name in POLICIES or name in names or name in out:
+            raise cli_error(f"--external {name}: the name is taken (a policy, or given twice)")
+        try:
+            out[name] = (url.rstrip("/"), served_model(url))
+        except ValueError as exc:
+            raise cli_error(f"--external {name}: {exc}") from None
+    return out
 
 
 def _meta(settings: Settings, items: list[WorkItem], names: list[str],
@@ -220,14 +247,15 @@ def _meta(settings: Settings, items: list[WorkItem], names: list[str],
 def _run_all(console: Console, settings: Settings, names: list[str],
              rate_list: list[float | None], items: list[WorkItem], client: ClientConfig,
              url: str | None, burstiness: float, is_trace: bool, seed: int, out_dir: Path,
-             constant: bool = False) -> list[Run]:
+             constant: bool = False, externals: dict[str, tuple[str, str]] | None = None
+             ) -> list[Run]:
     runs = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         for rate in rate_list:
             timed = arrivals_for(items, rate, burstiness, is_trace, seed, constant)
-            for policy in names:
+            for policy in [*names, *(externals or {})]:
                 label = f"{policy}" + (f" @ {rate:g} req/s" if rate else "")
                 sent = progress.add_task(f"{label}: sent", total=len(timed))
                 done = progress.add_task(f"{label}: completed", total=len(timed))
@@ -238,7 +266,11 @@ def _run_all(console: Console, settings: Settings, names: list[str],
                 def on_done(_o: Any, task: Any = done) -> None:
                     progress.advance(task)
 
-                if url:
+                if policy in (externals or {}):
+                    base, served = (externals or {})[policy]
+                    cfg = ClientConfig(**{**client.__dict__, "base_url": base, "model": served})
+                    run = external_run(policy, timed, cfg, rate, on_sent, on_done)
+                elif url:
                     run = attach_run(settings, timed,
                                      ClientConfig(**{**client.__dict__, "base_url": url}),
                                      rate, on_sent, on_done)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from services.bench.client import ClientConfig, run_workload
@@ -193,6 +194,43 @@ def attach_run(
         store.close()
     metrics["policy"] = policy
     return Run(policy, rate, metrics)
+
+
+def served_model(base_url: str, timeout_s: float = 10.0) -> str:
+    """The first model an OpenAI-compatible server lists at ``GET /v1/models``.
+
+    Raises:
+        ValueError: it does not answer, or lists no model.
+    """
+    try:
+        resp = httpx.get(f"{base_url.rstrip('/')}/v1/models", timeout=timeout_s)
+        resp.raise_for_status()
+        models = [m["id"] for m in resp.json().get("data", [])]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{base_url} does not answer GET /v1/models as an OpenAI-compatible "
+                         f"server ({type(exc).__name__}: {exc})") from None
+    if not models:
+        raise ValueError(f"{base_url} lists no model at GET /v1/models")
+    return str(models[0])
+
+
+def external_run(
+    name: str,
+    items: Sequence[WorkItem],
+    client: ClientConfig,
+    rate: float | None,
+    on_sent: Callable[[], None] = lambda: None,
+    on_done: Callable[[RequestOutcome], None] = lambda _o: None,
+) -> Run:
+    """Replay ``items`` against an external OpenAI-compatible server (``client.base_url``,
+    serving ``client.model``): only what its client sees is measured (no worker counters,
+    no Redis), so its table column has latency and throughput, not slices or KV."""
+    outcomes, duration = asyncio.run(run_workload(items, client, on_sent, on_done))
+    metrics = summarize(outcomes, {}, [], duration)
+    metrics.update(policy=name, external={"url": client.base_url, "model": client.model},
+                   failures=[{"index": o.index, "error": o.error}
+                             for o in outcomes if not o.ok][:50])
+    return Run(name, rate, metrics)
 
 
 def _deployment_policy(store: Store) -> str | None:
