@@ -196,6 +196,15 @@ def attach_run(
     return Run(policy, rate, metrics)
 
 
+#: Metrics that come from scls' workers and Redis (counters, slices, load samples): an
+#: external server's run reports them as unknown.
+SERVER_SIDE = ("slices_per_request", "early_return_ratio", "avg_batch_size", "slices",
+               "generated_tokens", "pad_tokens", "invalid_tokens", "recomputed_tokens",
+               "recomputed_share", "kv_hits", "kv_misses", "kv_evictions", "busy_s_total",
+               "imbalance_busy_std", "imbalance_busy_max_mean", "imbalance_ect_std",
+               "imbalance_ect_max_mean")
+
+
 def served_model(base_url: str, timeout_s: float = 10.0) -> str:
     """The first model an OpenAI-compatible server lists at ``GET /v1/models``.
 
@@ -227,6 +236,8 @@ def external_run(
     no Redis), so its table column has latency and throughput, not slices or KV."""
     outcomes, duration = asyncio.run(run_workload(items, client, on_sent, on_done))
     metrics = summarize(outcomes, {}, [], duration)
+    # what only our workers' counters and Redis can say: unknown here, not zero
+    metrics.update(dict.fromkeys(SERVER_SIDE))
     metrics.update(policy=name, external={"url": client.base_url, "model": client.model},
                    failures=[{"index": o.index, "error": o.error}
                              for o in outcomes if not o.ok][:50])
