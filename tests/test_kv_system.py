@@ -4,6 +4,7 @@ other outcome, and correctness never depends on it (eviction, moves, worker deat
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -188,3 +189,49 @@ def test_a_restarted_worker_with_the_same_id_does_not_trust_old_locations(
     drive(store, sched, [again], rids)
     assert _texts(store, rids) == expected
     assert store.stats()["kv_misses"] > 0
+
+
+def test_a_row_whose_kv_was_evicted_is_handed_back_when_its_prefill_would_not_fit(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """Two requests ran a slice together and kept their K/V on w0; the scheduler plans
+    their next slice as resumed (priced without prefill). Before it starts, the younger
+    one's entry is evicted: re-prefilling it would need its prefill activations too, which
+    this worker's budget (between the two figures, by its own memory model) does not hold.
+    The slice runs the older row alone and commits the younger one with no tokens (pending
+    again, no retry counted); then both finish with generate()'s greedy tokens."""
+    s = settings.model_copy(update={"max_batch_size": 2, "horizon_s": 1e6})
+    codec = load_codec("tiny-random", Path("unused"))
+    expected = _expected(tiny)[:2]
+    sched, (worker,) = make_cluster(s, tiny)
+    rids = [submit(store, codec.encode(p), max_tokens=14) for p in PROMPTS[:2]]
+    (first,) = sched.cycle().batches
+    worker.runtime.run_batch(first)
+    (second,) = sched.cycle().batches
+    assert set(store.get_batch(second).request_ids) == set(rids)
+    records = {r.id: r for r in store.get_requests(rids)}
+    young = max(rids, key=lambda r: records[r].arrival)
+    old = next(r for r in rids if r != young)
+    runtime = worker.runtime
+    assert runtime.pool is not None and runtime.pool.discard(young)
+    cost, budget = runtime.cost, runtime.memory_budget_bytes
+    # a measured-like resume envelope: a resumed row feeds one token, no prefill activations
+    runtime.cost = replace(cost, resume_act_coef=(0.0,) * len(cost.act_coef),
+                           resume_margin=cost.mem_margin)
+    ctx = {r: len(records[r].prompt_ids) + len(records[r].generated_ids) for r in rids}
+    resumed = float(runtime.cost.mixed_memory(2, max(ctx.values()), s.slice_length, 0, 0))
+    with_miss = float(runtime.cost.mixed_memory(2, max(ctx.values()), s.slice_length, 1,
+                                                ctx[young]))
+    assert with_miss > resumed
+    runtime.memory_budget_bytes = int((resumed + with_miss) / 2)
+    try:
+        assert runtime.run_batch(second)["status"] == "committed"
+    finally:
+        runtime.cost, runtime.memory_budget_bytes = cost, budget
+    handed, ran = store.get_request(young), store.get_request(old)
+    assert handed.status is RequestStatus.PENDING and handed.retries == 0
+    assert handed.generated_ids == records[young].generated_ids  # nothing computed
+    assert len(ran.generated_ids) > len(records[old].generated_ids)
+    assert store.stats()["kv_miss_handbacks"] == 1
+    drive(store, sched, [worker], rids)
+    assert _texts(store, rids) == expected

@@ -202,6 +202,7 @@ class WorkerRuntime:
         records = self._held_records(batch)
         if not records:
             return {"status": "empty"}
+        records, handed_back = self._shed_misses(records, batch)
         rows = [to_slice_input(rec, batch.fences[rec.id], self._kv_fence(rec))
                 for rec in records]
         started = time.perf_counter()
@@ -211,7 +212,9 @@ class WorkerRuntime:
         self.publisher.flush()  # a stream's token entries come before its commit entry
         items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,
                                                                          strict=True)]
+        items += [CommitItem(rec.id, batch.fences[rec.id], [], None, "") for rec in handed_back]
         counters = slice_counters(stats, busy, self.cost)
+        counters["kv_miss_handbacks"] = len(handed_back)
         counters["kv_evictions"] = len(stats.kv_evicted)
         # docs/design.md §7 early-return ratio: requests that finish within their first slice.
         counters["first_slice_finishes"] = sum(
@@ -236,6 +239,43 @@ class WorkerRuntime:
         log.info("slice_committed", size=len(items), finished=finished, steps=stats.steps,
                  resumed=stats.resumed_rows, busy_s=round(busy, 4))
         return {"status": "committed", "finished": finished, "busy_s": busy}
+
+    def _shed_misses(self, records: list[RequestRecord], batch: BatchRecord
+                     ) -> tuple[list[RequestRecord], list[RequestRecord]]:
+        """``(rows to run, rows handed back)``. A row the scheduler planned to resume
+        from this pool whose entry has been evicted since (a *miss*) must prefill, and a
+        prefill needs more memory than the resumed row it was priced as. While the slice
+        would then exceed the batch budget, the youngest missed row is handed back: it is
+        committed with no tokens (back to pending, fenced, no retry counted) instead of
+        running past the memory the scheduler planned for."""
+        if self.pool is None or not batch.drop_finished:
+            return records, []
+        resumes = {rec.id: self._resumes(rec) for rec in records}
+        missed = [rec for rec in records if self._kv_fence(rec) is not None
+                  and not resumes[rec.id]]
+        kept, shed = list(records), []
+        for rec in sorted(missed, key=lambda r: -r.arrival):  # youngest first
+            if len(kept) == 1 or self._fits(kept, resumes, batch.slice_length):
+                break
+            kept.remove(rec)
+            shed.append(rec)
+        if shed:
+            log.warning("kv_miss_handback", requests=[r.id for r in shed],
+                        reason="evicted since the batch was planned; the slice would not fit")
+        return kept, shed
+
+    def _resumes(self, rec: RequestRecord) -> bool:
+        """Whether ``rec``'s K/V is in this pool at the fence Redis names."""
+        fence = self._kv_fence(rec)
+        return fence is not None and self.pool is not None and self.pool.holds(rec.id, fence)
+
+    def _fits(self, records: list[RequestRecord], resumes: dict[str, bool], s: int) -> bool:
+        """Whether a slice of ``records`` (those not in ``resumes`` prefill) fits the
+        batch budget by the instance's own memory model."""
+        ctx = [len(r.prompt_ids) + len(r.generated_ids) for r in records]
+        fresh = [c for r, c in zip(records, ctx, strict=True) if not resumes[r.id]]
+        need = self.cost.mixed_memory(len(records), max(ctx), s, len(fresh), max(fresh, default=0))
+        return float(need) <= self.memory_budget_bytes
 
     def _kv_fence(self, rec: RequestRecord) -> int | None:
         """The fence of the K/V Redis says this worker keeps for ``rec`` (None: none)."""

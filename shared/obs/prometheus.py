@@ -248,6 +248,9 @@ _SLICE_COUNTERS = {
                   "Rows with generated tokens that re-prefilled (evicted, moved or stale)"),
     "kv_evictions": ("scls_worker_kv_evictions_total",
                      "Retained K/V entries evicted (least recently used) to make room"),
+    "kv_miss_handbacks": ("scls_worker_kv_miss_handbacks_total",
+                          "Rows planned to resume whose K/V was evicted meanwhile, handed back "
+                          "because re-prefilling them would not fit the batch budget"),
 }
 
 
