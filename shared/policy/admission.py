@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.policy.costmodel import CostModel, feature_matrix
+from shared.policy.costmodel import CostModel, feature, feature_matrix
 from shared.policy.kvlayout import PADDED, RAGGED
 from shared.policy.planning import split_never_fit
 from shared.policy.types import Candidate, CandidatePool, InstanceView, SliceCost
@@ -78,10 +78,10 @@ def admit(
     sets = _Sets(instances, slice_length, layout == RAGGED)
     taken: list[list[int]] = [[] for _ in instances]
     for c in order.tolist():
-        k = sets.best(int(pool.lens[c]), max_rows)
+        k, after = sets.best(int(pool.lens[c]), max_rows)
         if k < 0:
             break
-        sets.add(k, int(pool.lens[c]))
+        sets.add(k, int(pool.lens[c]), after)
         taken[k].append(c)
     return [Admission(inst.id, np.array(rows, dtype=np.int64))
             for inst, rows in zip(instances, taken, strict=True) if rows]
@@ -121,17 +121,18 @@ class _Sets:
                                                      fresh[cols], fresh_len[cols]), dtype=float)
         return np.where(rows > 0, out, 0.0)
 
-    def best(self, length: int, max_rows: int) -> int:
-        """The set a row of ``length`` tokens joins (-1: it fits none)."""
+    def best(self, length: int, max_rows: int) -> tuple[int, float]:
+        """The set a row of ``length`` tokens joins (-1: it fits none) and that set's
+        next-slice peak with it."""
         fresh_len = np.maximum(self.fresh_len, length)
         after = self._memory(self.rows + 1, self._widened(self.width, self.rows, length),
                              self.fresh + 1, fresh_len)
         ok = (after <= self.budget) & (self.rows < max_rows)
         if not ok.any():
-            return -1
+            return -1, 0.0
         added = np.where(ok, after - self.used, np.inf)
-        free = self.budget - self.used
-        return int(np.lexsort((-free, added))[0])
+        k = int(np.lexsort((self.used - self.budget, added))[0])
+        return k, float(after[k])
 
     def _widened(self, width: Any, rows: Any, length: int) -> Any:
         """A set's width once a row of ``length`` joins: the longest row (padded) or the
@@ -140,14 +141,13 @@ class _Sets:
             return (width * rows + length) / (rows + 1)
         return np.maximum(width, length)
 
-    def add(self, k: int, length: int) -> None:
-        """A row of ``length`` tokens joins set ``k``."""
+    def add(self, k: int, length: int, after: float) -> None:
+        """A row of ``length`` tokens joins set ``k``, whose peak is then ``after``."""
         self.rows[k] += 1
         self.fresh[k] += 1
         self.width[k] = self._widened(self.width[k], self.rows[k] - 1, length)
         self.fresh_len[k] = max(self.fresh_len[k], length)
-        self.used[k] = float(self.instances[k].cost.mixed_memory(
-            self.rows[k], self.width[k], self.s, self.fresh[k], self.fresh_len[k]))
+        self.used[k] = after
 
 
 class _StackedMemory:
@@ -156,13 +156,27 @@ class _StackedMemory:
     model, a cycle that admits hundreds of rows costs tens of milliseconds)."""
 
     def __init__(self, models: Sequence[CostModel]) -> None:
-        self.names = models[0].act_features
+        names = models[0].act_features
+        feature_matrix(names, 1, 1)  # unknown feature names fail here, not in the loop
         self.margin = np.array([m.mem_margin for m in models])
         self.resume_margin = np.array([m.resume_margin for m in models])
         self.kv = np.array([float(m.kv_bytes_per_token) for m in models])
-        self.act = np.array([m.act_coef for m in models], dtype=float)
+        act = np.array([m.act_coef for m in models], dtype=float)
         self.has_resume = np.array([bool(m.resume_act_coef) for m in models])
-        self.resume = np.array([m.resume_act_coef or m.act_coef for m in models], dtype=float)
+        resume = np.array([m.resume_act_coef or m.act_coef for m in models], dtype=float)
+        # only the features some model uses (fits leave many coefficients at zero)
+        used = [j for j in range(len(names)) if act[:, j].any() or resume[:, j].any()]
+        self.terms = [(names[j], act[:, j], resume[:, j]) for j in used]
+
+    def _act(self, b: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Activation bytes of ``(b, x)`` per instance: prefill envelope, resume envelope."""
+        plain, resumed = np.zeros(len(self.kv)), np.zeros(len(self.kv))
+        b, x = np.asarray(b, dtype=float), np.asarray(x, dtype=float)
+        for name, coef, rcoef in self.terms:
+            value = feature(name, b, x)
+            plain += coef * value
+            resumed += rcoef * value
+        return plain, resumed
 
     @classmethod
     def of(cls, costs: Sequence[SliceCost]) -> _StackedMemory | None:
@@ -178,12 +192,11 @@ class _StackedMemory:
     def __call__(self, b: np.ndarray, w: np.ndarray, s: int, fresh: np.ndarray,
                  fresh_len: np.ndarray) -> np.ndarray:
         cache = self.kv * b * (w + s + 1.0)
-        prefill_act = np.sum(feature_matrix(self.names, fresh, fresh_len) * self.act, axis=-1)
-        plain = self.margin * (cache + np.sum(feature_matrix(self.names, b, w) * self.act,
-                                              axis=-1))
+        prefill_act, _ = self._act(fresh, fresh_len)
+        whole_act, resume_act = self._act(b, w)
+        plain = self.margin * (cache + whole_act)
         mixed = self.margin * (cache + prefill_act)
-        resumed = self.resume_margin * (cache + np.sum(feature_matrix(self.names, b, w)
-                                                       * self.resume, axis=-1))
+        resumed = self.resume_margin * (cache + resume_act)
         return np.where(self.has_resume, np.maximum(mixed, resumed), plain)
 
 

@@ -60,6 +60,12 @@ _FEATURES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
+def feature(name: str, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """One feature of float arrays ``(b, x)`` of the same shape (no checks: the hot path
+    of admission; :func:`feature_matrix` validates names)."""
+    return _FEATURES[name](b, x)
+
+
 def feature_matrix(names: Sequence[str], b: ArrayLike, x: ArrayLike) -> np.ndarray:
     """Features ``names`` of ``(b, x)`` stacked on a new last axis (``x`` is ``l`` or ``c``).
 
