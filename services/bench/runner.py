@@ -75,6 +75,11 @@ def instance_usage(
     return usage
 
 
+def failures_of(outcomes: Sequence[RequestOutcome]) -> list[dict[str, object]]:
+    """The first 50 failed requests of a run: workload index and error."""
+    return [{"index": o.index, "error": o.error} for o in outcomes if not o.ok][:50]
+
+
 def measure(
     store: Store,
     items: Sequence[WorkItem],
@@ -105,9 +110,7 @@ def measure(
     queue = [o.queue_time_s for o in outcomes if o.ok and o.queue_time_s is not None]
     # the scheduler's reaction (submit -> wake -> cycle -> claim) when nothing waits ahead
     metrics["overheads"]["reaction_s"] = float(np.percentile(queue, 10)) if queue else 0.0
-    metrics["failures"] = [
-        {"index": o.index, "error": o.error} for o in outcomes if not o.ok
-    ][:50]
+    metrics["failures"] = failures_of(outcomes)
     return metrics
 
 
@@ -239,8 +242,7 @@ def external_run(
     # what only our workers' counters and Redis can say: unknown here, not zero
     metrics.update(dict.fromkeys(SERVER_SIDE))
     metrics.update(policy=name, external={"url": client.base_url, "model": client.model},
-                   failures=[{"index": o.index, "error": o.error}
-                             for o in outcomes if not o.ok][:50])
+                   failures=failures_of(outcomes))
     return Run(name, rate, metrics)
 
 
