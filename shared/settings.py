@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         2048, ge=1, description="oldest pending requests considered per cycle"
     )
     policy: str = Field(
-        "scls", description="preset: scls, sls, ils, scls-rr, fcfs-maxmin (shared.policy)"
+        "scls", description="preset: scls, sls, scls-rr, fcfs-maxmin, ils, ils-vllm, ils-hf "
+        "(shared.policy.presets)"
     )
     batching: str | None = Field(None, description="override the preset's batching policy")
     offloading: str | None = Field(None, description="override the preset's offloading policy")
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
         0.9, gt=0, le=1, description="CUDA: share of free device memory an instance may use"
     )
     ils_max_concurrency: int = Field(
-        32, ge=1, description="ILS mode: requests decoding at once per instance"
+        32, ge=1, description="ils and ils-hf: requests decoding at once per instance"
     )
     max_queued_batches: int = Field(
         2, ge=1, description="batches queued or running per instance before dispatch pauses"
@@ -90,7 +91,8 @@ class Settings(BaseSettings):
         "queued for it, as far as its whole memory budget allows (no separate KV pool)",
     )
     max_running: int = Field(
-        256, ge=1, description="running_set: most rows in one instance's running set"
+        256, ge=1, description="running_set: most rows in one instance's running set; "
+        "ils-vllm: most requests inside one instance's engine (memory bounds it first)"
     )
     kv_retention: bool = Field(
         True,

@@ -403,14 +403,14 @@ async def test_client_disconnect_stops_waiting_but_keeps_the_request(
 @pytest.mark.parametrize(
     ("extra", "param"), [({"temperature": 0.7}, "temperature"), ({"stop": ["x"]}, "stop")]
 )
-async def test_ils_policy_refuses_what_it_cannot_do(
+async def test_ils_hf_policy_refuses_what_it_cannot_do(
     settings: Settings, rclient: redis.Redis, extra: dict, param: str
 ) -> None:
     """The ILS baseline decodes greedily without stop strings: say so instead of ignoring."""
-    async with serve(settings.model_copy(update={"policy": "ils"})) as http:
+    async with serve(settings.model_copy(update={"policy": "ils-hf"})) as http:
         body = {"prompt": "hi", "max_tokens": 4, "temperature": 0, **extra}
         resp = await http.post(COMPLETIONS, json=body)
-    assert_error(resp, 400, "ils", param=param)
+    assert_error(resp, 400, "ils-hf", param=param)
     assert rclient.zcard("scls:pending") == 0
 
 

@@ -502,18 +502,18 @@ ILS_REFUSED = [
 ]
 
 
-def test_the_ils_policy_refuses_the_sampling_extras(
+def test_the_ils_hf_policy_refuses_the_sampling_extras(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     settings = Settings(redis_url=redis_url, model=MODEL, key_prefix="ils-refused:",
-                        policy="ils", cache_dir=tmp_path_factory.getbasetemp() / "scls-cache",
+                        policy="ils-hf", cache_dir=tmp_path_factory.getbasetemp() / "scls-cache",
                         max_gen_length=64, log_format="console")
     with served_over_tcp(settings) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         served = System(client, None, None, None)  # type: ignore[arg-type]
         for args, param in ILS_REFUSED:
             err = _refused(served, "completions", {"temperature": 0, "max_tokens": 4, **args})
-            assert err.param == param and "ils" in err.message, err.message
+            assert err.param == param and "ils-hf" in err.message, err.message
         client.close()
 
 

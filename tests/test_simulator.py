@@ -184,18 +184,23 @@ def test_truth_memory_above_estimate_is_an_oom_then_a_failure() -> None:
     assert m["completed"] + m["failed"] == m["sent"]
 
 
-def test_ils_iterations_by_hand() -> None:
-    # One request: prefill 1 + 0.01 s gives token 1, two decode steps of 0.1 s.
-    res = simulate(items([10], [3]), instances(1), settings("ils"))
+@pytest.mark.parametrize("layout", ["padded", "ragged"])
+def test_ils_iterations_by_hand(layout: str) -> None:
+    opts = SimOptions(kv_layout=layout)
+    # One request: prefill 1 + 0.01 s gives token 1, two decode steps of 0.1 s (padded:
+    # the first in the prefill's iteration, ragged: one iteration each).
+    res = simulate(items([10], [3]), instances(1), settings("ils"), opts)
     out = by_index(res)[0]
     assert out.e2e_s == pytest.approx(1.21) and out.slices == 1 and out.output_tokens == 3
     assert res.metrics["busy_s_total"] == pytest.approx(1.21)
     # A second request arriving mid-decode joins at the next iteration boundary (1.11),
-    # paying its prefill in that iteration: 1.11 + (0.1 + 1.01), then 1 more step.
-    res = simulate(items([10, 10], [3, 2], [0.0, 1.05]), instances(1), settings("ils"))
+    # paying its prefill in that iteration: 1.11 + (0.1 + 1.01). Padded, that iteration's
+    # decode step also gives the newcomer its second (last) token; ragged, it needs 1 more.
+    res = simulate(items([10, 10], [3, 2], [0.0, 1.05]), instances(1), settings("ils"), opts)
     out = by_index(res)
     assert out[0].e2e_s == pytest.approx(1.11 + 1.11)
-    assert out[1].e2e_s == pytest.approx(1.11 + 1.11 + 0.1 - 1.05)
+    last = 1.11 + 1.11 + (0.1 if layout == "ragged" else 0.0)
+    assert out[1].e2e_s == pytest.approx(last - 1.05)
 
 
 def test_ils_concurrency_cap_is_respected() -> None:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 import services.simulator.engine as sim_engine
-from services.simulator import SimInstance, simulate
+from services.simulator import SimInstance, SimOptions, simulate
 from services.simulator.kv import SimKvPool
 from shared.bench.workload import WorkItem, synthetic_workload, with_arrivals
 from shared.policy import planning
@@ -113,13 +113,14 @@ def test_tiny_pool_evicts_and_misses_but_everything_finishes() -> None:
 
 
 def test_vllm_preempts_by_recompute_by_hand() -> None:
-    """Two requests of 30 prompt and 40 output tokens in 5 blocks of 16 (80 bytes): both fit
-    at first (2 + 2 blocks); at their 4th iteration each needs a 3rd block (context 33),
+    """Ragged layout (vLLM's paged cache; tests/test_simulator_ils_layout.py has the padded
+    one): two requests of 30 prompt and 40 output tokens in 5 blocks of 16 (80 bytes): both
+    fit at first (2 + 2 blocks); at their 4th iteration each needs a 3rd block (context 33),
     6 > 5, so the later one is preempted with 3 tokens. The first finishes alone; the second
     then re-prefills its 33 tokens and produces its other 37. (G = 40 so that the policy's
     whole-generation memory check, 30 + 40 + 1 bytes, passes.)"""
     res = simulate(items([30, 30], [40, 40]), instances(1, budget=80),
-                   settings("ils-vllm", max_gen_length=40))
+                   settings("ils-vllm", max_gen_length=40), SimOptions(kv_layout="ragged"))
     out = {o.index: o for o in res.outcomes}
     first = 2 * 1.03 + 2 * 0.1  # two prefills, then 2 decode iterations: 3 tokens each
     assert out[0].e2e_s == pytest.approx(first + 37 * 0.1)
@@ -145,10 +146,14 @@ def test_vllm_memory_bounds_the_running_set(budget: int) -> None:
 
 def test_vllm_never_fits_and_the_count_capped_ils_is_unchanged() -> None:
     # 95 bytes pass the policy's check for 30 + G + 1 (G = 64) but hold 5 blocks of 16:
-    # 30 + 60 tokens need 6, so the engine refuses it; 20 + 5 need 2.
-    res = simulate(items([30, 20], [60, 5]), instances(1, budget=95), settings("ils-vllm"))
+    # 30 + 60 tokens need 6, so the ragged engine refuses it; 20 + 5 need 2. The padded
+    # engine has no blocks: 90 token slots fit 95 bytes, both complete.
+    res = simulate(items([30, 20], [60, 5]), instances(1, budget=95), settings("ils-vllm"),
+                   SimOptions(kv_layout="ragged"))
     assert res.metrics["failure_reasons"] == {"never_fits": 1}
     assert res.metrics["completed"] == 1
+    res = simulate(items([30, 20], [60, 5]), instances(1, budget=95), settings("ils-vllm"))
+    assert res.metrics["failure_reasons"] == {} and res.metrics["completed"] == 2
     capped = simulate(items([50] * 10, [5] * 10), instances(1),
                       settings("ils", ils_max_concurrency=3)).metrics
     vllm = simulate(items([50] * 10, [5] * 10), instances(1), settings("ils-vllm")).metrics

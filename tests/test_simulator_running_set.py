@@ -162,5 +162,8 @@ def test_runs_report_running_sizes_kv_in_use_and_recomputed_share(policy: str) -
     s = settings(policy, running_set=True, slice_length=32, max_batch_size=32)
     m = simulate(a100_workload(), a100_instances(), s).metrics
     assert 1 <= m["running_p10"] <= m["running_p50"] <= m["running_p90"] <= m["max_running"]
-    assert 0 < m["kv_in_use_mean"] <= m["kv_in_use_p90"] <= 1.0
+    assert 0 < m["kv_in_use_mean"] <= m["kv_in_use_p90"]
+    # Only the count-capped ILS may hold more than its budget: 32 rows of its padded cache
+    # overrun it, which it counts as OOM events instead of preempting.
+    assert m["kv_in_use_p90"] <= 1.0 or (policy == "ils" and m["oom_events"] > 0)
     assert m["recomputed_share"] == pytest.approx(m["recomputed_tokens"] / m["prompt_tokens"])

@@ -31,7 +31,7 @@ from services.ingest.schemas import (
 from shared.core.records import RequestParams
 from shared.modeling.registry import ModelInfo
 from shared.obs.logging import get_logger
-from shared.policy.presets import is_continuous
+from shared.policy.presets import HF_ENGINE, ils_engine
 from shared.settings import Settings
 
 B = TypeVar("B", bound=BaseModel)
@@ -235,9 +235,10 @@ class RequestChecks:
                                f"max_n), got {best_of}", param="best_of")
             if body.stream and best_of > 1:
                 raise APIError(400, "best_of: not supported with stream", param="best_of")
-            if best_of > n and is_continuous(self.settings.policy):
-                raise APIError(400, "best_of: the ils policy (continuous-batching baseline) "
-                               "does not support best_of above n (it needs logprobs)",
+            if best_of > n and ils_engine(self.settings.policy) == HF_ENGINE:
+                raise APIError(400, "best_of: the ils-hf policy (transformers' continuous "
+                               "batching) does not support best_of above n (it needs "
+                               "logprobs)",
                                param="best_of")
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo: echo with logprobs is not supported", param="echo")
@@ -323,22 +324,24 @@ class RequestChecks:
         return max_tokens
 
     def check_policy_supports(self, params: RequestParams) -> None:
-        """400 for what the ``ils`` policy cannot do.
+        """400 for what the ``ils-hf`` policy cannot do.
 
-        The ILS baseline runs transformers' continuous batching, which decodes greedily with
+        That baseline runs transformers' continuous batching, which decodes greedily with
         no stop strings, no sampling extras and no log-probabilities here: refuse rather than
-        silently ignore what was asked.
+        silently ignore what was asked. (``ils`` and ``ils-vllm`` run our own engine and
+        support everything the slice engine does.)
         """
-        if not is_continuous(self.settings.policy):
+        if ils_engine(self.settings.policy) != HF_ENGINE:
             return
         if params.temperature > 0:
-            raise APIError(400, "temperature: the ils policy (continuous-batching baseline) "
-                           "decodes greedily; send temperature 0", param="temperature")
+            raise APIError(400, "temperature: the ils-hf policy (transformers' continuous "
+                           "batching) decodes greedily; send temperature 0",
+                           param="temperature")
         defaults = RequestParams(max_tokens=params.max_tokens)
         for name in _ILS_UNSUPPORTED:
             if getattr(params, name) != getattr(defaults, name):
-                raise APIError(400, f"{name}: the ils policy (continuous-batching baseline) "
-                               f"does not support {name}", param=name)
+                raise APIError(400, f"{name}: the ils-hf policy (transformers' continuous "
+                               f"batching) does not support {name}", param=name)
 
     def default_max_tokens(self, prompt_param: str, prompt_len: int) -> int:
         # Completions default to OpenAI's 16; chat (like OpenAI) to whatever room is left.

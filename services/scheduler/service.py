@@ -161,10 +161,12 @@ class Scheduler:
         """Drop placements beyond each instance's hard cap (they stay pending).
 
         Slice instances take at most ``max_queued_batches`` queued or running batches; ILS
-        instances at most ``ils_max_concurrency`` requests (their engine's concurrency cap).
+        instances at most ``ils_max_concurrency`` requests (their engine's concurrency cap;
+        ``max_running`` for the memory-bounded ``ils-vllm``, whose engine queues the rest).
         """
         caps = DispatchCaps.for_policy(self.settings.policy, self.settings.max_queued_batches,
-                                       self.settings.ils_max_concurrency)
+                                       self.settings.ils_max_concurrency,
+                                       self.settings.max_running)
         return caps.apply(batches, views)
 
     def _candidates(self, boots: dict[str, str]) -> list[Candidate]:

@@ -78,8 +78,9 @@ def simulate_command(
         help="slice instances keep one running set: unfinished rows continue into the next "
              "slice with the rows the scheduler admits (default: settings, off)")] = None,
     kv_layout: Annotated[str, typer.Option(
-        help="KV layout of the simulated slice engines: padded (the engine as built) or "
-             "ragged (each row's own tokens: a what-if)")] = PADDED,
+        help="KV layout of every simulated engine, slice and ILS: padded (the engine as "
+             "built) or ragged (each row's own tokens, as vLLM's paged cache: a what-if)")]
+    = PADDED,
     memory_budget: Annotated[int | None, typer.Option(
         min=1, help="bytes per instance beyond the weights (default: the profile's)")] = None,
     context_limit: Annotated[int | None, typer.Option(

@@ -153,10 +153,11 @@ class _Simulation:
     def _instance(self, k: int, spec: SimInstance) -> InstanceBase:
         truth = spec.engine
         if self.vllm:
-            return VllmInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit)
+            return VllmInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit,
+                                self.options.kv_layout)
         if is_continuous(self.policy):
             return IlsInstance(k, spec.id, truth, spec.memory_budget_bytes, spec.context_limit,
-                               self.settings.ils_max_concurrency)
+                               self.settings.ils_max_concurrency, self.options.kv_layout)
         if self.running_set:
             return RunningSetInstance(k, spec.id, truth, spec.memory_budget_bytes,
                                       spec.context_limit, self.options.slice_overhead_s,

@@ -149,13 +149,14 @@ def fidelity_command(
     = None,
 ) -> None:
     """Run a workload on the real system and in the simulator; print their differences."""
-    from shared.policy.presets import POLICIES
+    from services.simulator.results import SIM_POLICIES
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
-    unknown = [n for n in names if n not in POLICIES]
+    unknown = [n for n in names if n not in SIM_POLICIES]
     if not names or unknown:
         typer.echo(f"error: unknown or no policy {', '.join(unknown)}; choose from "
-                   f"{', '.join(POLICIES)}", err=True)
+                   f"{', '.join(SIM_POLICIES)} (ils-hf runs transformers' engine, which "
+                   "the simulator does not model)", err=True)
         raise typer.Exit(2)
     try:
         items = build_workload(trace, requests, length_scale, 1.0, seed, SyntheticLengths())

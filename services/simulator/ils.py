@@ -3,15 +3,31 @@
 Both are simulated iteration by iteration with event skipping: between two changes of the
 running set every iteration runs the same requests, so the iterations up to the next change
 are costed at once (one vectorised call, each iteration at its own context) and only the
-boundary is an event. An iteration costs ``Td(b, c)`` for the ``b`` running requests, with
-``c`` their *mean* context (a paged cache has no padding: attention work follows the summed
-KV), plus ``Tp(1, l)`` for each request admitted in it (``l`` its whole context); a request
-leaves after its last token.
+boundary is an event. A request leaves at the first boundary after its last token; waiting
+requests are admitted FCFS at a boundary (none at one that preempted). How an iteration is
+priced, and what the KV cache holds, depends on the KV layout
+(:mod:`shared.policy.kvlayout`, ``SimOptions.kv_layout``):
+
+* ``padded`` (the default: our iteration-level engine, built on the slice engine's kernels
+  with one left-padded static cache whose width is the longest live row): the requests
+  admitted at a boundary are prefilled in the slice engine's left-padded passes
+  (:func:`shared.policy.prefill.prefill_passes`), ``Tp(rows, longest)`` each, and get their
+  first token from them; the same iteration then runs one decode step for *all* running
+  rows, the new ones feeding that first token, at ``Td(b, w)`` with ``w`` the **longest**
+  context (attention reads the padded width). So a request produces two tokens in the
+  iteration that admits it (one if that is its last: it takes no decode step), and the
+  width grows by one per iteration. The cache holds
+  ``b x (width + 1)`` token slots, ``width`` the longest context when the iteration starts.
+* ``ragged`` (a paged cache, vLLM's): an iteration costs ``Td(b_old, c)`` for the requests
+  already running, ``c`` their **mean** context (no padding: attention work follows the
+  summed KV), plus ``Tp(1, l)`` for each request admitted in it (``l`` its whole context),
+  which yields its first (and, in that iteration, only) token. The cache holds each
+  request's own tokens (the vLLM-like engine rounds them up to blocks).
 
 * :class:`IlsInstance` (policy ``ils``): at most ``cap`` requests run at once, more wait in
   a FIFO; KV beyond the budget is only counted (``oom_events``), never paid for.
-* :class:`VllmInstance` (simulator policy ``ils-vllm``): memory decides, as in vLLM's paged
-  cache: see its docstring.
+* :class:`VllmInstance` (simulator policy ``ils-vllm``): memory decides, admission and
+  preemption by recompute: see its docstring.
 """
 
 from __future__ import annotations
@@ -23,10 +39,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.simulator.instances import InstanceBase, QueuedBatch, StepCost
+from services.simulator.instances import InstanceBase, QueuedBatch, StepCost, pass_tokens
 from services.simulator.state import RequestTable
+from shared.policy.kvlayout import PADDED, RAGGED
+from shared.policy.prefill import prefill_passes
 
-#: Tokens per KV block of the vLLM-like engine (vLLM's default ``block_size``).
+#: Tokens per KV block of the vLLM-like engine under the ragged layout (vLLM's default
+#: ``block_size``).
 BLOCK_TOKENS = 16
 
 FailFn = Callable[[int, float, str], None]
@@ -38,8 +57,8 @@ def _empty() -> np.ndarray:
 
 @dataclass
 class _Running:
-    """Requests inside an engine, in admission order: positions, iterations done and
-    needed since admission, final token count, context when admitted."""
+    """Requests inside an engine, in admission order: positions, tokens drawn and needed
+    since admission, final token count, context when admitted."""
 
     idx: np.ndarray = field(default_factory=_empty)
     done: np.ndarray = field(default_factory=_empty)
@@ -58,18 +77,32 @@ class _Running:
             (self.idx, other.idx), (self.done, other.done), (self.need, other.need),
             (self.tokens, other.tokens), (self.ctx0, other.ctx0))))
 
+    def contexts(self) -> np.ndarray:
+        """Each row's context now: prompt + every token generated so far."""
+        return self.ctx0 + self.done
+
 
 class IlsInstance(InstanceBase):
     """Continuous batching with a concurrency cap (see the module docstring)."""
 
     def __init__(self, position: int, inst_id: str, truth: StepCost, budget_bytes: int,
-                 context_limit: int, cap: int) -> None:
+                 context_limit: int, cap: int, layout: str = PADDED) -> None:
         super().__init__(position, inst_id, truth, budget_bytes, context_limit)
+        if layout not in (PADDED, RAGGED):
+            raise ValueError(f"unknown KV layout {layout!r}")
         self.cap = cap
+        self.layout = layout
+        self.padded = layout == PADDED
+        # A prefill pass's overhead in tokens' worth, as the slice instances derive it.
+        self.pass_tokens = pass_tokens(truth)
+        # Token slots the budget holds (the padded cache's memory bound).
+        self.slots = budget_bytes // max(1, int(truth.kv_bytes_per_token))
         self.waiting: deque[int] = deque()
         self.run = _Running()
         self.seg_start = 0.0
         self.seg_ends = np.zeros(0)  # absolute end time of each iteration of the segment
+        self.seg_new = np.zeros(0, dtype=bool)  # rows admitted (prefilled) at its start
+        self.seg_ctx = _empty()  # the rows' contexts at its start
         self.event_at = math.inf  # the boundary the engine stops at next
         self.max_running = 0
         self.busy_s = 0.0
@@ -101,7 +134,9 @@ class IlsInstance(InstanceBase):
         self.busy_s += span
         self.concurrency_s += span * len(run.idx)
         run.done = run.done + iters
-        self._check_memory()
+        if self.padded and iters:  # the admission iteration's prefill drew one token more
+            run.done = run.done + self.seg_new
+        self._check_memory(iters)
         leave = run.done >= run.need
         departed = run.idx[leave].tolist()
         reqs.generated[run.idx[leave]] = run.tokens[leave]
@@ -109,20 +144,35 @@ class IlsInstance(InstanceBase):
         return departed, self._segment(t, reqs, fail)
 
     def occupancy(self) -> tuple[int, float]:
-        """Requests inside the engine and their K/V (contexts as of the last boundary)."""
-        tokens = float(np.sum(self.run.ctx0 + self.run.done))
-        return len(self.run.idx), tokens * self.truth.kv_bytes_per_token
+        """Requests inside the engine and their K/V (contexts as of the last boundary):
+        ``b x`` the longest context padded, the summed contexts ragged."""
+        return len(self.run.idx), self._kv_tokens() * float(self.truth.kv_bytes_per_token)
+
+    def _kv_tokens(self) -> float:
+        ctx = self.run.contexts()
+        if not len(ctx):
+            return 0.0
+        return float(len(ctx) * int(ctx.max())) if self.padded else float(np.sum(ctx))
 
     # --- hooks the vLLM-like engine overrides ------------------------------------------
     def _may_join(self, waiting_before: int) -> bool:
         """Whether a request delivered mid-segment may join at the next boundary."""
         return len(self.run.idx) < self.cap
 
-    def _check_memory(self) -> None:
+    def _check_memory(self, iters: int) -> None:
         """Count an OOM event when the running set's KV exceeds the budget (the real
-        engine would preempt and recompute; that cost is not modelled here)."""
-        kv = float(np.sum(self.run.ctx0 + self.run.done)) * self.truth.kv_bytes_per_token
-        if kv > self.budget_bytes:
+        engine would preempt and recompute; that cost is not modelled here). Ragged: the
+        summed contexts after the segment; padded: ``b x (width + 1)`` slots of its last
+        iteration (``width`` the longest context when it started)."""
+        if self.padded:
+            if not iters:
+                return
+            width = int(self._mem_widths(iters)[-1])
+            over = len(self.run.idx) * (width + 1) > self.slots
+        else:
+            kv = float(np.sum(self.run.contexts())) * self.truth.kv_bytes_per_token
+            over = kv > self.budget_bytes
+        if over:
             self.oom_events += 1
 
     def _make_room(self, reqs: RequestTable) -> bool:
@@ -147,28 +197,57 @@ class IlsInstance(InstanceBase):
         return ""
 
     # --- segments ---------------------------------------------------------------------
+    def _mem_widths(self, m: int) -> np.ndarray:
+        """Padded: the width (longest context) at the start of each of the segment's first
+        ``m`` iterations. Every row grows by one token per iteration, and by one more in
+        the admission iteration for the rows it prefills."""
+        ctx = self.seg_ctx
+        after = int((ctx + self.seg_new).max())  # after the admission iteration's prefill
+        return np.concatenate([[int(ctx.max())], after + np.arange(1, m)]).astype(np.int64)
+
     def _segment(self, t: float, reqs: RequestTable, fail: FailFn) -> float | None:
         """Admit waiting requests and plan the iterations up to the next change."""
         preempted = self._make_room(reqs)
         new = self._admit(t, reqs, fail) if not preempted else _empty()
         run = self.run
+        b = len(run.idx)
         self.seg_start = t
-        if not len(run.idx):
+        self.seg_new = np.arange(b) >= b - len(new)
+        self.seg_ctx = run.contexts()
+        if not b:
             self.seg_ends = np.zeros(0)
             self.event_at = math.inf
             return None
-        self.max_running = max(self.max_running, len(run.idx))
-        b = len(run.idx)
-        old = run.done > 0
-        m = self._limit(int((run.need - run.done).min()))
+        self.max_running = max(self.max_running, b)
+        fresh, ctx = self.seg_new, self.seg_ctx
+        left = run.need - run.done
+        if self.padded:  # the admission iteration draws a fresh row's first two tokens
+            left = np.where(fresh, np.maximum(1, left - 1), left)
+        m = self._limit(int(left.min()))
         first = 0.0
-        if old.any():
-            ctx_old = float(np.mean(run.ctx0[old] + run.done[old]))
-            first += float(self.truth.decode_step_time(int(old.sum()), ctx_old))
-        if len(new):
-            first += float(np.sum(self.truth.prefill_time(1, run.ctx0[~old])))
-        base = float(np.mean(run.ctx0 + run.done))
-        rest = self.truth.decode_step_time(b, base + np.arange(1, m)) if m > 1 else np.zeros(0)
+        if self.padded:
+            if fresh.any():
+                lens = run.ctx0[fresh].tolist()
+                first += sum(float(self.truth.prefill_time(n, longest))
+                             for n, longest in prefill_passes(lens, self.pass_tokens))
+            # Rows whose prefill drew their last token leave without a decode step.
+            decoding = ~(fresh & (run.need <= 1))
+            width = 0
+            if decoding.any():  # a fresh row's context after its prefill: one more
+                width = int((ctx + fresh)[decoding].max())
+                first += float(self.truth.decode_step_time(int(decoding.sum()), width))
+            rest = (self.truth.decode_step_time(b, width + np.arange(1, m)) if m > 1
+                    else np.zeros(0))
+        else:
+            old = ~fresh
+            if old.any():
+                ctx_old = float(np.mean(ctx[old]))
+                first += float(self.truth.decode_step_time(int(old.sum()), ctx_old))
+            if len(new):
+                first += float(np.sum(self.truth.prefill_time(1, run.ctx0[fresh])))
+            base = float(np.mean(ctx))
+            rest = (self.truth.decode_step_time(b, base + np.arange(1, m)) if m > 1
+                    else np.zeros(0))
         self.seg_ends = t + np.cumsum(np.concatenate([[first], rest]))
         self.event_at = float(self.seg_ends[-1])
         return self.event_at
@@ -211,41 +290,53 @@ class IlsInstance(InstanceBase):
 
 
 class VllmInstance(IlsInstance):
-    """A vLLM-like engine: admission and preemption by paged-KV memory, not by a count.
+    """A vLLM-like engine: admission and preemption by KV memory, not by a count.
 
-    The budget is cut into blocks of :data:`BLOCK_TOKENS` tokens' K/V. A request whose
-    context before an iteration is ``c`` tokens (prompt + generated so far) needs
-    ``ceil(c / 16)`` blocks during it: a prefill writes its ``c`` tokens, a decode step
-    writes the slot of the token it feeds. Waiting requests are admitted FCFS at an
-    iteration boundary while the blocks of all running requests plus theirs fit. As running
+    What a request holds depends on the layout. **Ragged** (vLLM's paged cache): the
+    budget is cut into blocks of :data:`BLOCK_TOKENS` tokens' K/V; a request whose context
+    before an iteration is ``c`` tokens (prompt + generated so far) needs ``ceil(c / 16)``
+    blocks during it (a prefill writes its ``c`` tokens, a decode step the slot of the
+    token it feeds). **Padded** (our engine's one left-padded cache): the running set holds
+    ``b x (width + 1)`` token slots, ``width`` its longest context, no block rounding.
+
+    Waiting requests are admitted FCFS at an iteration boundary while the running requests
+    plus theirs fit (padded: ``(b + 1) x (max(width, c) + 1)`` slots). As running
     requests grow, when the next iteration would not fit, the most recently admitted
-    running request is **preempted by recompute**: its blocks are freed and it goes back to
+    running request is **preempted by recompute**: its K/V is freed and it goes back to
     the head of the waiting queue, keeping its tokens; re-admitted, it re-prefills prompt +
     generated so far (recomputed tokens) and counts one ``preemptions``. No admission
-    happens at a boundary that preempted (as vLLM's scheduler). A request whose
-    ``prompt + max_tokens`` blocks exceed the budget fails ``never_fits``. Nothing else
-    caps the running set (no ``max_num_seqs``) and the whole budget is KV: no pool.
+    happens at a boundary that preempted (as vLLM's scheduler). A request whose ``prompt +
+    max_tokens`` tokens (ragged: their blocks) exceed the budget fails ``never_fits``.
+    Nothing else caps the running set (no ``max_num_seqs``) and the whole budget is KV: no
+    pool.
     """
 
     def __init__(self, position: int, inst_id: str, truth: StepCost, budget_bytes: int,
-                 context_limit: int) -> None:
-        super().__init__(position, inst_id, truth, budget_bytes, context_limit, cap=0)
+                 context_limit: int, layout: str = PADDED) -> None:
+        super().__init__(position, inst_id, truth, budget_bytes, context_limit, cap=0,
+                         layout=layout)
         self.blocks = total_blocks(budget_bytes, truth.kv_bytes_per_token)
 
     def _may_join(self, waiting_before: int) -> bool:
         # FCFS: with a request already waiting (memory blocked it), a new one cannot pass.
         return waiting_before == 0
 
-    def _check_memory(self) -> None:
+    def _check_memory(self, iters: int) -> None:
         return None  # never over: the engine preempts first
 
     def _used(self, ahead: int = 0) -> int:
-        """Blocks the running set needs ``ahead`` iterations from now."""
-        return int(np.sum(-(-(self.run.ctx0 + self.run.done + ahead) // BLOCK_TOKENS)))
+        """Ragged: blocks the running set needs ``ahead`` iterations from now."""
+        return int(np.sum(-(-(self.run.contexts() + ahead) // BLOCK_TOKENS)))
+
+    def _over(self) -> bool:
+        """Whether the running set's next iteration does not fit the budget."""
+        if self.padded:
+            return len(self.run.idx) * (int(self.run.contexts().max()) + 1) > self.slots
+        return self._used() > self.blocks
 
     def _make_room(self, reqs: RequestTable) -> bool:
         preempted = 0
-        while len(self.run.idx) > 1 and self._used() > self.blocks:
+        while len(self.run.idx) > 1 and self._over():
             last = len(self.run.idx) - 1
             i = int(self.run.idx[last])
             reqs.generated[i] = self.run.ctx0[last] + self.run.done[last] - reqs.prompt[i]
@@ -257,14 +348,20 @@ class VllmInstance(IlsInstance):
         return preempted > 0
 
     def _fits(self, ctx: int) -> bool:
+        if self.padded:
+            ctxs = self.run.contexts()
+            width = max(int(ctxs.max()), ctx) if len(ctxs) else ctx
+            return (len(ctxs) + 1) * (width + 1) <= self.slots
         return self._used() + -(-ctx // BLOCK_TOKENS) <= self.blocks
 
-    def occupancy(self) -> tuple[int, float]:
-        """Requests inside the engine and the KV blocks they hold."""
-        return len(self.run.idx), float(self._used() * BLOCK_TOKENS
-                                        * self.truth.kv_bytes_per_token)
+    def _kv_tokens(self) -> float:
+        if self.padded:
+            return super()._kv_tokens()
+        return float(self._used() * BLOCK_TOKENS)  # the blocks the requests hold
 
     def _never_fits(self, prompt: int, max_new: int) -> str:
+        if self.padded:  # alone, its last iteration holds prompt + max_new slots
+            return super()._never_fits(prompt, max_new)
         need = -(-(prompt + max_new) // BLOCK_TOKENS)
         if need > self.blocks:
             return (f"never_fits: needs {need} KV blocks of {BLOCK_TOKENS} tokens, the "
@@ -272,13 +369,18 @@ class VllmInstance(IlsInstance):
         return ""
 
     def _limit(self, m: int) -> int:
-        """Up to the first iteration whose blocks would not fit (then it preempts).
+        """Up to the first iteration that would not fit (then it preempts).
 
-        ``sum_r ceil((c_r + k) / 16)`` over ``k < m`` from the 16 residues of ``c_r + 15``,
-        so a segment costs O(16 m), not O(b m)."""
+        Padded: ``b x (width_k + 1)`` from :meth:`_mem_widths`. Ragged: ``sum_r ceil((c_r
+        + k) / 16)`` over ``k < m`` from the 16 residues of ``c_r + 15``, so a segment
+        costs O(16 m), not O(b m)."""
         if m <= 1:
             return m
-        a = self.run.ctx0 + self.run.done + BLOCK_TOKENS - 1
+        if self.padded:
+            used = len(self.run.idx) * (self._mem_widths(m) + 1)
+            over = np.flatnonzero(used > self.slots)
+            return max(1, int(over[0])) if len(over) else m
+        a = self.run.contexts() + BLOCK_TOKENS - 1
         counts = np.bincount(a % BLOCK_TOKENS, minlength=BLOCK_TOKENS)
         ks = np.arange(m)
         used = int(np.sum(a // BLOCK_TOKENS)) + (

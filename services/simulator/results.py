@@ -20,15 +20,16 @@ from services.simulator.instances import InstanceBase, StepCost
 from services.simulator.state import DONE, RequestTable
 from shared.obs.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome
 from shared.policy.kvlayout import LAYOUTS, PADDED
-from shared.policy.presets import POLICIES
+from shared.policy.presets import ILS_HF_PRESET, ILS_VLLM_PRESET, POLICIES
 from shared.policy.types import SliceCost
 
-#: The simulator's vLLM-like ILS baseline: the ``ils`` preset's policy (one request per
-#: batch, least-requests), instances admitting and preempting by paged-KV memory
+#: The memory-bounded ILS baseline: the ``ils`` preset's routing (one request per batch,
+#: least-requests), instances admitting and preempting by KV memory
 #: (:class:`services.simulator.ils.VllmInstance`) instead of a concurrency cap.
-VLLM_POLICY = "ils-vllm"
-#: Every policy name the simulator accepts: the presets and its own baselines.
-SIM_POLICIES: tuple[str, ...] = (*POLICIES, VLLM_POLICY)
+VLLM_POLICY = ILS_VLLM_PRESET
+#: Every policy name the simulator accepts: the presets it models. ``ils-hf``
+#: (transformers' own continuous batching, a peer engine) is not modelled.
+SIM_POLICIES: tuple[str, ...] = tuple(p for p in POLICIES if p != ILS_HF_PRESET)
 #: Counters the simulator reports beside :func:`summarize`'s (the workers' names).
 KV_COUNTERS = ("kv_hits", "kv_misses", "kv_evictions", "preemptions")
 

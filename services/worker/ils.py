@@ -42,9 +42,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from shared.core.records import TokenLogprob
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
 from shared.obs.logging import get_logger
@@ -82,6 +83,7 @@ class IlsResult:
     new_ids: list[int]  # generated tokens, EOS excluded (same convention as SliceEngine)
     finish_reason: FinishReason  # STOP (EOS), LENGTH (max_new_tokens), ERROR, NEVER_FITS
     error: str | None = None  # set (and new_ids empty) when the request failed
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per new id, when asked
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,15 @@
-"""ILS worker mode: transformers' continuous batching fed request by request.
+"""ILS worker mode: a continuous-batching engine fed request by request.
 
-The scheduler (preset ``ils``) claims each request into a batch of one and enqueues it on
-an instance's queue like any slice job. Here the RQ job only *admits* the request into the
-continuous-batching engine and returns at once; a collector thread commits each request,
-fenced like a slice commit, when the engine finishes it. Requests run to completion in one
-go (no slicing), which is what iteration-level scheduling means.
+The scheduler (presets ``ils``, ``ils-vllm``, ``ils-hf``) claims each request into a batch
+of one and enqueues it on an instance's queue like any slice job. Here the RQ job only
+*admits* the request into the engine and returns at once; a collector thread commits each
+request, fenced like a slice commit, when the engine finishes it. Requests run to
+completion in one go (no slicing), which is what iteration-level scheduling means.
+
+The engine is the preset's: our own iteration engine (:mod:`services.worker.iteration`,
+capped for ``ils``, memory-bounded for ``ils-vllm``; it streams token by token, samples,
+honours stop strings and logprobs as the slice engine does) or transformers' continuous
+batching (:mod:`services.worker.ils`, ``ils-hf``: greedy only, no per-token streaming).
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ import time
 from dataclasses import dataclass
 
 from services.worker.ils import IlsConfig, IlsEngine, IlsResult, IterationShape
-from services.worker.runtime import WorkerRuntime
-from shared.core.records import BatchRecord, CommitItem, RequestRecord, now
+from services.worker.iteration import IterationEngine, IterationLimits, IterationWork
+from services.worker.runtime import WorkerRuntime, text_delta, to_slice_input, truncate_at_stop
+from shared.core.records import BatchRecord, CommitItem, RequestRecord, StepTokens, now
 from shared.core.store import CommitRejected, Store
 from shared.modeling.loading import LoadedModel
 from shared.obs.logging import bound, get_logger
 from shared.policy.costmodel import CostModel
-from shared.policy.presets import CONTINUOUS_MODE
+from shared.policy.prefill import pass_tokens_of
+from shared.policy.presets import HF_ENGINE, MEMORY_ENGINE, ils_engine
 from shared.settings import Settings
 
 log = get_logger(__name__)
@@ -36,8 +43,6 @@ class _Admitted:
 class IlsRuntime(WorkerRuntime):
     """A worker runtime whose jobs feed a continuous-batching engine."""
 
-    mode = CONTINUOUS_MODE
-
     def __init__(
         self,
         settings: Settings,
@@ -48,13 +53,22 @@ class IlsRuntime(WorkerRuntime):
         memory_budget_bytes: int,
     ) -> None:
         super().__init__(settings, store, loaded, instance_id, cost, memory_budget_bytes)
-        self.ils = IlsEngine(
-            loaded,
-            IlsConfig(
-                max_concurrency=settings.ils_max_concurrency,
-                memory_budget_bytes=memory_budget_bytes,
-            ),
-        )
+        self.mode = settings.policy  # the instance publishes which ILS it runs
+        engine = ils_engine(settings.policy)
+        self.ils: IlsEngine | IterationEngine
+        if engine == HF_ENGINE:
+            self.ils = IlsEngine(loaded, IlsConfig(max_concurrency=settings.ils_max_concurrency,
+                                                   memory_budget_bytes=memory_budget_bytes))
+            self.ils.on_iteration = self._price
+        else:
+            memory = engine == MEMORY_ENGINE
+            # Memory bounds the memory-bounded variant; max_running only guards it.
+            cap = settings.max_running if memory else settings.ils_max_concurrency
+            self.ils = IterationEngine(
+                loaded, IterationLimits(cap, memory), cost, memory_budget_bytes,
+                pass_tokens_of(cost.prefill_features, cost.prefill_coef))
+            self.ils.on_work = self._price_work
+            self.ils.on_stream = self._publish
         self._admitted: dict[str, _Admitted] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -63,7 +77,7 @@ class IlsRuntime(WorkerRuntime):
         # Seconds the cost model gives the iterations run since the last commit's counters
         # (model_busy_s: the engine's time against its profile).
         self._priced_s = 0.0
-        self.ils.on_iteration = self._price
+        self._engine_counts: dict[str, int] = {}  # engine stats at the last account
 
     def start(self) -> None:
         """Start the engine (with its warm-up) and the collector thread."""
@@ -100,8 +114,11 @@ class IlsRuntime(WorkerRuntime):
                     if self._busy_since is None:
                         self._busy_since = time.perf_counter()
             for rec in records:
-                self.ils.add(rec.id, rec.prompt_ids, rec.remaining_tokens,
-                             ignore_eos=rec.params.ignore_eos)
+                if isinstance(self.ils, IterationEngine):
+                    self.ils.add(to_slice_input(rec, batch.fences[rec.id]))
+                else:
+                    self.ils.add(rec.id, rec.prompt_ids, rec.remaining_tokens,
+                                 ignore_eos=rec.params.ignore_eos)
             return {"status": "admitted", "requests": len(records)}
 
     # --- completion (the collector thread) -------------------------------------------------
@@ -118,6 +135,7 @@ class IlsRuntime(WorkerRuntime):
             entry = self._admitted.pop(result.request_id, None)
             busy = self._account_busy()
             priced = self._account_priced()
+            engine_counts = self._account_engine()
         if entry is None:
             return
         batch, rec = entry.batch, entry.record
@@ -125,12 +143,15 @@ class IlsRuntime(WorkerRuntime):
             self.store.requeue_batch(batch, f"ILS engine: {result.error}",
                                      self.settings.max_retries, self.settings.result_ttl_s)
             return
+        codec = self.loaded.codec
         generated = rec.generated_ids + result.new_ids
+        self.publisher.flush()  # a stream's token entries come before its commit entry
         item = CommitItem(
             request_id=rec.id, fence=batch.fences[rec.id], new_ids=result.new_ids,
             finish_reason=result.finish_reason,
-            delta_text=self.loaded.codec.decode(result.new_ids),
-            final_text=self.loaded.codec.decode(generated),
+            delta_text=text_delta(codec, rec.generated_ids, generated, final=True),
+            final_text=truncate_at_stop(codec.decode(generated), rec.params.stop),
+            logprobs=tuple(result.logprobs),
         )
         counters = {
             "slices": 1, "batch_size_sum": 1, "generated_tokens": len(result.new_ids),
@@ -139,6 +160,7 @@ class IlsRuntime(WorkerRuntime):
             # the mean size of the running batch (shared.obs.metrics.average_batch_size)
             "concurrency_s": time.perf_counter() - entry.admitted_at,
             "model_busy_s": priced,
+            **engine_counts,
         }
         try:
             finished = self.store.commit_slice(
@@ -158,6 +180,38 @@ class IlsRuntime(WorkerRuntime):
         seconds = self.cost.iteration_time(shape.query_lens, shape.keys_total)
         with self._lock:
             self._priced_s += seconds
+
+    def _price_work(self, work: IterationWork) -> None:
+        """Our engine's loop thread, after each iteration: its prefill passes plus one
+        decode step of its slots at its cache width, as the cost model prices them."""
+        seconds = sum(float(self.cost.prefill_time(n, width)) for n, width in
+                      work.prefill_passes)
+        if work.decode_rows:
+            seconds += float(self.cost.decode_step_time(work.decode_rows, work.width))
+        with self._lock:
+            self._priced_s += seconds
+
+    def _publish(self, steps: list[StepTokens]) -> None:
+        """Our engine's loop thread: queue streaming requests' tokens, each under the
+        batch (of one) that holds its request."""
+        with self._lock:
+            batches = {s.request_id: self._admitted.get(s.request_id) for s in steps}
+        for step in steps:
+            entry = batches[step.request_id]
+            if entry is not None:
+                self.publisher.submit(entry.batch.id, [step])
+
+    def _account_engine(self) -> dict[str, int]:
+        """Our engine's preemptions and recomputed tokens since the last account (call
+        with the lock held); none for transformers' engine."""
+        if not isinstance(self.ils, IterationEngine):
+            return {}
+        stats = self.ils.stats
+        now_counts = {"preemptions": stats.preemptions,
+                      "recomputed_tokens": stats.recomputed_tokens}
+        delta = {k: v - self._engine_counts.get(k, 0) for k, v in now_counts.items()}
+        self._engine_counts = now_counts
+        return delta
 
     def _account_priced(self) -> float:
         """Priced seconds since the last account (call with the lock held)."""

@@ -25,7 +25,7 @@ WORKER_COUNTERS = (
     "slices", "batch_size_sum", "generated_tokens", "pad_tokens", "invalid_tokens",
     "recomputed_tokens", "busy_s", "first_slice_finishes", "requests_finished",
     "concurrency_s", "model_busy_s", "kv_hits", "kv_misses", "kv_evictions",
-    "kv_miss_handbacks",
+    "kv_miss_handbacks", "preemptions",
 )
 
 

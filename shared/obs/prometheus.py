@@ -251,6 +251,9 @@ _SLICE_COUNTERS = {
     "kv_miss_handbacks": ("scls_worker_kv_miss_handbacks_total",
                           "Rows planned to resume whose K/V was evicted meanwhile, handed back "
                           "because re-prefilling them would not fit the batch budget"),
+    "preemptions": ("scls_worker_preemptions_total",
+                    "Requests the memory-bounded ILS engine (ils-vllm) took out of its batch "
+                    "to recompute later, for lack of KV memory"),
 }
 
 

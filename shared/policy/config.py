@@ -14,7 +14,13 @@ from shared.policy.offloading import (
     prefill_first,
     round_robin,
 )
-from shared.policy.presets import POLICIES, WHOLE_GENERATION, is_continuous
+from shared.policy.presets import (
+    MEMORY_ENGINE,
+    POLICIES,
+    WHOLE_GENERATION,
+    ils_engine,
+    is_continuous,
+)
 from shared.policy.types import BatchingFn, BatchPlan, CyclePlan, InstanceView, OffloadingFn
 
 if TYPE_CHECKING:
@@ -124,11 +130,17 @@ class DispatchCaps:
 
     @classmethod
     def for_policy(
-        cls, policy: str, max_queued_batches: int, ils_max_concurrency: int
+        cls, policy: str, max_queued_batches: int, ils_max_concurrency: int,
+        max_running: int | None = None,
     ) -> DispatchCaps:
-        """The caps of preset ``policy``: requests for ILS, batches otherwise."""
+        """The caps of preset ``policy``: requests for ILS, batches otherwise. A
+        memory-bounded ILS engine admits by memory and queues the rest itself: its
+        instances take up to ``max_running`` requests (``ils_max_concurrency`` when not
+        given)."""
         if is_continuous(policy):
-            return cls(ils_max_concurrency, count_requests=True)
+            memory = ils_engine(policy) == MEMORY_ENGINE and max_running is not None
+            return cls(max_running if memory and max_running else ils_max_concurrency,
+                       count_requests=True)
         return cls(max_queued_batches)
 
     def used(self, view: InstanceView) -> int:

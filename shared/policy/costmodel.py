@@ -208,8 +208,9 @@ class CostModel:
         return prefill + decode
 
     def iteration_time(self, query_lens: Sequence[int], keys_total: int) -> float:
-        """Seconds the model gives one continuous-batching iteration, priced as the
-        simulator's ILS engine prices it: one decode step ``Td(b, c)`` for the ``b``
+        """Seconds the model gives one iteration of transformers' continuous batching
+        (``ils-hf``, a paged cache), priced as the simulator's ILS engines price a ragged
+        layout: one decode step ``Td(b, c)`` for the ``b``
         requests feeding one token (``c`` their mean context: the keys read, less the
         prompt chunks' own, per decoding request) plus a prefill ``Tp(1, q)`` for each
         request feeding a prompt chunk of ``q > 1`` tokens."""

@@ -11,31 +11,45 @@ from dataclasses import dataclass, field
 #: Batching policies that run the whole generation in one go (``S = G``).
 WHOLE_GENERATION = frozenset({"fcfs-fixed", "single"})
 
-#: The preset whose instances run continuous batching (iteration-level scheduling).
+#: The presets whose instances run continuous batching (iteration-level scheduling):
+#: on our own engine capped at ``ils_max_concurrency`` requests (the paper's ILS), on our
+#: own engine bounded by KV memory with preemption by recompute (vLLM's behaviour), and
+#: transformers' own continuous batching (an independent peer on its paged cache).
 ILS_PRESET = "ils"
+ILS_VLLM_PRESET = "ils-vllm"
+ILS_HF_PRESET = "ils-hf"
 
-#: ``InstanceInfo.mode`` of an instance that runs slices, and of one that runs continuous
-#: batching (it serves the ILS preset).
+#: ``Preset.ils_engine`` values: which iteration-level engine an instance runs.
+CAPPED_ENGINE = "capped"
+MEMORY_ENGINE = "memory"
+HF_ENGINE = "hf"
+
+#: ``InstanceInfo.mode`` of an instance that runs slices; one that runs continuous
+#: batching publishes the name of the ILS preset it serves (``ils``, ``ils-vllm``...).
 SLICE_MODE = "slice"
-CONTINUOUS_MODE = "ils"
 
 
 @dataclass(frozen=True)
 class Preset:
     """A named policy: its batching and offloading, and what follows from them.
 
-    ``continuous``: instances run continuous batching (ILS), one request per batch, capped
-    in requests rather than batches and invisible to the horizon rule.
+    ``ils_engine``: set for continuous-batching presets, the engine their instances run
+    (:data:`CAPPED_ENGINE`, :data:`MEMORY_ENGINE` or :data:`HF_ENGINE`); such instances
+    take one request per batch, are capped in requests rather than batches and are
+    invisible to the horizon rule.
+    ``continuous`` (derived): ``ils_engine`` is set.
     ``whole_generation`` (derived): a batch runs its whole generation (``S = G``).
     """
 
     name: str
     batching: str
     offloading: str
-    continuous: bool = False
+    ils_engine: str = ""
+    continuous: bool = field(init=False)
     whole_generation: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "continuous", bool(self.ils_engine))
         object.__setattr__(self, "whole_generation", self.batching in WHOLE_GENERATION)
 
     def retains_kv(self, batching: str | None = None) -> bool:
@@ -50,7 +64,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("sls", "fcfs-fixed", "round-robin"),
     Preset("scls-rr", "scls", "round-robin"),
     Preset("fcfs-maxmin", "fcfs", "max-min"),
-    Preset(ILS_PRESET, "single", "least-requests", continuous=True),
+    Preset(ILS_PRESET, "single", "least-requests", ils_engine=CAPPED_ENGINE),
+    Preset(ILS_VLLM_PRESET, "single", "least-requests", ils_engine=MEMORY_ENGINE),
+    Preset(ILS_HF_PRESET, "single", "least-requests", ils_engine=HF_ENGINE),
 )}
 
 #: Named presets: ``(batching, offloading)``.
@@ -58,10 +74,20 @@ POLICIES: dict[str, tuple[str, str]] = {n: (p.batching, p.offloading) for n, p i
 
 
 def policy_of_mode(modes: set[str]) -> str | None:
-    """The preset implied by the modes of a deployment's instances: ILS when every one
-    runs continuous batching; None when the modes do not tell (slice instances serve any
-    slice preset)."""
-    return ILS_PRESET if modes == {CONTINUOUS_MODE} else None
+    """The preset implied by the modes of a deployment's instances: an ILS preset when
+    every one runs that continuous batching; None when the modes do not tell (slice
+    instances serve any slice preset)."""
+    if len(modes) == 1:
+        (mode,) = modes
+        return mode if is_continuous(mode) else None
+    return None
+
+
+def ils_engine(policy: str) -> str:
+    """The iteration-level engine preset ``policy`` runs ("" for slice presets and
+    unknown names)."""
+    preset = PRESETS.get(policy)
+    return "" if preset is None else preset.ils_engine
 
 
 def is_continuous(policy: str) -> bool:
