@@ -86,9 +86,11 @@ class Settings(BaseSettings):
     )
     running_set: bool = Field(
         False,
-        description="simulator only, for now: each slice instance keeps one running set, "
-        "its unfinished rows continue into the next slice together with the batches "
-        "queued for it, as far as its whole memory budget allows (no separate KV pool)",
+        description="slice presets: each instance keeps one running set. In the simulator "
+        "its unfinished rows continue into the next slice together with the rows queued "
+        "for it, within its whole memory budget; the real scheduler gives each instance "
+        "with nothing queued one slice of the rows its KV pool keeps plus the oldest fresh "
+        "rows that fit (max_running, not max_batch_size, bounds it)",
     )
     max_running: int = Field(
         256, ge=1, description="running_set: most rows in one instance's running set; "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.policy.admission import admissible, admit
+from shared.policy.admission import admissible, admit, continuation_cycle
 from shared.policy.costmodel import PREFILL_BASE, CostModel
 from shared.policy.kvlayout import PADDED, RAGGED, cache_width
 from shared.policy.types import Candidate, CandidatePool, InstanceView
@@ -97,3 +97,49 @@ def test_cache_width_per_layout(contexts: list[int], layout: str, width: int) ->
 def test_an_unknown_layout_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown KV layout 'paged'"):
         cache_width([1, 2], "paged")
+
+
+# --- the scheduler's running-set mode (continuation_cycle) ---------------------------------
+
+def cands(spec: list[tuple[int, str]]) -> list[Candidate]:
+    """Candidates ``(context length, instance keeping its K/V or "")``, oldest first."""
+    return [Candidate(str(k), n, 100, float(k), home) for k, (n, home) in enumerate(spec)]
+
+
+def slices_of(spec: list[tuple[int, str]], views: list[InstanceView], open_ids: set[str],
+              max_rows: int = 256) -> dict[str, tuple[list[str], list[str]]]:
+    runnable, slices, never = continuation_cycle(cands(spec), views, open_ids, S, max_rows)
+    assert never == []
+    ids = [c.id for c in runnable.candidates]
+    return {c.instance_id: ([ids[i] for i in c.continuing], [ids[i] for i in c.fresh])
+            for c in slices}
+
+
+@pytest.mark.parametrize(("spec", "views", "open_ids", "max_rows", "expected"), [
+    # a's kept rows continue there, the fresh ones fill both sets oldest first
+    ([(10, "a"), (10, ""), (10, "a"), (10, "")], [view("a"), view("b")], {"a", "b"}, 256,
+     {"a": (["0", "2"], []), "b": ([], ["1", "3"])}),
+    # rows kept on a busy instance wait for it: nobody else takes them
+    ([(10, "a"), (10, "")], [view("a"), view("b")], {"b"}, 256, {"b": ([], ["1"])}),
+    # kept rows beyond the budget: the youngest is preempted and goes where it fits as a
+    # fresh row (3 x (30 + 5) = 105 > 100; two resume in 70 bytes)
+    ([(30, "a"), (30, "a"), (30, "a")], [view("a", budget=100), view("b", budget=100)],
+     {"a", "b"}, 256, {"a": (["0", "1"], []), "b": ([], ["2"])}),
+    # max_rows bounds the continuing rows as well as the admitted ones
+    ([(5, "a"), (5, "a"), (5, "a"), (5, "")], [view("a")], {"a"}, 2,
+     {"a": (["0", "1"], [])}),
+    # nothing open: nothing dispatched
+    ([(10, "")], [view("a")], set(), 256, {}),
+])
+def test_continuation_cycle_continues_kept_rows_and_admits_fresh_ones(
+    spec: list[tuple[int, str]], views: list[InstanceView], open_ids: set[str],
+    max_rows: int, expected: dict[str, tuple[list[str], list[str]]],
+) -> None:
+    assert slices_of(spec, views, open_ids, max_rows) == expected
+
+
+def test_a_kept_set_is_priced_at_its_width_now_not_a_slice_later() -> None:
+    """Two kept rows 20 wide and a fresh 20-token row on 75 bytes: 3 x (20 + 5) fits.
+    (Pricing the kept set S tokens wider, as for a set still running, would refuse it.)"""
+    got = slices_of([(20, "a"), (20, "a"), (20, "")], [view("a", budget=75)], {"a"})
+    assert got == {"a": (["0", "1"], ["2"])}

@@ -228,3 +228,37 @@ def test_drain_hands_queued_batches_back_without_a_retry(
     rec = store.get_request(rid)
     assert rec.status is RequestStatus.PENDING and rec.retries == 0
     assert store.live_instances() == []
+
+
+def test_running_sets_continue_kept_rows_with_fresh_ones_and_keep_greedy_output(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """Scheduler running-set mode (docs/design.md §3.6): an instance's kept rows come back
+    together with fresh ones in one slice, bigger than max_batch_size, resumed from its
+    pool (no recomputation), and the output is still generate's."""
+    codec = load_codec("tiny-random", Path("unused"))
+    s = settings.model_copy(update={"running_set": True, "max_batch_size": 2,
+                                    "max_running": 64})
+    sched, workers = make_cluster(s, tiny, n_workers=2)
+    prompts = [f"Running set row {i}: " + "x" * (3 * i) for i in range(8)]
+    first = [submit(store, codec.encode(p), max_tokens=10, ignore_eos=True)
+             for p in prompts[:4]]
+    sched.cycle()  # the first four split between the two instances
+    batches = [store.get_batch(b) for b, _ in store.inflight_batches()]
+    assert sorted(len(b.request_ids) for b in batches) == [2, 2]
+    for w in workers:
+        w.serve(burst=True)
+    later = [submit(store, codec.encode(p), max_tokens=10, ignore_eos=True)
+             for p in prompts[4:]]
+    sched.cycle()  # each instance: its two kept rows plus two fresh ones
+    batches = [store.get_batch(b) for b, _ in store.inflight_batches()]
+    assert sorted(len(b.request_ids) for b in batches) == [4, 4]
+    for batch in batches:
+        assert len(set(batch.request_ids) & set(first)) == 2
+    rids = first + later
+    drive(store, sched, workers, rids)
+    for prompt, rid in zip(prompts, rids, strict=True):
+        rec = store.get_request(rid)
+        assert rec.generated_ids == greedy_reference(tiny, codec.encode(prompt), 10)
+    stats = store.stats()
+    assert stats["recomputed_tokens"] == 0 and stats["kv_hits"] > 0

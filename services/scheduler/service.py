@@ -28,10 +28,11 @@ from shared.core.states import FinishReason
 from shared.core.store import InstanceLoad, Store, connect
 from shared.obs.logging import get_logger
 from shared.obs.prometheus import SchedulerMetrics
+from shared.policy.admission import continuation_cycle
 from shared.policy.config import DispatchCaps, policy_config, with_cursor
 from shared.policy.costmodel import CostModel
 from shared.policy.planning import plan_cycle
-from shared.policy.presets import POLICIES, expected_busy
+from shared.policy.presets import POLICIES, expected_busy, is_continuous, retains_kv
 from shared.policy.types import BatchPlan, Candidate, InstanceView
 from shared.settings import Settings
 
@@ -71,6 +72,10 @@ class Scheduler:
         self.store = store
         self.rq_connection = rq_connection
         self.config = policy_config(settings)
+        # Running sets apply to slice batching that drops finished rows (docs/design.md
+        # §3.6); whole-generation and continuous presets batch as they always do.
+        self.running_set = settings.running_set and retains_kv(
+            settings.policy, settings.batching) and not is_continuous(settings.policy)
         self.holder_id = holder_id or f"{socket.gethostname()}-{os.getpid()}"
         # parsed profiles by instance (None: unreadable, skipped)
         self._costs: dict[str, tuple[str, CostModel | None]] = {}
@@ -108,15 +113,48 @@ class Scheduler:
         report.candidates = len(candidates)
         if not candidates:
             return report
-        plan = plan_cycle(candidates, views, self.config, now=now())
-        self.config = with_cursor(self.config, plan)
-        report.failed_never_fit = self._fail_never_fitting(plan.never_fit, views)
-        for batch in self._within_caps(plan.batches, views):
+        if self.running_set:
+            batches, never_fit = self._continue_running_sets(candidates, views)
+        else:
+            plan = plan_cycle(candidates, views, self.config, now=now())
+            self.config = with_cursor(self.config, plan)
+            batches, never_fit = self._within_caps(plan.batches, views), plan.never_fit
+        report.failed_never_fit = self._fail_never_fitting(never_fit, views)
+        for batch in batches:
             batch_id = self._dispatch(batch)
             if batch_id:
                 report.batches.append(batch_id)
                 report.dispatched_requests += len(batch.request_ids)
         return report
+
+    def _continue_running_sets(
+        self, candidates: list[Candidate], views: list[InstanceView]
+    ) -> tuple[list[BatchPlan], list[Candidate]]:
+        """Running-set mode (docs/design.md §3.6): each instance with nothing queued or
+        running gets one slice, its kept rows continuing plus the oldest fresh rows that
+        fit (:func:`shared.policy.admission.continuation_cycle`)."""
+        s = self.config.batch_slice_length
+        open_ids = {v.id for v in views if v.queued_batches == 0}
+        pool, slices, never = continuation_cycle(candidates, views, open_ids, s,
+                                                 self.settings.max_running)
+        plans = []
+        for nxt in slices:
+            cost = self._costs[nxt.instance_id][1]
+            assert cost is not None  # views are built from readable profiles only
+            lens = pool.lens[nxt.rows]
+            fresh = pool.lens[nxt.fresh]
+            b, width = len(lens), int(lens.max())
+            fresh_len = int(fresh.max()) if len(fresh) else 0
+            estimate = float(cost.resume_time(b, width, s))
+            if len(fresh):
+                estimate += float(cost.prefill_time(len(fresh), fresh_len))
+            plans.append(BatchPlan(
+                instance_id=nxt.instance_id,
+                request_ids=tuple(pool.candidates[i].id for i in nxt.rows.tolist()),
+                padded_len=width, slice_length=s, estimated_s=estimate,
+                estimated_bytes=int(cost.mixed_memory(b, width, s, len(fresh), fresh_len)),
+                resumed_rows=len(nxt.continuing)))
+        return plans, never
 
     def _cost_of(self, inst: InstanceInfo) -> CostModel | None:
         """The instance's published cost model, parsed once per profile; None (logged once

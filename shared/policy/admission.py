@@ -6,9 +6,13 @@ for its next slice boundary, as many as its memory can carry, oldest first:
 
 * an instance is **open** when nothing it was given is still waiting to join (the queued
   rows join at the boundary; a second batch would only wait behind the first);
-* open instances are served **most free memory first**: an instance frees memory as fast
-  as it finishes rows, so a faster instance comes back for work sooner (the load follows
-  speed without a speed estimate: what a heterogeneous fleet needs);
+* each row goes to the open set with the **fewest rows** where it fits (an idle instance
+  is never left idle beside a packed one: decode is bound by reading the weights, so a
+  row costs an instance little but two instances decode in parallel), ties to where it
+  adds the least memory (a longer row widens the padded cache for all), then to the most
+  free memory. An instance is open again as soon as its slice ends, so a faster instance
+  comes back for work sooner (the load follows speed without a speed estimate: what a
+  heterogeneous fleet needs);
 * each takes the **oldest** candidates, in arrival order, while its running set plus them
   fits its memory budget at the next slice (:func:`admissible`), under ``max_running``
   rows. Arrival order is the fairness rule, as in :func:`shared.policy.planning.plan_cycle`:
@@ -23,7 +27,7 @@ activations included) with :meth:`SliceCost.mixed_memory`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -63,19 +67,22 @@ class Admission:
 
 def admit(
     pool: CandidatePool, instances: Sequence[InstanceView], slice_length: int, max_rows: int,
-    layout: str = PADDED,
+    layout: str = PADDED, sets_grow: bool = True,
 ) -> list[Admission]:
     """Place ``pool``'s candidates, oldest first, into the open instances' running sets
-    (module docstring): each goes where it adds the least memory (the padded cache grows
-    for every row when a longer one joins), ties to the most free memory; the first
+    (module docstring): each goes to the set with the fewest rows where it fits, ties to
+    where it adds the least memory (the padded cache grows for every row when a longer
+    one joins), then to the most free memory; the first
     candidate that fits nowhere ends the cycle (no younger one passes it). Each view's
-    ``running_rows``/``running_width`` describe its set; ``layout`` is the engines' KV
-    layout (:mod:`shared.policy.kvlayout`: the width a row adds to). Returns one admission
-    per instance that takes at least one row, its rows in arrival order."""
+    ``running_rows``/``running_width`` describe its set (``sets_grow``: as of the start of
+    the slice it is running, so ``S`` tokens longer at the next one; otherwise as of the
+    next slice's start); ``layout`` is the engines' KV layout
+    (:mod:`shared.policy.kvlayout`: the width a row adds to). Returns one admission per
+    instance that takes at least one row, its rows in arrival order."""
     if not len(pool) or not instances:
         return []
     order = np.argsort(pool.arrivals, kind="stable")
-    sets = _Sets(instances, slice_length, layout == RAGGED)
+    sets = _Sets(instances, slice_length, layout == RAGGED, sets_grow)
     taken: list[list[int]] = [[] for _ in instances]
     for c in order.tolist():
         k, after = sets.best(int(pool.lens[c]), max_rows)
@@ -91,13 +98,14 @@ class _Sets:
     """The open instances' running sets as admission grows them (one column each)."""
 
     def __init__(self, instances: Sequence[InstanceView], slice_length: int,
-                 ragged: bool) -> None:
+                 ragged: bool, grow: bool = True) -> None:
         self.instances = list(instances)
         self.s = slice_length
         self.ragged = ragged
         self.rows = np.array([i.running_rows for i in instances], dtype=np.int64)
-        # at the next slice every row is S tokens longer
-        self.width = np.array([i.running_width + slice_length if i.running_rows else 0
+        # a set still running is S tokens longer at its next slice
+        growth = slice_length if grow else 0
+        self.width = np.array([i.running_width + growth if i.running_rows else 0
                                for i in instances], dtype=np.float64)
         self.fresh = np.zeros(len(instances), dtype=np.int64)
         self.fresh_len = np.zeros(len(instances), dtype=np.int64)
@@ -131,7 +139,8 @@ class _Sets:
         if not ok.any():
             return -1, 0.0
         added = np.where(ok, after - self.used, np.inf)
-        k = int(np.lexsort((self.used - self.budget, added))[0])
+        rows = np.where(ok, self.rows, np.iinfo(np.int64).max)
+        k = int(np.lexsort((self.used - self.budget, added, rows))[0])
         return k, float(after[k])
 
     def _widened(self, width: Any, rows: Any, length: int) -> Any:
@@ -212,3 +221,79 @@ def admission_cycle(
     admitted = admit(runnable, open_views, slice_length, max_rows, layout)
     return runnable, admitted, never.candidates
 
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """One open instance's next slice in the scheduler's running-set mode: the rows whose
+    K/V it keeps (``continuing``, they resume) and the fresh rows admitted beside them,
+    as positions in the cycle's runnable pool, each in arrival order."""
+
+    instance_id: str
+    continuing: np.ndarray
+    fresh: np.ndarray
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Every row of the slice: the continuing ones, then the fresh ones."""
+        return np.concatenate([self.continuing, self.fresh])
+
+
+def continuation_cycle(
+    candidates: Sequence[Candidate], instances: Sequence[InstanceView], open_ids: set[str],
+    slice_length: int, max_rows: int, layout: str = PADDED,
+) -> tuple[CandidatePool, list[Continuation], list[Candidate]]:
+    """One cycle of the scheduler's running-set mode: ``(runnable pool, next slices,
+    never-fitting)``.
+
+    The workers keep unfinished rows' K/V between slices and commit them back to pending;
+    here those rows make their instance's running set. An instance is open when nothing
+    is queued or running on it (its last slice committed), and its next slice is:
+
+    1. its **continuing** rows (pending, K/V kept there), oldest first, as many as fit its
+       budget as resumed rows (at their current width, plus the slice's ``S`` steps) and
+       ``max_rows``. The rest are *preempted*: they become fresh candidates (their K/V
+       will be re-prefilled wherever they go);
+    2. **fresh** rows admitted by :func:`admit`, oldest first, best fit across the open
+       instances, beside those sets.
+
+    A row whose K/V is on an instance that is not open waits for it (its instance's slice
+    is committing or queued): moving it would re-prefill what is kept.
+    """
+    runnable, never = split_never_fit(CandidatePool.of(candidates), instances, slice_length)
+    home = np.array([c.kv_instance for c in runnable.candidates], dtype=object)
+    open_views = [v for v in instances if v.id in open_ids]
+    kept: dict[str, np.ndarray] = {}
+    preempted: list[np.ndarray] = []
+    views = []
+    for view in open_views:
+        mine = np.flatnonzero(home == view.id)
+        mine = mine[np.argsort(runnable.arrivals[mine], kind="stable")]
+        k = _resumable(runnable.lens[mine], view, slice_length, max_rows)
+        kept[view.id] = mine[:k]
+        preempted.append(mine[k:])
+        width = int(runnable.lens[mine[:k]].max()) if k else 0
+        views.append(replace(view, running_rows=k, running_width=width))
+    waiting = np.array([bool(h) for h in home], dtype=bool)  # kept somewhere
+    fresh_pos = np.flatnonzero(~waiting)
+    if preempted:
+        fresh_pos = np.sort(np.concatenate([fresh_pos, *preempted]))
+    admitted = {a.instance_id: fresh_pos[a.rows] for a in admit(
+        runnable.take(fresh_pos), views, slice_length, max_rows, layout, sets_grow=False)}
+    empty = np.zeros(0, dtype=np.int64)
+    slices = [Continuation(v.id, kept.get(v.id, empty), admitted.get(v.id, empty))
+              for v in open_views]
+    return runnable, [c for c in slices if len(c.rows)], never.candidates
+
+
+def _resumable(lens: np.ndarray, view: InstanceView, slice_length: int, max_rows: int) -> int:
+    """How many of the first rows (context lengths ``lens``, oldest first) resume together
+    on ``view`` within its budget and ``max_rows``: a prefix."""
+    room = min(len(lens), max_rows)
+    if room <= 0:
+        return 0
+    k = np.arange(1, room + 1)
+    width = np.maximum.accumulate(np.asarray(lens[:room], dtype=np.int64))
+    memory = np.asarray(view.cost.mixed_memory(k, width, slice_length, 0, 0), dtype=float)
+    fits = memory <= view.memory_budget_bytes
+    return room if fits.all() else int(np.argmin(fits))
