@@ -40,6 +40,8 @@ def drain(engine: IterationEngine, arrivals: dict[int, list[SliceInput]],
             return out
         engine.iterate()
         assert engine.running() <= engine.limits.max_concurrency
+        # what the worker publishes: at least one column per running request is held
+        assert engine.cache_bytes() >= engine.running() * engine.loaded.info.kv_bytes_per_token
         for result in engine.results(0):
             assert result.error is None, result.error
             out[result.request_id] = (result.new_ids, result.finish_reason)

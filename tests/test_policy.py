@@ -574,6 +574,17 @@ def test_scheduler_bench_times_the_running_set_admission(
     assert (result["admitted"] > 30) is admits_all_it_can
 
 
+def test_scheduler_bench_times_the_continuation_cycle(tmp_path: Path) -> None:
+    """The real scheduler's running-set cycle: kept rows continue on their instance, fresh
+    ones fill the open sets."""
+    out = tmp_path / "continue.json"
+    scheduler_bench_command(pending=300, instances=3, json_file=out, repeat=2, trace=None,
+                            policy="scls", candidate_limit=None, seed=1, continuation=True)
+    result = json.loads(out.read_text())
+    assert 0 < result["median_ms"] <= result["p90_ms"]
+    assert result["continuing"] > 0 and result["admitted"] > 0
+
+
 def test_bench_lengths_follow_the_trace_statistics() -> None:
     prompt, generated = sample_lengths(100_000, np.random.default_rng(0))
     assert np.mean(prompt) == pytest.approx(1155, rel=0.03)

@@ -240,10 +240,10 @@ def test_running_sets_continue_kept_rows_with_fresh_ones_and_keep_greedy_output(
     s = settings.model_copy(update={"running_set": True, "max_batch_size": 2,
                                     "max_running": 64})
     sched, workers = make_cluster(s, tiny, n_workers=2)
-    prompts = [f"Running set row {i}: " + "x" * (3 * i) for i in range(8)]
+    prompts = [f"Row {i} of one running set, all of one length." for i in range(8)]
     first = [submit(store, codec.encode(p), max_tokens=10, ignore_eos=True)
              for p in prompts[:4]]
-    sched.cycle()  # the first four split between the two instances
+    sched.cycle()  # the first four split between the two instances (rows of one length)
     batches = [store.get_batch(b) for b, _ in store.inflight_batches()]
     assert sorted(len(b.request_ids) for b in batches) == [2, 2]
     for w in workers:

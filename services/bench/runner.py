@@ -24,7 +24,13 @@ from shared.bench.report import Run
 from shared.bench.workload import WorkItem
 from shared.core.keys import Keys
 from shared.core.store import Store, connect
-from shared.obs.metrics import InstanceUsage, RequestOutcome, counter_delta, summarize
+from shared.obs.metrics import (
+    InstanceUsage,
+    RequestOutcome,
+    counter_delta,
+    occupancy,
+    summarize,
+)
 from shared.policy.presets import policy_of_mode
 from shared.settings import Settings
 
@@ -38,6 +44,8 @@ class LoadSampler:
     instance_ids: Sequence[str]
     interval_s: float = 0.25
     samples: list[list[float]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # rows running, per instance and sample
+    kv_share: list[float] = field(default_factory=list)  # KV held / its memory
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -52,6 +60,10 @@ class LoadSampler:
             loads = self.store.instance_loads(list(self.instance_ids))
             if any(load.batches for load in loads.values()):  # idle moments say nothing
                 self.samples.append([loads[i].estimated_s for i in self.instance_ids])
+            for rows, share in self.store.instance_occupancy(list(self.instance_ids)).values():
+                self.rows.append(rows)
+                if share >= 0:
+                    self.kv_share.append(share)
 
     def stop(self) -> list[list[float]]:
         """Stop and return the samples."""
@@ -102,6 +114,8 @@ def measure(
     counters = counter_delta(store.stats(), before_global)
     metrics = summarize(outcomes, counters, instance_usage(store, ids, before), duration,
                         samples)
+    # running rows and KV in use as the workers' heartbeats published them
+    metrics.update(occupancy(sampler.rows, sampler.kv_share))
     metrics["instance_ids"] = ids
     metrics["instance_profiles"] = {inst.id: (inst.profile, inst.memory_budget_bytes,
                                               inst.context_limit, inst.mode)

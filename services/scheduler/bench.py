@@ -20,7 +20,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from shared.policy.admission import admission_cycle
+from shared.policy.admission import admission_cycle, continuation_cycle
 from shared.policy.config import PolicyConfig
 from shared.policy.costmodel import PREFILL_BASE, CostModel
 from shared.policy.planning import plan_cycle
@@ -161,6 +161,40 @@ def _admission_bench(pending: int, instances: int, rows: int, repeat: int,
             "running_rows": rows, "admitted": admitted, "repeat": repeat}, indent=2) + "\n")
 
 
+def _continuation_bench(pending: int, instances: int, retained: float, repeat: int,
+                        trace: Path | None, rng: np.random.Generator, config: PolicyConfig,
+                        json_file: Path | None) -> None:
+    """Time :func:`continuation_cycle`, the real scheduler's running-set cycle, with every
+    instance open and a ``retained`` share of the re-queued requests kept on one."""
+    cands = synthetic_candidates(pending, rng, config.slice_length, trace, instances, retained)
+    views = synthetic_instances(instances, rng, config.horizon_s)
+    ids = {v.id for v in views}
+    max_rows = Settings.model_fields["max_running"].default
+
+    def cycle() -> list:  # noqa: ANN401
+        return continuation_cycle(cands, views, ids, config.slice_length, max_rows)[1]
+
+    slices = cycle()
+    kept = sum(len(c.continuing) for c in slices)
+    admitted = sum(len(c.fresh) for c in slices)
+    times_ms = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        cycle()
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    median, p90 = statistics.median(times_ms), float(np.percentile(times_ms, 90))
+    typer.echo(
+        f"continuation_cycle: {pending} pending ({sum(1 for c in cands if c.kv_instance)} "
+        f"kept on an instance), {instances} open instances -> {kept} rows continue, "
+        f"{admitted} fresh rows admitted\n"
+        f"  median {median:.2f} ms, p90 {p90:.2f} ms per cycle over {repeat} repeats"
+    )
+    if json_file is not None:
+        json_file.write_text(json.dumps({
+            "median_ms": median, "p90_ms": p90, "pending": pending, "instances": instances,
+            "continuing": kept, "admitted": admitted, "repeat": repeat}, indent=2) + "\n")
+
+
 def scheduler_bench_command(
     pending: Annotated[int, typer.Option(min=1, help="pending requests per cycle")] = 1000,
     instances: Annotated[int, typer.Option(min=1, help="live instances")] = 16,
@@ -186,6 +220,10 @@ def scheduler_bench_command(
             min=0, help="time the running-set admission instead (SCLS_RUNNING_SET): every "
                         "instance runs this many rows (0: empty sets, everything admits)")
     ] = None,
+    continuation: Annotated[
+        bool, typer.Option(help="time the real scheduler's running-set cycle "
+                                "(continuation_cycle, every instance open)")
+    ] = False,
 ) -> None:
     """Time one scheduling cycle (batching + offloading) on synthetic load; no Redis."""
     if policy not in POLICIES:
@@ -196,6 +234,10 @@ def scheduler_bench_command(
     if running_rows is not None:
         _admission_bench(pending, instances, running_rows, repeat, trace, rng, config,
                          json_file)
+        return
+    if continuation:
+        _continuation_bench(pending, instances, retained, repeat, trace, rng, config,
+                            json_file)
         return
     cands = synthetic_candidates(pending, rng, config.slice_length, trace, instances, retained)
     views = synthetic_instances(instances, rng, config.horizon_s)

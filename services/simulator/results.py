@@ -18,7 +18,7 @@ import numpy as np
 from services.simulator.ils import IlsInstance
 from services.simulator.instances import InstanceBase, StepCost
 from services.simulator.state import DONE, RequestTable
-from shared.obs.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome
+from shared.obs.metrics import WORKER_COUNTERS, InstanceUsage, RequestOutcome, occupancy
 from shared.policy.kvlayout import LAYOUTS, PADDED
 from shared.policy.presets import ILS_HF_PRESET, ILS_VLLM_PRESET, POLICIES
 from shared.policy.types import SliceCost
@@ -96,12 +96,8 @@ def occupancy_metrics(metrics: dict[str, Any], timeline: LoadTimeline) -> None:
     """Running-set size (over samples where an instance runs something) and KV memory
     in use (share of each instance's budget, over every sample) into ``metrics``."""
     rows = np.concatenate(timeline.rows) if timeline.rows else np.zeros(0)
-    busy = rows[rows > 0]
-    for q in (10, 50, 90):
-        metrics[f"running_p{q}"] = float(np.percentile(busy, q)) if len(busy) else None
     kv = np.concatenate(timeline.kv_share) if timeline.kv_share else np.zeros(0)
-    metrics["kv_in_use_mean"] = float(kv.mean()) if len(kv) else None
-    metrics["kv_in_use_p90"] = float(np.percentile(kv, 90)) if len(kv) else None
+    metrics.update(occupancy(rows.tolist(), kv.tolist()))
 
 
 @dataclass

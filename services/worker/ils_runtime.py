@@ -94,6 +94,14 @@ class IlsRuntime(WorkerRuntime):
             self._collector.join(timeout=30)
         self.ils.stop()
 
+    def heartbeat_fields(self) -> dict[str, int]:
+        """Rows running in the engine and, for our engine, the KV bytes its cache holds
+        (transformers' paged cache does not say: no ``kv_in_use_bytes``)."""
+        if isinstance(self.ils, IterationEngine):
+            return {"kv_pool_used_bytes": 0, "running_rows": self.ils.running(),
+                    "kv_in_use_bytes": self.ils.cache_bytes()}
+        return {"kv_pool_used_bytes": 0, "running_rows": self.ils.active()}
+
     def in_progress(self) -> int:
         """Requests admitted and not yet committed."""
         with self._lock:

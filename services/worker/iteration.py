@@ -239,6 +239,13 @@ class IterationEngine(SliceEngine):
         resident = self._resident
         return 0 if resident is None else len(resident.live)
 
+    def cache_bytes(self) -> int:
+        """Bytes of K/V the batch cache holds now (slots x columns allocated)."""
+        resident = self._resident
+        if resident is None:
+            return 0
+        return len(resident.slots) * resident.capacity * self.loaded.info.kv_bytes_per_token
+
     # ----------------------------------------------------------------------------------------
     # The loop
     # ----------------------------------------------------------------------------------------

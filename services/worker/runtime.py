@@ -101,6 +101,7 @@ class WorkerRuntime:
         self.unreturned: dict[str, tuple[BatchRecord, str]] = {}
         # This runtime's own registry: several workers may live in one (test) process.
         self.metrics = WorkerMetrics(loaded.device)
+        self._occupancy = (0, 0)  # (rows, cache bytes) of the slice running now
         if self.pool is not None:
             pool = self.pool
             self.metrics.watch_pool(lambda: pool.used_bytes, pool.capacity_bytes)
@@ -147,8 +148,13 @@ class WorkerRuntime:
         return repr(self.started_at)
 
     def heartbeat_fields(self) -> dict[str, int]:
-        """What each heartbeat refreshes besides liveness: the KV pool's use."""
-        return {"kv_pool_used_bytes": self.pool.used_bytes if self.pool is not None else 0}
+        """What each heartbeat refreshes besides liveness: the KV pool's use, the rows of
+        the slice running now and the KV bytes held (that slice's cache by the memory
+        model, plus the pool), which ``scls bench`` samples."""
+        pool = self.pool.used_bytes if self.pool is not None else 0
+        rows, cache = self._occupancy
+        return {"kv_pool_used_bytes": pool, "running_rows": rows,
+                "kv_in_use_bytes": cache + pool}
 
     # --- one job ----------------------------------------------------------------------
     def run_batch(self, batch_id: str) -> dict[str, float | int | str]:
@@ -206,8 +212,14 @@ class WorkerRuntime:
         rows = [to_slice_input(rec, batch.fences[rec.id], self._kv_fence(rec))
                 for rec in records]
         started = time.perf_counter()
-        outputs, stats = self.engines[batch.drop_finished].run_slice(
-            rows, batch.slice_length, lambda steps: self.publisher.submit(batch.id, steps))
+        width = max(len(r.context) for r in rows)
+        self._occupancy = (len(rows), int(self.cost.kv_cache_bytes(len(rows), width,
+                                                                   batch.slice_length)))
+        try:
+            outputs, stats = self.engines[batch.drop_finished].run_slice(
+                rows, batch.slice_length, lambda steps: self.publisher.submit(batch.id, steps))
+        finally:
+            self._occupancy = (0, 0)
         busy = time.perf_counter() - started
         self.publisher.flush()  # a stream's token entries come before its commit entry
         items = [self._commit_item(rec, out, batch) for rec, out in zip(records, outputs,

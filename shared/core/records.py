@@ -275,7 +275,7 @@ class InstanceInfo:
     started_at: float
     heartbeat_at: float
     profile: str  # the instance's CostModel as JSON (shared.policy.costmodel)
-    mode: str = "slice"  # slice | ils (continuous batching)
+    mode: str = "slice"  # slice, or the ILS preset it runs (ils, ils-vllm, ils-hf)
     state: str = "ready"  # ready | draining
     kv_pool_bytes: int = 0  # capacity of its KV pool (outside memory_budget_bytes)
     kv_pool_used_bytes: int = 0  # held by retained K/V at the last heartbeat

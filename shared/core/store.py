@@ -359,6 +359,23 @@ class Store:
             )
         return loads
 
+    def instance_occupancy(self, instance_ids: Sequence[str]) -> dict[str, tuple[int, float]]:
+        """Each live instance's rows running and KV bytes in use as a share of its memory
+        budget, as its last heartbeat published them (one pipelined round trip); an
+        instance that publishes no KV figure (``ils-hf``) reports a share of -1."""
+        pipe = self.r.pipeline(transaction=False)
+        for iid in instance_ids:
+            pipe.hmget(self.keys.instance(iid), "running_rows", "kv_in_use_bytes",
+                       "memory_budget_bytes", "kv_pool_bytes")
+        out = {}
+        for iid, (rows, kv, budget, pool) in zip(instance_ids, pipe.execute(), strict=True):
+            if rows is None:
+                continue
+            total = float(budget or 0) + float(pool or 0)  # the instance's whole memory
+            share = float(kv) / total if kv is not None and total > 0 else -1.0
+            out[iid] = (int(rows), share)
+        return out
+
     # --- retained K/V ---------------------------------------------------------------
     def forget_kv(self, instance_id: str, request_ids: Sequence[str]) -> int:
         """Clear the K/V location of requests an instance evicted, where it still names

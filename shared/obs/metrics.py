@@ -243,3 +243,17 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("imbalance_ect_std", "ECT std s", "{:.2f}"),
     ("imbalance_ect_max_mean", "ECT max/mean", "{:.2f}"),
 )
+
+
+def occupancy(rows: Sequence[float], kv_share: Sequence[float]) -> dict[str, float | None]:
+    """Running-set size percentiles over samples where an instance ran something, and the
+    KV memory it held as a share of its budget (mean, p90) over every sample: the same
+    figures for the simulator and the real system (``scls bench``); None without samples."""
+    busy = np.asarray([r for r in rows if r > 0], dtype=float)
+    kv = np.asarray(kv_share, dtype=float)
+    out: dict[str, float | None] = {
+        f"running_p{q}": float(np.percentile(busy, q)) if len(busy) else None
+        for q in (10, 50, 90)}
+    out["kv_in_use_mean"] = float(kv.mean()) if len(kv) else None
+    out["kv_in_use_p90"] = float(np.percentile(kv, 90)) if len(kv) else None
+    return out
