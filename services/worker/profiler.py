@@ -78,7 +78,7 @@ from shared.policy.costmodel import CostModel, analytic_cost_model
 
 log = get_logger(__name__)
 
-PROFILER_VERSION = 4  # bump when measurement changes: cached profiles then become stale
+PROFILER_VERSION = 5  # bump when measurement changes: cached profiles then become stale
 #: Process growth per byte of the analytic memory bound, assumed when deciding which grid
 #: points fit in memory (on CPU glibc's heap grows the process beyond what torch allocates:
 #: ``CostModel.heap_overhead``; smollm2-135m's quick grid measured 1.89 with its slack).
@@ -325,7 +325,10 @@ def run_profile(
                          f"{available} bytes available under a limit of "
                          f"{memory and memory.limit_bytes} ({memory and memory.source})")
     exact = allocator is not None or meter.cuda
-    resumable = [p for p in points if p[1] > slice_length] if exact else []
+    # Every point with a token to resume from: with only l > S, a quick grid at the
+    # default S = 32 had 4 such points, too few to fit an envelope, and resumed slices
+    # were then priced as prefills of their whole context (batches capped at ~11 rows).
+    resumable = [p for p in points if p[1] > 1] if exact else []
     steps = _Steps(grid.warmup + grid.repeats * len(points)
                    + (len(points) if allocator is not None else 0) + len(resumable), progress)
     warm = [points[0], points[-1]]
@@ -414,8 +417,10 @@ def _resumed_peaks(
     steps: _Steps,
 ) -> dict[tuple[int, int], int]:
     """Peak of a slice of ``b`` rows of context ``l`` that all resume from a KV pool,
-    per point of ``points`` (those with ``l > s``, and only where peaks are exact: CUDA's
-    counter or CPU allocator events), beyond the level before it.
+    per point of ``points`` (those with ``l > 1``, and only where peaks are exact: CUDA's
+    counter or CPU allocator events), beyond the level before it. Each row has
+    ``min(s, l - 1)`` generated tokens (a resumed row feeds one token whatever it
+    generated before: only its context length matters).
 
     The rows' entries are made (zeros: memory does not depend on values) inside the same
     measurement just before the slice, so their release when the slice copies them in is
@@ -435,9 +440,10 @@ def _resumed_peaks(
     params = RequestParams(max_tokens=4 * s, ignore_eos=True)
     peaks = {}
     for b, x in points:
-        rows = [replace(r, generated_ids=rng.integers(3, vocab, size=s).tolist(), params=params,
-                        fence=2, kv_fence=1)
-                for r in _rows(b, x - s, s, vocab, rng)]
+        gen = min(s, x - 1)
+        rows = [replace(r, generated_ids=rng.integers(3, vocab, size=gen).tolist(),
+                        params=params, fence=2, kv_fence=1)
+                for r in _rows(b, x - gen, s, vocab, rng)]
 
         def entries(rows: list[SliceInput] = rows) -> None:
             for r in rows:
