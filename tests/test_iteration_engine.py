@@ -30,7 +30,8 @@ def engine_for(loaded: LoadedModel, cap: int = 8, memory_bounded: bool = False,
 def drain(engine: IterationEngine, arrivals: dict[int, list[SliceInput]],
           max_iterations: int = 2000) -> dict[str, tuple[list[int], FinishReason]]:
     """Iterate on the caller's thread, adding ``arrivals[k]`` before iteration ``k``,
-    until every request is back; checks the cap at every step."""
+    until every request is back; checks the cap at every step, and for the memory-bounded
+    engine that the cache it holds stays within its budget."""
     expected = sum(len(v) for v in arrivals.values())
     out: dict[str, tuple[list[int], FinishReason]] = {}
     for k in range(max_iterations):
@@ -42,6 +43,8 @@ def drain(engine: IterationEngine, arrivals: dict[int, list[SliceInput]],
         assert engine.running() <= engine.limits.max_concurrency
         # what the worker publishes: at least one column per running request is held
         assert engine.cache_bytes() >= engine.running() * engine.loaded.info.kv_bytes_per_token
+        if engine.limits.memory_bounded:
+            assert engine.cache_bytes() <= engine.memory_budget_bytes
         for result in engine.results(0):
             assert result.error is None, result.error
             out[result.request_id] = (result.new_ids, result.finish_reason)
