@@ -13,6 +13,7 @@ import csv
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -129,6 +130,16 @@ def synthetic_instances(k: int, rng: np.random.Generator, horizon_s: float) -> l
     return views
 
 
+def _timed_ms(cycle: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Median and p90 milliseconds of ``repeat`` calls of ``cycle``."""
+    times_ms = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        cycle()
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times_ms), float(np.percentile(times_ms, 90))
+
+
 def _admission_bench(pending: int, instances: int, rows: int, repeat: int,
                      trace: Path | None, rng: np.random.Generator, config: PolicyConfig,
                      json_file: Path | None) -> None:
@@ -144,12 +155,7 @@ def _admission_bench(pending: int, instances: int, rows: int, repeat: int,
         return admission_cycle(cands, views, ids, config.slice_length, max_rows)[1]
 
     admitted = sum(len(a.rows) for a in cycle())
-    times_ms = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        cycle()
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    median, p90 = statistics.median(times_ms), float(np.percentile(times_ms, 90))
+    median, p90 = _timed_ms(cycle, repeat)
     typer.echo(
         f"admission_cycle: {pending} pending, {instances} instances running {rows} rows each "
         f"-> {admitted} rows admitted\n"
@@ -177,12 +183,7 @@ def _continuation_bench(pending: int, instances: int, retained: float, repeat: i
     slices = cycle()
     kept = sum(len(c.continuing) for c in slices)
     admitted = sum(len(c.fresh) for c in slices)
-    times_ms = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        cycle()
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    median, p90 = statistics.median(times_ms), float(np.percentile(times_ms, 90))
+    median, p90 = _timed_ms(cycle, repeat)
     typer.echo(
         f"continuation_cycle: {pending} pending ({sum(1 for c in cands if c.kv_instance)} "
         f"kept on an instance), {instances} open instances -> {kept} rows continue, "
@@ -242,12 +243,7 @@ def scheduler_bench_command(
     cands = synthetic_candidates(pending, rng, config.slice_length, trace, instances, retained)
     views = synthetic_instances(instances, rng, config.horizon_s)
     plan = plan_cycle(cands, views, config, now=60.0)  # warm-up, and the plan to report
-    times_ms = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        plan_cycle(cands, views, config, now=60.0)
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    median, p90 = statistics.median(times_ms), float(np.percentile(times_ms, 90))
+    median, p90 = _timed_ms(lambda: plan_cycle(cands, views, config, now=60.0), repeat)
     seen = min(pending, limit)
     formed = len(plan.batches) + len(plan.unplaced)
     homed = sum(1 for c in cands if c.kv_instance)

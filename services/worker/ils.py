@@ -225,15 +225,7 @@ class IlsEngine:
 
     def results(self, timeout: float) -> list[IlsResult]:
         """Requests finished since the last call; waits up to ``timeout`` s for the first one."""
-        try:
-            found = [self._done.get(timeout=max(0.0, timeout))]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                found.append(self._done.get_nowait())
-            except queue.Empty:
-                break
+        found = drain_results(self._done, timeout)
         with self._lock:
             self._outstanding -= len(found)
         return found
@@ -463,6 +455,19 @@ class IlsEngine:
             self._done.put(_failed(request.request_id, reason))
         self._inside.clear()
         self._waiting.clear()
+
+
+def drain_results(done: queue.Queue[IlsResult], timeout: float) -> list[IlsResult]:
+    """Everything in ``done``, waiting up to ``timeout`` s for the first item."""
+    try:
+        found = [done.get(timeout=max(0.0, timeout))]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            found.append(done.get_nowait())
+        except queue.Empty:
+            return found
 
 
 def _failed(request_id: str, error: str) -> IlsResult:

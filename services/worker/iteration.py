@@ -43,7 +43,7 @@ from transformers import StaticCache
 
 from services.worker import kv_cache
 from services.worker.engine import SliceEngine, SliceInput, TokenSink, _Row
-from services.worker.ils import IlsResult
+from services.worker.ils import IlsResult, drain_results
 from shared.core.records import RequestParams, TokenLogprob
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
@@ -219,15 +219,7 @@ class IterationEngine(SliceEngine):
 
     def results(self, timeout: float) -> list[IlsResult]:
         """Requests finished since the last call; waits up to ``timeout`` s for the first."""
-        try:
-            found = [self._done.get(timeout=max(0.0, timeout))]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                found.append(self._done.get_nowait())
-            except queue.Empty:
-                return found
+        return drain_results(self._done, timeout)
 
     def active(self) -> int:
         """Requests added and not yet finished."""
