@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     max_queued_batches: int = Field(
         2, ge=1, description="batches queued or running per instance before dispatch pauses"
     )
+    prefill_chunk_tokens: int = Field(
+        2048, ge=0, description="most tokens (rows x padded length) in one prefill pass of a "
+        "worker's engine: bounds prefill activations, so a slice's fresh rows are priced as "
+        "chunks, not one padded pass (0 = no limit); vLLM's max_num_batched_tokens",
+    )
     running_set: bool = Field(
         False,
         description="slice presets: each instance keeps one running set. In the simulator "

@@ -39,16 +39,19 @@ MODELS = [
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("s", [1, 16, 32])
-def test_the_stack_equals_each_models_own_method(kind: str, s: int) -> None:
+@pytest.mark.parametrize("chunk", [0, 2048])
+def test_the_stack_equals_each_models_own_method(kind: str, s: int, chunk: int) -> None:
+    """Also with chunked prefill (a slice's memory is then the larger of two forms)."""
     rng = np.random.default_rng(s)
     b = rng.integers(1, 33, 50)
     l = rng.integers(1, 4096, 50)  # noqa: E741
-    stack = cost_stack(MODELS)
+    models = [replace(m, prefill_chunk_tokens=chunk) for m in MODELS]
+    stack = cost_stack(models)
     assert isinstance(stack, LinearStack)
     got = stack.evaluate(kind, b, l, s)
-    want = np.array([getattr(m, kind)(b, l, s) for m in MODELS])
+    want = np.array([getattr(m, kind)(b, l, s) for m in models])
     np.testing.assert_allclose(got, want, rtol=1e-12)
-    which = rng.integers(0, len(MODELS), 50)
+    which = rng.integers(0, len(models), 50)
     np.testing.assert_allclose(stack.evaluate(kind, b, l, s, which),
                                want[which, np.arange(50)], rtol=1e-12)
 
@@ -82,3 +85,11 @@ def test_a_time_scaled_model_stacks_too() -> None:
     t = stack.evaluate("slice_time", [4], [512], 16)
     assert t[1, 0] == pytest.approx(2 * t[0, 0])
     assert isinstance(cost_stack([replace(MODELS[0])]), LinearStack)
+
+
+def test_models_with_different_prefill_chunks_are_evaluated_one_by_one() -> None:
+    models = [MODELS[1], replace(MODELS[2], prefill_chunk_tokens=512)]
+    stack = cost_stack(models)
+    assert isinstance(stack, EachModel)
+    want = np.array([m.slice_memory(8, 300, 16) for m in models])
+    np.testing.assert_allclose(stack.evaluate("slice_memory", 8, 300, 16).ravel(), want)

@@ -38,7 +38,7 @@ from services.worker.sampling import (
 from shared.core.records import RequestParams, StepTokens, TokenLogprob
 from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
-from shared.policy.prefill import DEFAULT_PASS_TOKENS, prefill_groups
+from shared.policy.prefill import DEFAULT_PASS_TOKENS, chunk_groups, prefill_groups
 
 
 @dataclass
@@ -139,6 +139,7 @@ class SliceEngine:
         drop_finished_rows: bool = True,
         pool: KvPool | None = None,
         pass_tokens: float = DEFAULT_PASS_TOKENS,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         """Wrap ``loaded``.
 
@@ -148,6 +149,8 @@ class SliceEngine:
             pool: where unfinished rows' K/V is kept between slices (None: retention off).
             pass_tokens: a prefill pass's fixed cost in tokens' worth; ``inf`` prefills
                 every row in one padded pass (the profiler's shape).
+            prefill_chunk_tokens: most tokens (rows x padded length) in one prefill pass,
+                which bounds its activations (0: no limit; the profiler's shape).
         """
         self.loaded = loaded
         self.model = loaded.model
@@ -157,6 +160,7 @@ class SliceEngine:
         self.context_limit = loaded.info.context_limit
         self.pool = pool
         self.pass_tokens = pass_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._on_tokens: TokenSink | None = None  # the running slice's (run_slice sets it)
         config = self.model.config.get_text_config(decoder=True)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None)
@@ -295,7 +299,9 @@ class SliceEngine:
         its last ``padded`` columns), and nothing but the batch cache ever holds K/V. With
         one pass and no resumed row that window is the whole cache.
         """
-        groups = prefill_groups([r.cached for r in fresh], self.pass_tokens)
+        lengths = [r.cached for r in fresh]
+        groups = chunk_groups(prefill_groups(lengths, self.pass_tokens), lengths,
+                              self.prefill_chunk_tokens)
         passes = [[fresh[i] for i in group] for group in groups]
         rows = [r for rows in passes for r in rows] + [r for r in live if r.entry is not None]
         width = max(r.cached for r in rows)

@@ -66,7 +66,8 @@ class IlsRuntime(WorkerRuntime):
             cap = settings.max_running if memory else settings.ils_max_concurrency
             self.ils = IterationEngine(
                 loaded, IterationLimits(cap, memory), cost, memory_budget_bytes,
-                pass_tokens_of(cost.prefill_features, cost.prefill_coef))
+                pass_tokens_of(cost.prefill_features, cost.prefill_coef),
+                cost.prefill_chunk_tokens)
             self.ils.on_work = self._price_work
             self.ils.on_stream = self._publish
         self._admitted: dict[str, _Admitted] = {}

@@ -49,7 +49,7 @@ from shared.core.states import FinishReason
 from shared.modeling.loading import LoadedModel
 from shared.obs.logging import get_logger
 from shared.policy.costmodel import CostModel
-from shared.policy.prefill import DEFAULT_PASS_TOKENS, prefill_groups
+from shared.policy.prefill import DEFAULT_PASS_TOKENS, chunk_groups, prefill_groups
 
 log = get_logger(__name__)
 
@@ -145,8 +145,10 @@ class IterationEngine(SliceEngine):
         cost: CostModel,
         memory_budget_bytes: int,
         pass_tokens: float = DEFAULT_PASS_TOKENS,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
-        super().__init__(loaded, drop_finished_rows=True, pool=None, pass_tokens=pass_tokens)
+        super().__init__(loaded, drop_finished_rows=True, pool=None, pass_tokens=pass_tokens,
+                         prefill_chunk_tokens=prefill_chunk_tokens)
         self.limits = limits
         self.cost = cost
         self.memory_budget_bytes = memory_budget_bytes
@@ -365,7 +367,8 @@ class IterationEngine(SliceEngine):
         request as ``source``); each row draws its first token."""
         lengths = [len(self._context(r)) for r in fresh]
         shapes = []
-        for group in prefill_groups(lengths, self.pass_tokens):
+        for group in chunk_groups(prefill_groups(lengths, self.pass_tokens), lengths,
+                                  self.prefill_chunk_tokens):
             rows = [fresh[i] for i in group]
             padded = max(lengths[i] for i in group)
             cache = StaticCache(config=self.model.config, max_cache_len=padded)

@@ -93,8 +93,11 @@ class WorkerRuntime:
         # SCLS drops finished rows at once and keeps unfinished rows' K/V; SLS batches
         # (drop_finished=0) run whole generations, keep computing finished rows as static
         # batching does (counted as invalid tokens) and have nothing to retain.
-        self.engines = {True: SliceEngine(loaded, pool=self.pool, pass_tokens=pass_tokens),
-                        False: SliceEngine(loaded, False, pass_tokens=pass_tokens)}
+        chunk = cost.prefill_chunk_tokens
+        self.engines = {True: SliceEngine(loaded, pool=self.pool, pass_tokens=pass_tokens,
+                                          prefill_chunk_tokens=chunk),
+                        False: SliceEngine(loaded, False, pass_tokens=pass_tokens,
+                                           prefill_chunk_tokens=chunk)}
         self.started_at = now()
         self.publisher = TokenPublisher(store)
         # batch id -> (batch, reason): failed slices whose hand-back Redis refused

@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import redis
 import torch
@@ -466,6 +467,9 @@ def create_worker(
         loaded = load_model(settings.model, settings.cache_dir, settings.device)
     if cost is None:
         cost = load_or_profile(loaded, settings, reprofile=reprofile)
+    # The engine's prefill chunk is a serving setting, not a profiled figure: published
+    # with the profile so the scheduler prices the passes the engine will run.
+    cost = replace(cost, prefill_chunk_tokens=settings.prefill_chunk_tokens)
     budget = instance_memory_budget(loaded, settings, cost)
     store = Store(bound_timeouts(connect(url), REDIS_TIMEOUT_S), Keys(settings.key_prefix))
     iid = instance_id or settings.instance_id or default_instance_id()

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.policy.costmodel import CostModel, feature, feature_matrix
+from shared.policy.costmodel import CostModel, chunked_features, feature, feature_matrix
 from shared.policy.kvlayout import PADDED, RAGGED
 from shared.policy.planning import split_never_fit
 from shared.policy.types import Candidate, CandidatePool, InstanceView, SliceCost
@@ -176,6 +176,11 @@ class _StackedMemory:
         # only the features some model uses (fits leave many coefficients at zero)
         used = [j for j in range(len(names)) if act[:, j].any() or resume[:, j].any()]
         self.terms = [(names[j], act[:, j], resume[:, j]) for j in used]
+        # chunked prefill (one chunk size for the stack: `of` checks it)
+        self.chunk_tokens = models[0].prefill_chunk_tokens
+        self.chunked = np.array([m.chunks_prefill for m in models], dtype=bool)
+        self.used_names = [names[j] for j in used]
+        self.used_act = act[:, used]
 
     def _act(self, b: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Activation bytes of ``(b, x)`` per instance: prefill envelope, resume envelope."""
@@ -194,7 +199,8 @@ class _StackedMemory:
         if not costs or not all(isinstance(c, CostModel) for c in costs):
             return None
         models = [c for c in costs if isinstance(c, CostModel)]
-        if len({m.act_features for m in models}) != 1:
+        if len({m.act_features for m in models}) != 1 or len(
+                {m.prefill_chunk_tokens for m in models}) != 1:
             return None
         return cls(models)
 
@@ -202,6 +208,10 @@ class _StackedMemory:
                  fresh_len: np.ndarray) -> np.ndarray:
         cache = self.kv * b * (w + s + 1.0)
         prefill_act, _ = self._act(fresh, fresh_len)
+        if self.chunked.any():  # the chunks' bound (CostModel.prefill_activation)
+            phi = chunked_features(self.used_names, fresh, fresh_len, self.chunk_tokens)
+            bounded = np.einsum("ij,ij->i", self.used_act, np.atleast_2d(phi))
+            prefill_act = np.where(self.chunked, bounded, prefill_act)
         whole_act, resume_act = self._act(b, w)
         plain = self.margin * (cache + whole_act)
         mixed = self.margin * (cache + prefill_act)

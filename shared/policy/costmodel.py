@@ -79,6 +79,33 @@ def feature_matrix(names: Sequence[str], b: ArrayLike, x: ArrayLike) -> np.ndarr
     return np.stack([_FEATURES[n](bb, xx) for n in names], axis=-1)
 
 
+#: Activation features a chunked prefill can bound (every feature is ``b^i * l^j``, i <= 1).
+CHUNKABLE = frozenset({"1", "b", "l", "bl", "bll", "b2"})
+
+
+def chunked_features(names: Sequence[str], rows: ArrayLike, longest: ArrayLike,
+                     chunk_tokens: int) -> np.ndarray:
+    """Upper bounds of activation features ``names`` over every prefill pass the engine
+    makes of ``rows`` fresh rows at most ``longest`` tokens long when a pass holds at most
+    ``chunk_tokens`` tokens (rows x padded length; a longer row is a pass alone): a pass
+    has ``b <= rows`` rows of ``l <= longest``, so ``b * l <= T = min(rows * longest,
+    max(chunk_tokens, longest))`` and ``b * l * l <= T * longest``. With ``chunk_tokens``
+    at least ``rows * longest`` these are the features of one pass of all the rows.
+    Stacked on a new last axis, as :func:`feature_matrix`.
+
+    Raises:
+        ValueError: a feature that is not of that form.
+    """
+    bad = [n for n in names if n not in CHUNKABLE]
+    if bad:
+        raise ValueError(f"features {bad} cannot be bounded under chunked prefill")
+    f, ln = np.broadcast_arrays(np.asarray(rows, dtype=float), np.asarray(longest, dtype=float))
+    t = np.minimum(f * ln, np.maximum(float(chunk_tokens), ln))
+    by_name = {"1": np.ones_like(f), "b": f, "l": ln, "bl": t, "bll": t * ln,
+               "b2": (f >= 2).astype(float)}
+    return np.stack([by_name[n] for n in names], axis=-1)
+
+
 def _linear(names: Sequence[str], coef: Sequence[float], b: ArrayLike, x: ArrayLike) -> np.ndarray:
     """``sum_k coef_k * feature_k(b, x)``, broadcast over ``b`` and ``x``.
 
@@ -126,6 +153,11 @@ class CostModel:
     # Process growth / allocator estimate, largest over the profile (>= 1): what the heap
     # adds on top of torch's tensors on CPU. The instance's budget is divided by it.
     heap_overhead: float = 1.0
+    # Tokens (rows x padded length) in one prefill pass of the serving engine; 0 = no
+    # limit (a pass per group of like lengths). Not a profiled figure: the worker sets it
+    # from SCLS_PREFILL_CHUNK_TOKENS before publishing, so the scheduler prices the passes
+    # the engine will run (see prefill_activation).
+    prefill_chunk_tokens: int = 0
     model: str = ""
     device: str = ""
     dtype: str = ""
@@ -250,8 +282,27 @@ class CostModel:
         """Fitted activation (and allocator) peak of a slice beyond its KV cache, no margin."""
         return _linear(self.act_features, self.act_coef, b, l)
 
+    @property
+    def chunks_prefill(self) -> bool:
+        """Whether prefill activations are bounded by chunked passes: a chunk size is set
+        and a resume envelope separates the decode phase's activations from them."""
+        return self.prefill_chunk_tokens > 0 and bool(self.resume_act_coef)
+
+    def prefill_activation(self, rows: ArrayLike, longest: ArrayLike) -> np.ndarray:
+        """Activation peak (no margin) of prefilling ``rows`` fresh rows at most
+        ``longest`` tokens long: one pass of them all, or with chunked prefill the bound
+        over the chunks (:func:`chunked_features`)."""
+        if self.prefill_chunk_tokens <= 0:
+            return self.activation_bytes(rows, longest)
+        phi = chunked_features(self.act_features, rows, longest, self.prefill_chunk_tokens)
+        return phi @ np.asarray(self.act_coef, dtype=float)
+
     def slice_memory(self, b: ArrayLike, l: ArrayLike, s: ArrayLike | None = None) -> np.ndarray:  # noqa: E741
-        """Peak bytes beyond the weights of a slice: ``margin * (kv cache + act(b, l))``."""
+        """Peak bytes beyond the weights of a slice: ``margin * (kv cache + act(b, l))``;
+        with chunked prefill (:attr:`chunks_prefill`) the larger of its prefill phase (the
+        cache plus the chunks' activations) and its decode phase (as a resumed slice)."""
+        if self.chunks_prefill:
+            return self.mixed_memory(b, l, s, b, l)
         raw = self.kv_cache_bytes(b, l, s) + self.activation_bytes(b, l)
         return self.mem_margin * raw
 
@@ -276,7 +327,7 @@ class CostModel:
         if not self.resume_act_coef:
             return self.slice_memory(b, l, s)
         prefill = self.mem_margin * (self.kv_cache_bytes(b, l, s)
-                                     + self.activation_bytes(fresh_rows, fresh_len))
+                                     + self.prefill_activation(fresh_rows, fresh_len))
         return np.maximum(prefill, self.resume_memory(b, l, s))
 
     # --- serialisation ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from shared.policy.costmodel import CostModel, feature_matrix
+from shared.policy.costmodel import CostModel, chunked_features, feature_matrix
 from shared.policy.types import SliceCost
 
 #: What a stack evaluates: the :class:`~shared.policy.types.SliceCost` methods of one name.
@@ -72,6 +72,10 @@ class LinearStack:
     * memory: ``phi = (b*(l+s+1), activation features)`` with coefficients ``margin *
       (kv bytes per token, act coefficients)``; a resumed slice uses the resume envelope
       and margin, or the slice's when the model has none (:meth:`CostModel.resume_memory`).
+      With chunked prefill (:attr:`CostModel.chunks_prefill`) a slice's memory is the
+      larger of two such forms: its prefill phase, on the chunk-bounded features
+      (:func:`~shared.policy.costmodel.chunked_features`), and its decode phase, the
+      resume form.
 
     Sums run in another order than the models' own methods, so values may differ from
     them in the last bits.
@@ -84,6 +88,10 @@ class LinearStack:
                            for m in models], dtype=float)
         prefill = np.array([_spread(m.prefill_features, m.prefill_coef, self.prefill_names)
                             for m in models], dtype=float).reshape(len(models), -1)
+        # one chunk size for the whole stack (cost_stack checks it): per model, whether it
+        # bounds its prefill by chunks
+        self.chunk_tokens = models[0].prefill_chunk_tokens if models else 0
+        self.chunked = np.array([m.chunks_prefill for m in models], dtype=bool)
         self.coef = {
             "slice_time": np.hstack([prefill, decode]),
             "resume_time": np.hstack([np.zeros_like(prefill), decode]),
@@ -108,8 +116,23 @@ class LinearStack:
     def evaluate(self, kind: str, b: ArrayLike, l: ArrayLike, s: int,  # noqa: E741
                  which: np.ndarray | None = None) -> np.ndarray:
         """As :meth:`EachModel.evaluate`."""
-        phi = self.features(kind, b, l, s)
-        coef = self.coef[kind]
+        value = self._linear(self.coef[kind], self.features(kind, b, l, s), which)
+        if kind != "slice_memory" or not self.chunked.any():
+            return value
+        # chunked models: max(prefill phase on chunk-bounded features, decode phase)
+        b_, l_ = (a.ravel() for a in np.broadcast_arrays(np.asarray(b, dtype=float),
+                                                         np.asarray(l, dtype=float)))
+        phi = np.column_stack([b_ * (l_ + s + 1.0),
+                               chunked_features(self.act_names, b_, l_, self.chunk_tokens)])
+        prefill = self._linear(self.coef["slice_memory"], phi, which)
+        resumed = self._linear(self.coef["resume_memory"], self.features(kind, b, l, s), which)
+        mask = self.chunked if which is None else self.chunked[which]
+        if which is None:
+            mask = mask[:, None]
+        return np.where(mask, np.maximum(prefill, resumed), value)
+
+    @staticmethod
+    def _linear(coef: np.ndarray, phi: np.ndarray, which: np.ndarray | None) -> np.ndarray:
         if which is None:
             return coef @ phi.T
         return np.einsum("ij,ij->i", coef[which], phi)
@@ -117,7 +140,8 @@ class LinearStack:
 
 def cost_stack(costs: Sequence[SliceCost]) -> LinearStack | EachModel:
     """The fastest exact evaluator of ``costs`` (one per instance, in order)."""
-    if costs and all(type(c) is CostModel for c in costs):
+    if costs and all(type(c) is CostModel for c in costs) and len(
+            {c.prefill_chunk_tokens for c in costs}) == 1:  # type: ignore[union-attr]
         return LinearStack(costs)  # type: ignore[arg-type]
     return EachModel(costs)
 

@@ -52,6 +52,22 @@ def prefill_groups(lengths: Sequence[int], pass_tokens: float) -> list[list[int]
     return groups
 
 
+def chunk_groups(groups: list[list[int]], lengths: Sequence[int],
+                 chunk_tokens: int) -> list[list[int]]:
+    """``groups`` (of :func:`prefill_groups`) cut so that no pass holds more than
+    ``chunk_tokens`` tokens (rows x its longest row; a row longer than that is a pass
+    alone): chunked prefill, which bounds a pass's activations whatever the batch
+    (:meth:`shared.policy.costmodel.CostModel.prefill_activation` prices that bound).
+    ``chunk_tokens <= 0``: no limit, ``groups`` as given."""
+    if chunk_tokens <= 0:
+        return groups
+    out = []
+    for group in groups:
+        rows = max(1, chunk_tokens // max(1, max(lengths[i] for i in group)))
+        out += [group[k:k + rows] for k in range(0, len(group), rows)]
+    return out
+
+
 def pass_tokens_of(prefill_features: Sequence[str], prefill_coef: Sequence[float]) -> float:
     """A prefill pass's fixed cost in tokens' worth from a fitted ``Tp``: ``p_1 / p_bl``."""
     coef = dict(zip(prefill_features, prefill_coef, strict=True))
@@ -61,6 +77,9 @@ def pass_tokens_of(prefill_features: Sequence[str], prefill_coef: Sequence[float
     return DEFAULT_PASS_TOKENS
 
 
-def prefill_passes(lengths: Sequence[int], pass_tokens: float) -> list[tuple[int, int]]:
-    """``(rows, longest)`` of each pass :func:`prefill_groups` makes of ``lengths``."""
-    return [(len(g), max(lengths[i] for i in g)) for g in prefill_groups(lengths, pass_tokens)]
+def prefill_passes(lengths: Sequence[int], pass_tokens: float,
+                   chunk_tokens: int = 0) -> list[tuple[int, int]]:
+    """``(rows, longest)`` of each pass :func:`prefill_groups` (cut by
+    :func:`chunk_groups`) makes of ``lengths``."""
+    groups = chunk_groups(prefill_groups(lengths, pass_tokens), lengths, chunk_tokens)
+    return [(len(g), max(lengths[i] for i in g)) for g in groups]
