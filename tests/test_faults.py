@@ -247,6 +247,39 @@ def test_a_resumed_job_loop_hands_back_the_batches_the_outage_took_off_its_queue
         assert rec.generated_ids == greedy_reference(tiny, prompt, 8)
 
 
+@pytest.mark.parametrize("policy", ["ils", "ils-hf"])
+def test_an_ils_request_that_finishes_while_redis_is_away_is_committed_after(
+    settings: Settings, tiny: LoadedModel, own_redis: EmbeddedRedis, policy: str
+) -> None:
+    """The engine finishes a request during an outage: its commit is kept and retried, the
+    request stays admitted meanwhile, and it ends finished with generate()'s tokens once
+    Redis answers. (A chaos run under ils-vllm lost a request this way: the collector
+    dropped the result whose commit the dead Redis refused.)"""
+    s = settings.model_copy(update={"redis_url": own_redis.url, "policy": policy})
+    store = Store(connect(own_redis.url), Keys(s.key_prefix))
+    worker = create_worker(s, instance_id="w0", loaded=tiny)
+    store.register_instance(worker.runtime.instance_info(), ttl_s=600)
+    worker.runtime.start()
+    try:
+        rid = submit(store, [5, 6, 7, 8], max_tokens=300, ignore_eos=True)
+        batch = dispatch_one(s, store, "w0", rid)
+        Queue(worker.runtime.queue_name, connection=worker.rq_connection).remove(batch)
+        pid = redis_pid_of(own_redis)
+        assert pid is not None
+        assert worker.runtime.run_batch(batch)["status"] == "admitted"
+        with redis_paused(pid):  # at once: 300 decode steps are still to run
+            wait_for("the engine finished", lambda: not worker.runtime.ils.active(), 60)
+            time.sleep(2.5)  # a commit attempt times out (2 s): the result is kept
+            assert worker.runtime.in_progress() == 1
+        wait_for("committed after the outage", lambda: store.get_request(rid).status.value
+                 == "finished", 30)
+        assert len(store.get_request(rid).generated_ids) == 300
+        assert worker.runtime.in_progress() == 0
+    finally:
+        worker.runtime.stop()
+        store.close()
+
+
 # --- 2. restart under the same id -------------------------------------------------------------
 
 

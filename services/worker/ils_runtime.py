@@ -18,6 +18,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from services.worker.ils import IlsConfig, IlsEngine, IlsResult, IterationShape
 from services.worker.iteration import IterationEngine, IterationLimits, IterationWork
 from services.worker.runtime import WorkerRuntime, text_delta, to_slice_input, truncate_at_stop
@@ -79,6 +81,8 @@ class IlsRuntime(WorkerRuntime):
         # (model_busy_s: the engine's time against its profile).
         self._priced_s = 0.0
         self._engine_counts: dict[str, int] = {}  # engine stats at the last account
+        self._uncommitted: list[IlsResult] = []  # finished, commit refused by Redis
+        self._busy_carry = 0.0  # busy seconds of commits Redis refused
 
     def start(self) -> None:
         """Start the engine (with its warm-up) and the collector thread."""
@@ -134,24 +138,49 @@ class IlsRuntime(WorkerRuntime):
     def _collect_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                for result in self.ils.results(timeout=0.2):
-                    self._commit(result)
-            except Exception:  # keep collecting: one bad commit must not stall the rest
-                log.exception("ils_collect_failed")
+                results = self.ils.results(timeout=0.2)
+            except Exception:  # keep collecting: the engine's queue never raises, but
+                log.exception("ils_collect_failed")  # a dead collector loses everything
+                continue
+            self._commit_all(results)
+
+    def _commit_all(self, results: list[IlsResult]) -> None:
+        """Commit ``results`` and the ones whose commit Redis refused before; a result is
+        kept (and its request stays admitted) until Redis takes it: a finished request
+        must not be lost to an outage (the engine has already forgotten it)."""
+        retry, self._uncommitted = self._uncommitted + results, []
+        for result in retry:
+            try:
+                self._commit(result)
+            except RedisError as exc:
+                if not self._uncommitted:  # log once per outage, not once per result
+                    log.warning("ils_commit_deferred", request_id=result.request_id,
+                                error=f"{type(exc).__name__}: {exc}")
+                self._uncommitted.append(result)
+            except Exception:  # one bad commit must not stall the rest
+                log.exception("ils_commit_failed", request_id=result.request_id)
+        if self._uncommitted:
+            self._stop.wait(0.5)  # Redis is away: retry at a calm pace
 
     def _commit(self, result: IlsResult) -> None:
+        """Commit one finished request, fenced. Raises RedisError with nothing consumed:
+        the request stays admitted and its counters wait for the retry."""
         with self._lock:
-            entry = self._admitted.pop(result.request_id, None)
-            busy = self._account_busy()
-            priced = self._account_priced()
-            engine_counts = self._account_engine()
+            entry = self._admitted.get(result.request_id)
         if entry is None:
             return
         batch, rec = entry.batch, entry.record
         if result.error:
             self.store.requeue_batch(batch, f"ILS engine: {result.error}",
                                      self.settings.max_retries, self.settings.result_ttl_s)
+            with self._lock:
+                self._busy_carry += self._account_busy()  # the next commit reports it
+                self._admitted.pop(result.request_id, None)
             return
+        with self._lock:
+            busy = self._account_busy()
+            priced = self._account_priced()
+            engine_counts = self._account_engine()
         codec = self.loaded.codec
         generated = rec.generated_ids + result.new_ids
         self.publisher.flush()  # a stream's token entries come before its commit entry
@@ -178,7 +207,18 @@ class IlsRuntime(WorkerRuntime):
         except CommitRejected as exc:
             log.warning("commit_rejected", batch_id=batch.id, reason=str(exc))
             self.metrics.rejected.inc()
+            with self._lock:
+                self._admitted.pop(result.request_id, None)
             return
+        except RedisError:
+            with self._lock:  # give the counters back: the retry commits them
+                self._priced_s += priced
+                self._busy_carry += busy
+                self._engine_counts = {k: v - engine_counts.get(k, 0)
+                                       for k, v in self._engine_counts.items()}
+            raise
+        with self._lock:
+            self._admitted.pop(result.request_id, None)
         # ILS has no slices: the observed duration is the request's time in the engine.
         self.metrics.observe_commit(counters, finished, time.perf_counter() - entry.admitted_at,
                                     batch.estimated_s)
@@ -229,10 +269,12 @@ class IlsRuntime(WorkerRuntime):
 
     def _account_busy(self) -> float:
         """Wall time the engine had work since the last account (call with the lock held)."""
+        carry, self._busy_carry = self._busy_carry, 0.0
         if self._busy_since is None:
-            return 0.0
+            return carry
         t = time.perf_counter()
         busy = t - self._busy_since
-        self._busy_since = t if self._admitted else None
-        return busy
+        # the request being committed still counts as admitted here
+        self._busy_since = t if len(self._admitted) > 1 else None
+        return busy + carry
 
