@@ -140,6 +140,18 @@ def _timed_ms(cycle: Callable[[], object], repeat: int) -> tuple[float, float]:
     return statistics.median(times_ms), float(np.percentile(times_ms, 90))
 
 
+def _report(what: str, cycle: Callable[[], object], repeat: int, json_file: Path | None,
+            **fields: int) -> None:
+    """Time ``cycle``; print ``what`` and the timings, and write them with ``fields`` to
+    ``json_file`` when given."""
+    median, p90 = _timed_ms(cycle, repeat)
+    typer.echo(f"{what}\n  median {median:.2f} ms, p90 {p90:.2f} ms per cycle over {repeat} "
+               "repeats")
+    if json_file is not None:
+        json_file.write_text(json.dumps({"median_ms": median, "p90_ms": p90, **fields,
+                                         "repeat": repeat}, indent=2) + "\n")
+
+
 def _admission_bench(pending: int, instances: int, rows: int, repeat: int,
                      trace: Path | None, rng: np.random.Generator, config: PolicyConfig,
                      json_file: Path | None) -> None:
@@ -155,16 +167,9 @@ def _admission_bench(pending: int, instances: int, rows: int, repeat: int,
         return admission_cycle(cands, views, ids, config.slice_length, max_rows)[1]
 
     admitted = sum(len(a.rows) for a in cycle())
-    median, p90 = _timed_ms(cycle, repeat)
-    typer.echo(
-        f"admission_cycle: {pending} pending, {instances} instances running {rows} rows each "
-        f"-> {admitted} rows admitted\n"
-        f"  median {median:.2f} ms, p90 {p90:.2f} ms per cycle over {repeat} repeats"
-    )
-    if json_file is not None:
-        json_file.write_text(json.dumps({
-            "median_ms": median, "p90_ms": p90, "pending": pending, "instances": instances,
-            "running_rows": rows, "admitted": admitted, "repeat": repeat}, indent=2) + "\n")
+    _report(f"admission_cycle: {pending} pending, {instances} instances running {rows} rows "
+            f"each -> {admitted} rows admitted", cycle, repeat, json_file, pending=pending,
+            instances=instances, running_rows=rows, admitted=admitted)
 
 
 def _continuation_bench(pending: int, instances: int, retained: float, repeat: int,
@@ -183,17 +188,10 @@ def _continuation_bench(pending: int, instances: int, retained: float, repeat: i
     slices = cycle()
     kept = sum(len(c.continuing) for c in slices)
     admitted = sum(len(c.fresh) for c in slices)
-    median, p90 = _timed_ms(cycle, repeat)
-    typer.echo(
-        f"continuation_cycle: {pending} pending ({sum(1 for c in cands if c.kv_instance)} "
-        f"kept on an instance), {instances} open instances -> {kept} rows continue, "
-        f"{admitted} fresh rows admitted\n"
-        f"  median {median:.2f} ms, p90 {p90:.2f} ms per cycle over {repeat} repeats"
-    )
-    if json_file is not None:
-        json_file.write_text(json.dumps({
-            "median_ms": median, "p90_ms": p90, "pending": pending, "instances": instances,
-            "continuing": kept, "admitted": admitted, "repeat": repeat}, indent=2) + "\n")
+    _report(f"continuation_cycle: {pending} pending ({sum(1 for c in cands if c.kv_instance)} "
+            f"kept on an instance), {instances} open instances -> {kept} rows continue, "
+            f"{admitted} fresh rows admitted", cycle, repeat, json_file, pending=pending,
+            instances=instances, continuing=kept, admitted=admitted)
 
 
 def scheduler_bench_command(

@@ -149,18 +149,19 @@ class IlsRuntime(WorkerRuntime):
         kept (and its request stays admitted) until Redis takes it: a finished request
         must not be lost to an outage (the engine has already forgotten it)."""
         retry, self._uncommitted = self._uncommitted + results, []
-        for result in retry:
+        for k, result in enumerate(retry):
             try:
                 self._commit(result)
             except RedisError as exc:
-                if not self._uncommitted:  # log once per outage, not once per result
-                    log.warning("ils_commit_deferred", request_id=result.request_id,
-                                error=f"{type(exc).__name__}: {exc}")
-                self._uncommitted.append(result)
+                # Redis is away: keep this result and the rest untried (each try would
+                # wait out a timeout), log once per round, retry at a calm pace.
+                log.warning("ils_commit_deferred", request_id=result.request_id,
+                            waiting=len(retry) - k, error=f"{type(exc).__name__}: {exc}")
+                self._uncommitted = retry[k:]
+                self._stop.wait(0.5)
+                return
             except Exception:  # one bad commit must not stall the rest
                 log.exception("ils_commit_failed", request_id=result.request_id)
-        if self._uncommitted:
-            self._stop.wait(0.5)  # Redis is away: retry at a calm pace
 
     def _commit(self, result: IlsResult) -> None:
         """Commit one finished request, fenced. Raises RedisError with nothing consumed:

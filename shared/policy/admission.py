@@ -207,11 +207,13 @@ class _StackedMemory:
     def __call__(self, b: np.ndarray, w: np.ndarray, s: int, fresh: np.ndarray,
                  fresh_len: np.ndarray) -> np.ndarray:
         cache = self.kv * b * (w + s + 1.0)
-        prefill_act, _ = self._act(fresh, fresh_len)
         if self.chunked.any():  # the chunks' bound (CostModel.prefill_activation)
             phi = chunked_features(self.used_names, fresh, fresh_len, self.chunk_tokens)
-            bounded = np.einsum("ij,ij->i", self.used_act, np.atleast_2d(phi))
-            prefill_act = np.where(self.chunked, bounded, prefill_act)
+            prefill_act = np.einsum("ij,ij->i", self.used_act, np.atleast_2d(phi))
+            if not self.chunked.all():
+                prefill_act = np.where(self.chunked, prefill_act, self._act(fresh, fresh_len)[0])
+        else:
+            prefill_act, _ = self._act(fresh, fresh_len)
         whole_act, resume_act = self._act(b, w)
         plain = self.margin * (cache + whole_act)
         mixed = self.margin * (cache + prefill_act)

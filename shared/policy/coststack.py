@@ -116,16 +116,18 @@ class LinearStack:
     def evaluate(self, kind: str, b: ArrayLike, l: ArrayLike, s: int,  # noqa: E741
                  which: np.ndarray | None = None) -> np.ndarray:
         """As :meth:`EachModel.evaluate`."""
-        value = self._linear(self.coef[kind], self.features(kind, b, l, s), which)
+        plain = self.features(kind, b, l, s)
+        value = self._linear(self.coef[kind], plain, which)
         if kind != "slice_memory" or not self.chunked.any():
             return value
-        # chunked models: max(prefill phase on chunk-bounded features, decode phase)
+        # chunked models: max(prefill phase on chunk-bounded features, decode phase); the
+        # decode phase (resume form) has the same features as the plain slice
         b_, l_ = (a.ravel() for a in np.broadcast_arrays(np.asarray(b, dtype=float),
                                                          np.asarray(l, dtype=float)))
-        phi = np.column_stack([b_ * (l_ + s + 1.0),
+        phi = np.column_stack([plain[:, 0],
                                chunked_features(self.act_names, b_, l_, self.chunk_tokens)])
         prefill = self._linear(self.coef["slice_memory"], phi, which)
-        resumed = self._linear(self.coef["resume_memory"], self.features(kind, b, l, s), which)
+        resumed = self._linear(self.coef["resume_memory"], plain, which)
         mask = self.chunked if which is None else self.chunked[which]
         if which is None:
             mask = mask[:, None]
