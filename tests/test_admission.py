@@ -143,3 +143,59 @@ def test_a_kept_set_is_priced_at_its_width_now_not_a_slice_later() -> None:
     (Pricing the kept set S tokens wider, as for a set still running, would refuse it.)"""
     got = slices_of([(20, "a"), (20, "a"), (20, "")], [view("a", budget=75)], {"a"})
     assert got == {"a": (["0", "1"], ["2"])}
+
+
+def _reference_admit(lens: list[int], views: list[InstanceView], max_rows: int,
+                     ragged: bool) -> dict[str, list[int]]:
+    """The admission rule written plainly: every row prices every set with the model's
+    own ``mixed_memory``; no cached peaks, no scalar shortcuts."""
+    rows = [v.running_rows for v in views]
+    width = [float(v.running_width + S) if v.running_rows else 0.0 for v in views]
+    fresh, fresh_len = [0] * len(views), [0] * len(views)
+    used = [float(v.cost.mixed_memory(r, w, S, 0, 0)) if r else 0.0
+            for v, r, w in zip(views, rows, width, strict=True)]
+    out: dict[str, list[int]] = {}
+    for c, n in enumerate(lens):
+        keys = []
+        for k, v in enumerate(views):
+            wide = (width[k] * rows[k] + n) / (rows[k] + 1) if ragged else max(width[k], n)
+            after = float(v.cost.mixed_memory(rows[k] + 1, wide, S, fresh[k] + 1,
+                                              max(fresh_len[k], n)))
+            if rows[k] < max_rows and after <= v.memory_budget_bytes:
+                keys.append((rows[k] > 0, after - used[k], used[k] - v.memory_budget_bytes,
+                             k, after, wide))
+        if not keys:
+            break
+        *_, k, after, wide = min(keys)
+        rows[k], width[k], fresh[k] = rows[k] + 1, wide, fresh[k] + 1
+        fresh_len[k], used[k] = max(fresh_len[k], n), after
+        out.setdefault(views[k].id, []).append(c)
+    return out
+
+
+@pytest.mark.parametrize("layout", [PADDED, RAGGED])
+@pytest.mark.parametrize("seed", range(6))
+def test_admit_places_rows_as_the_plain_rule_does(layout: str, seed: int) -> None:
+    """The fast admission (per-set scalar memory, cached peaks for rows that widen
+    nothing) places every row where the plain rule does, on models with activations,
+    resume envelopes and chunked prefill, beside sets already running."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(seed)
+    model = CostModel(
+        slice_length=S, prefill_features=PREFILL_BASE, prefill_coef=(1.0, 0.0, 0.001, 0.0),
+        decode_coef=(0.1, 0.0, 0.0, 0.0), kv_bytes_per_token=64,
+        act_coef=(100.0, 3_000.0, 40.0, 0.01), mem_margin=1.05,
+        resume_act_coef=(100.0, 9_000.0, 0.0, 0.0), resume_margin=1.0,
+    )
+    models = [model, replace(model, prefill_chunk_tokens=256), replace(model, resume_act_coef=()),
+              BYTE]
+    views = [InstanceView(f"i{k}", models[k % len(models)] if seed % 2 else model,
+                          int(rng.integers(200_000, 2_000_000)), 4096,
+                          running_rows=(r := int(rng.integers(0, 6))),
+                          running_width=int(rng.integers(8, 300)) if r else 0)
+             for k in range(int(rng.integers(2, 9)))]
+    lens = [int(n) for n in rng.integers(4, 400, size=120)]
+    got = placed(admit(pool(lens), views, S, 24, layout))
+    assert got == _reference_admit(lens, views, 24, layout == RAGGED)
+    assert sum(len(r) for r in got.values()) > 10  # the case places rows somewhere

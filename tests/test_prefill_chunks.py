@@ -13,8 +13,8 @@ import pytest
 from services.worker.engine import SliceEngine, SliceInput
 from shared.core.records import RequestParams
 from shared.modeling.loading import LoadedModel
-from shared.policy.admission import _StackedMemory
-from shared.policy.costmodel import PREFILL_BASE, CostModel
+from shared.policy.admission import _SetMemory
+from shared.policy.costmodel import ACT_FEATURES, PREFILL_BASE, CostModel
 from shared.policy.prefill import chunk_groups, prefill_passes
 from tests.helpers import greedy_reference
 
@@ -67,15 +67,28 @@ def test_chunks_free_a_slice_budget_for_more_rows() -> None:
     assert float(bare.slice_memory(20, 256, 32)) == one_pass
 
 
-def test_admissions_stacked_memory_prices_chunks_like_the_model() -> None:
-    models = [replace(MODEL, prefill_chunk_tokens=1024),
-              replace(MODEL, prefill_chunk_tokens=1024, act_coef=(1.0, 1e5, 2e4, 90.0))]
-    stacked = _StackedMemory(models)
-    b, w = np.array([30.0, 12.0]), np.array([400.0, 900.0])
-    fresh, fresh_len = np.array([10.0, 3.0]), np.array([380.0, 900.0])
-    want = [float(m.mixed_memory(bi, wi, 16, fi, li)) for m, bi, wi, fi, li
-            in zip(models, b, w, fresh, fresh_len, strict=True)]
-    np.testing.assert_allclose(stacked(b, w, 16, fresh, fresh_len), want, rtol=1e-12)
+@pytest.mark.parametrize("model", [
+    replace(MODEL, prefill_chunk_tokens=1024),  # chunked, resume envelope
+    replace(MODEL, prefill_chunk_tokens=1024, act_coef=(1.0, 1e5, 2e4, 90.0)),
+    MODEL,  # one pass, resume envelope
+    replace(MODEL, prefill_chunk_tokens=1024, resume_act_coef=()),  # no envelope: plain
+    replace(MODEL, act_features=("1", "b", "l", "bl", "bll", "b2"),  # every feature form
+            act_coef=(5.0, 1e4, 300.0, 2e3, 7.0, 4e6), resume_act_coef=(1.0, 2e4, 0, 0, 0, 9.0),
+            prefill_chunk_tokens=512),
+])
+def test_admissions_scalar_memory_prices_like_the_model(model: CostModel) -> None:
+    """Admission prices one set at a time on Python floats (_SetMemory): it must agree
+    with CostModel.mixed_memory, chunks, envelopes and every feature form included."""
+    assert model.act_features == ACT_FEATURES or "b2" in model.act_features
+    scalar = _SetMemory(model, 16)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        b = int(rng.integers(1, 64))
+        fresh = int(rng.integers(0, b + 1))
+        width = float(rng.integers(1, 4000))
+        fresh_len = float(rng.integers(1, int(width) + 1)) if fresh else 0.0
+        want = float(model.mixed_memory(b, width, 16, fresh, fresh_len))
+        assert scalar(b, width, fresh, fresh_len) == pytest.approx(want, rel=1e-12)
 
 
 def test_chunked_prefill_gives_generates_greedy_tokens(tiny: LoadedModel) -> None:

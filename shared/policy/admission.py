@@ -26,13 +26,12 @@ activations included) with :meth:`SliceCost.mixed_memory`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
-from shared.policy.costmodel import CostModel, chunked_features, feature, feature_matrix
+from shared.policy.costmodel import CostModel, chunked_features
 from shared.policy.kvlayout import PADDED, RAGGED
 from shared.policy.planning import split_never_fit
 from shared.policy.types import Candidate, CandidatePool, InstanceView, SliceCost
@@ -95,130 +94,141 @@ def admit(
 
 
 class _Sets:
-    """The open instances' running sets as admission grows them (one column each)."""
+    """The open instances' running sets as admission grows them, one row at a time.
+
+    A cycle places hundreds of rows, one decision each, over a dozen or so sets: the cost
+    is Python's per-call overhead, not arithmetic, so the sets are plain lists and each
+    set's memory model is a scalar function (:class:`_SetMemory`). A row no longer than a
+    set's cache and its fresh rows (padded layout) adds the same memory whatever its
+    length: that peak is kept per set (``plain_after``) and only recomputed when the set
+    changes, so a row prices only the sets it would widen.
+    """
 
     def __init__(self, instances: Sequence[InstanceView], slice_length: int,
                  ragged: bool, grow: bool = True) -> None:
-        self.instances = list(instances)
-        self.s = slice_length
         self.ragged = ragged
-        self.rows = np.array([i.running_rows for i in instances], dtype=np.int64)
+        self.memory = [_SetMemory.of(i.cost, slice_length) for i in instances]
+        self.rows = [i.running_rows for i in instances]
         # a set still running is S tokens longer at its next slice
         growth = slice_length if grow else 0
-        self.width = np.array([i.running_width + growth if i.running_rows else 0
-                               for i in instances], dtype=np.float64)
-        self.fresh = np.zeros(len(instances), dtype=np.int64)
-        self.fresh_len = np.zeros(len(instances), dtype=np.int64)
-        self.budget = np.array([i.memory_budget_bytes for i in instances], dtype=np.float64)
-        self.stacked = _StackedMemory.of([i.cost for i in instances])
-        by_model: dict[int, list[int]] = {}
-        for k, inst in enumerate(instances):
-            by_model.setdefault(id(inst.cost), []).append(k)
-        self.groups = [(instances[cols[0]].cost, np.array(cols)) for cols in by_model.values()]
-        self.used = self._memory(self.rows, self.width, self.fresh, self.fresh_len)
+        self.width = [float(i.running_width + growth) if i.running_rows else 0.0
+                      for i in instances]
+        self.fresh = [0] * len(instances)
+        self.fresh_len = [0] * len(instances)
+        self.budget = [float(i.memory_budget_bytes) for i in instances]
+        self.used = [self.memory[k](r, self.width[k], 0, 0) if r else 0.0
+                     for k, r in enumerate(self.rows)]
+        self.plain_len = [-1.0] * len(instances)
+        self.plain_after = [0.0] * len(instances)
+        for k in range(len(instances)):
+            self._refresh(k)
 
-    def _memory(self, rows: np.ndarray, width: np.ndarray, fresh: np.ndarray,
-                fresh_len: np.ndarray) -> np.ndarray:
-        """Each set's next-slice peak (0 for an empty one): one vectorised evaluation per
-        distinct memory model (instances serving one model usually share it)."""
-        if self.stacked is not None:
-            return np.where(rows > 0, self.stacked(rows, width, self.s, fresh, fresh_len), 0.0)
-        out = np.zeros(len(rows))
-        for cost, cols in self.groups:
-            out[cols] = np.asarray(cost.mixed_memory(rows[cols], width[cols], self.s,
-                                                     fresh[cols], fresh_len[cols]), dtype=float)
-        return np.where(rows > 0, out, 0.0)
+    def _refresh(self, k: int) -> None:
+        """Set ``k``'s peak with one more row that widens nothing, and the longest such
+        row (-1: every row changes its peak: an empty set, or the ragged layout)."""
+        if self.ragged or not self.rows[k] or not self.fresh[k]:
+            self.plain_len[k] = -1.0
+            return
+        self.plain_len[k] = min(self.width[k], self.fresh_len[k])
+        self.plain_after[k] = self.memory[k](self.rows[k] + 1, self.width[k],
+                                             self.fresh[k] + 1, self.fresh_len[k])
 
     def best(self, length: int, max_rows: int) -> tuple[int, float]:
         """The set a row of ``length`` tokens joins (-1: it fits none) and that set's
-        next-slice peak with it."""
-        fresh_len = np.maximum(self.fresh_len, length)
-        after = self._memory(self.rows + 1, self._widened(self.width, self.rows, length),
-                             self.fresh + 1, fresh_len)
-        ok = (after <= self.budget) & (self.rows < max_rows)
-        if not ok.any():
-            return -1, 0.0
-        added = np.where(ok, after - self.used, np.inf)
-        occupied = np.where(ok, self.rows > 0, True)
-        k = int(np.lexsort((self.used - self.budget, added, occupied))[0])
-        return k, float(after[k])
+        next-slice peak with it: an empty set first, then the least added memory, then
+        the most free memory, then the first instance."""
+        chosen, chosen_after, chosen_empty, least_added, most_free = -1, 0.0, False, 0.0, 0.0
+        used, budget, width = self.used, self.budget, self.width
+        plain_len, plain_after = self.plain_len, self.plain_after
+        for k, rows in enumerate(self.rows):  # the hot loop: written out, no helpers
+            if rows >= max_rows:
+                continue
+            if length <= plain_len[k]:
+                after = plain_after[k]
+            else:
+                wide = self._widened(width[k], rows, length) if self.ragged else (
+                    width[k] if width[k] >= length else float(length))
+                fresh_len = self.fresh_len[k]
+                after = self.memory[k](rows + 1, wide, self.fresh[k] + 1,
+                                       fresh_len if fresh_len >= length else length)
+            if after > budget[k]:
+                continue
+            empty, added, free = rows == 0, after - used[k], budget[k] - used[k]
+            if chosen < 0 or (empty and not chosen_empty) or (
+                    empty == chosen_empty and (added < least_added or (
+                        added == least_added and free > most_free))):
+                chosen, chosen_after = k, after
+                chosen_empty, least_added, most_free = empty, added, free
+        return chosen, chosen_after
 
-    def _widened(self, width: Any, rows: Any, length: int) -> Any:
-        """A set's width once a row of ``length`` joins: the longest row (padded) or the
-        mean row (ragged)."""
+    def _widened(self, width: float, rows: int, length: int) -> float:
+        """A set's width once a row of ``length`` tokens joins: the longest row (padded) or
+        the mean row (ragged)."""
         if self.ragged:
             return (width * rows + length) / (rows + 1)
-        return np.maximum(width, length)
+        return max(width, float(length))
 
     def add(self, k: int, length: int, after: float) -> None:
         """A row of ``length`` tokens joins set ``k``, whose peak is then ``after``."""
+        self.width[k] = self._widened(self.width[k], self.rows[k], length)
         self.rows[k] += 1
         self.fresh[k] += 1
-        self.width[k] = self._widened(self.width[k], self.rows[k] - 1, length)
         self.fresh_len[k] = max(self.fresh_len[k], length)
         self.used[k] = after
+        self._refresh(k)
 
 
-class _StackedMemory:
-    """:meth:`CostModel.mixed_memory` of every instance in one vectorised evaluation
-    (instances profile themselves, so each has its own coefficients; evaluated model by
-    model, a cycle that admits hundreds of rows costs tens of milliseconds)."""
+class _SetMemory:
+    """One instance's :meth:`SliceCost.mixed_memory` at a slice of ``S`` steps, on Python
+    floats: admission prices one set at a time, where a numpy call costs more than the
+    arithmetic. Every activation feature is ``b^i * x^j`` with ``i <= 1``
+    (``CHUNKABLE`` in :mod:`shared.policy.costmodel`), so each envelope is one expression."""
 
-    def __init__(self, models: Sequence[CostModel]) -> None:
-        names = models[0].act_features
-        feature_matrix(names, 1, 1)  # unknown feature names fail here, not in the loop
-        self.margin = np.array([m.mem_margin for m in models])
-        self.resume_margin = np.array([m.resume_margin for m in models])
-        self.kv = np.array([float(m.kv_bytes_per_token) for m in models])
-        act = np.array([m.act_coef for m in models], dtype=float)
-        self.has_resume = np.array([bool(m.resume_act_coef) for m in models])
-        resume = np.array([m.resume_act_coef or m.act_coef for m in models], dtype=float)
-        # only the features some model uses (fits leave many coefficients at zero)
-        used = [j for j in range(len(names)) if act[:, j].any() or resume[:, j].any()]
-        self.terms = [(names[j], act[:, j], resume[:, j]) for j in used]
-        # chunked prefill (one chunk size for the stack: `of` checks it)
-        self.chunk_tokens = models[0].prefill_chunk_tokens
-        self.chunked = np.array([m.chunks_prefill for m in models], dtype=bool)
-        self.used_names = [names[j] for j in used]
-        self.used_act = act[:, used]
+    def __init__(self, model: CostModel, slice_length: int) -> None:
+        chunked_features(model.act_features, 1, 1, 1)  # refuses features it cannot bound
+        self.s1 = slice_length + 1.0
+        self.kv = float(model.kv_bytes_per_token)
+        self.margin, self.resume_margin = float(model.mem_margin), float(model.resume_margin)
+        self.act = _coefficients(model.act_features, model.act_coef)
+        self.resume = _coefficients(model.act_features, model.resume_act_coef) if (
+            model.resume_act_coef) else None
+        self.chunk = float(model.prefill_chunk_tokens) if model.chunks_prefill else 0.0
 
-    def _act(self, b: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Activation bytes of ``(b, x)`` per instance: prefill envelope, resume envelope."""
-        plain, resumed = np.zeros(len(self.kv)), np.zeros(len(self.kv))
-        b, x = np.asarray(b, dtype=float), np.asarray(x, dtype=float)
-        for name, coef, rcoef in self.terms:
-            value = feature(name, b, x)
-            plain += coef * value
-            resumed += rcoef * value
-        return plain, resumed
+    @staticmethod
+    def of(cost: SliceCost, slice_length: int) -> Callable[[int, float, int, float], float]:
+        """The scalar evaluation of ``cost``: this class for a :class:`CostModel`, the
+        model's own ``mixed_memory`` otherwise."""
+        if isinstance(cost, CostModel):
+            return _SetMemory(cost, slice_length)
+        return lambda b, w, f, fl: float(cost.mixed_memory(b, w, slice_length, f, fl))
 
-    @classmethod
-    def of(cls, costs: Sequence[SliceCost]) -> _StackedMemory | None:
-        """The stack, or None when some model is not a :class:`CostModel` or the models'
-        activation features differ (then each model is evaluated on its own)."""
-        if not costs or not all(isinstance(c, CostModel) for c in costs):
-            return None
-        models = [c for c in costs if isinstance(c, CostModel)]
-        if len({m.act_features for m in models}) != 1 or len(
-                {m.prefill_chunk_tokens for m in models}) != 1:
-            return None
-        return cls(models)
+    def __call__(self, b: int, w: float, fresh: int, fresh_len: float) -> float:
+        cache = self.kv * b * (w + self.s1)
+        if self.resume is None:
+            return self.margin * (cache + _poly(self.act, b, w, b * w))
+        tokens = fresh * fresh_len
+        if self.chunk:  # the chunks' bound (chunked_features)
+            tokens = min(tokens, max(self.chunk, fresh_len))
+        prefill = self.margin * (cache + _poly(self.act, fresh, fresh_len, tokens))
+        return max(prefill, self.resume_margin * (cache + _poly(self.resume, b, w, b * w)))
 
-    def __call__(self, b: np.ndarray, w: np.ndarray, s: int, fresh: np.ndarray,
-                 fresh_len: np.ndarray) -> np.ndarray:
-        cache = self.kv * b * (w + s + 1.0)
-        if self.chunked.any():  # the chunks' bound (CostModel.prefill_activation)
-            phi = chunked_features(self.used_names, fresh, fresh_len, self.chunk_tokens)
-            prefill_act = np.einsum("ij,ij->i", self.used_act, np.atleast_2d(phi))
-            if not self.chunked.all():
-                prefill_act = np.where(self.chunked, prefill_act, self._act(fresh, fresh_len)[0])
-        else:
-            prefill_act, _ = self._act(fresh, fresh_len)
-        whole_act, resume_act = self._act(b, w)
-        plain = self.margin * (cache + whole_act)
-        mixed = self.margin * (cache + prefill_act)
-        resumed = self.resume_margin * (cache + resume_act)
-        return np.where(self.has_resume, np.maximum(mixed, resumed), plain)
+
+_Poly = tuple[float, float, float, float, float, float]
+
+
+def _coefficients(names: Sequence[str], coef: Sequence[float]) -> _Poly:
+    """An envelope's coefficients of ``1, b, l, b*l, b*l*l, [b >= 2]`` (``c`` for ``l``)."""
+    by_name = {"c": "l", "bc": "bl"}
+    out = dict.fromkeys(("1", "b", "l", "bl", "bll", "b2"), 0.0)
+    for name, c in zip(names, coef, strict=True):
+        out[by_name.get(name, name)] += float(c)
+    return out["1"], out["b"], out["l"], out["bl"], out["bll"], out["b2"]
+
+
+def _poly(c: _Poly, b: float, x: float, bx: float) -> float:
+    """An envelope at ``(b, x)`` with ``b * x`` given as ``bx`` (a chunked prefill bounds
+    it by a chunk's tokens)."""
+    return c[0] + c[1] * b + c[2] * x + bx * (c[3] + c[4] * x) + (c[5] if b >= 2 else 0.0)
 
 
 def admission_cycle(
@@ -273,21 +283,24 @@ def continuation_cycle(
     is committing or queued): moving it would re-prefill what is kept.
     """
     runnable, never = split_never_fit(CandidatePool.of(candidates), instances, slice_length)
-    home = np.array([c.kv_instance for c in runnable.candidates], dtype=object)
+    homes: dict[str, list[int]] = {}
+    for pos, c in enumerate(runnable.candidates):
+        if c.kv_instance:
+            homes.setdefault(c.kv_instance, []).append(pos)
     open_views = [v for v in instances if v.id in open_ids]
     kept: dict[str, np.ndarray] = {}
     preempted: list[np.ndarray] = []
     views = []
     for view in open_views:
-        mine = np.flatnonzero(home == view.id)
+        mine = np.array(homes.get(view.id, ()), dtype=np.int64)
         mine = mine[np.argsort(runnable.arrivals[mine], kind="stable")]
         k = _resumable(runnable.lens[mine], view, slice_length, max_rows)
         kept[view.id] = mine[:k]
         preempted.append(mine[k:])
         width = int(runnable.lens[mine[:k]].max()) if k else 0
         views.append(replace(view, running_rows=k, running_width=width))
-    waiting = np.array([bool(h) for h in home], dtype=bool)  # kept somewhere
-    fresh_pos = np.flatnonzero(~waiting)
+    fresh_pos = np.array([pos for pos, c in enumerate(runnable.candidates)
+                          if not c.kv_instance], dtype=np.int64)  # kept nowhere
     if preempted:
         fresh_pos = np.sort(np.concatenate([fresh_pos, *preempted]))
     admitted = {a.instance_id: fresh_pos[a.rows] for a in admit(
