@@ -95,7 +95,9 @@ class Settings(BaseSettings):
         "its unfinished rows continue into the next slice together with the rows queued "
         "for it, within its whole memory budget; the real scheduler gives each instance "
         "with nothing queued one slice of the rows its KV pool keeps plus the oldest fresh "
-        "rows that fit (max_running, not max_batch_size, bounds it)",
+        "rows that fit (max_running, not max_batch_size, bounds it). The instance then has "
+        "one KV memory: its pool keeps only the running set, and slices use the whole "
+        "budget (kv_pool_bytes and kv_pool_share do not apply)",
     )
     max_running: int = Field(
         256, ge=1, description="running_set: most rows in one instance's running set; "
@@ -194,6 +196,25 @@ class Settings(BaseSettings):
         "auto", description="auto = console on a terminal, JSON otherwise"
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    def kv_memory_split(self, memory_budget_bytes: int, layers: int) -> tuple[int, int]:
+        """``(batch budget, KV pool capacity)`` of an instance's ``memory_budget_bytes``
+        for a slice worker of a model with ``layers`` layers.
+
+        With running sets the instance has **one KV memory**: the pool only keeps the
+        running set between its slices (the worker drops what a slice does not continue)
+        and a slice moves its rows in and out of the pool layer by layer, so the batch
+        budget is the whole budget but for ``2 / (layers + 2)`` of it: a row is held twice
+        for at most one layer moving in, and two while rows move out of a shrinking batch
+        (docs/design.md, memory model). Otherwise the pool is its own share of the budget
+        beside the batches (:meth:`kv_pool_capacity`)."""
+        if not self.kv_retention:
+            return memory_budget_bytes, 0
+        if self.running_set:
+            batch = memory_budget_bytes * layers // (layers + 2)
+            return batch, batch
+        pool = self.kv_pool_capacity(memory_budget_bytes)
+        return memory_budget_bytes - pool, pool
 
     def kv_pool_capacity(self, memory_budget_bytes: int) -> int:
         """Bytes of an instance's ``memory_budget_bytes`` kept for retained K/V (0 with

@@ -14,6 +14,7 @@ import itertools
 
 import pytest
 import torch
+from transformers import StaticCache
 
 from services.worker.engine import SliceEngine, SliceInput, SliceStats
 from services.worker.kv_pool import KvEntry, KvPool
@@ -242,6 +243,53 @@ def test_rows_ending_mid_slice_leave_nothing(tiny: LoadedModel, prompts: list[li
     assert "short" in driver.finished and "short" not in pool and "long" in pool
     entry = pool._entries["long"]
     assert entry.length == len(prompts[1]) + 4 - 1  # context before the unfed last token
+
+
+def _cache_layers(cache: StaticCache) -> list[bool]:
+    """Whether each layer of ``cache`` holds tensors."""
+    return [bool(getattr(layer, "is_initialized", False)) and layer.keys.numel() > 0
+            for layer in cache.layers]
+
+
+def test_rows_move_in_and_out_one_layer_at_a_time(
+    tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """A resumed row's K/V moves into the batch cache layer by layer and each entry layer
+    is dropped once copied; at the end unfinished rows move back to the pool layer by
+    layer, each cache layer released once copied: a row is held twice for at most one
+    layer (the bound the one-memory budget reserves, docs/design.md)."""
+    pool = KvPool(BIG)
+    engine = SliceEngine(tiny, pool=pool)
+    driver = Driver(engine)
+    for i, p in enumerate(prompts):
+        driver.add(str(i), p, RequestParams(max_tokens=12))
+    driver.step(3)
+    entries = {rid: pool._entries[rid] for rid in list(pool._entries)}
+    assert len(entries) == len(prompts)
+    layers = len(tiny.model.model.layers)
+    seen: list[tuple[int, list[bool], int]] = []
+
+    def on_layer(i: int, cache: StaticCache) -> None:
+        held_in_entries = sum(t.nbytes for e in entries.values()
+                              for t in e.keys + e.values if t is not None)
+        seen.append((i, _cache_layers(cache), held_in_entries))
+
+    engine.on_layer = on_layer
+    driver.step(3)
+    moving_in, moving_out = seen[:layers], seen[layers:]
+    assert [i for i, *_ in moving_in] == list(range(layers))
+    total = sum(e.nbytes for e in entries.values())
+    for i, cache, held in moving_in:
+        assert cache == [k <= i for k in range(layers)]
+        assert held == total * (layers - 1 - i) // layers  # layer i of every entry is gone
+    # the last batch leaves one layer at a time (a shrink before it would come first)
+    assert [i for i, *_ in moving_out[-layers:]] == list(range(layers))
+    for i, cache, _ in moving_out[-layers:]:
+        assert cache == [k > i for k in range(layers)]
+    assert set(pool._entries) == set(entries)  # every row came back, longer
+    assert all(pool._entries[r].length == entries[r].length + 3 for r in entries)
+    engine.on_layer = None
+    assert driver.run(3) == _greedy(tiny, prompts, 12)
 
 
 # ------------------------------------------------------------------------------------------

@@ -230,6 +230,45 @@ def test_drain_hands_queued_batches_back_without_a_retry(
     assert store.live_instances() == []
 
 
+def test_one_kv_memory_drops_what_a_slice_does_not_continue(
+    settings: Settings, tiny: LoadedModel, store: Store
+) -> None:
+    """Running sets give the instance one KV memory (docs/design.md §2): its slices may
+    use the whole budget, so the pool keeps only the running set. A kept request that the
+    next slice does not continue is dropped before the slice runs and its location is
+    forgotten in Redis (it re-prefills wherever it goes next); outputs stay generate's."""
+    codec = load_codec("tiny-random", Path("unused"))
+    s = settings.model_copy(update={"running_set": True})
+    sched, (worker,) = make_cluster(s, tiny)
+    runtime = worker.runtime
+    layers = tiny.model.config.num_hidden_layers
+    assert runtime.one_kv_memory and runtime.pool is not None
+    assert runtime.pool.capacity_bytes == runtime.memory_budget_bytes
+    split = create_worker(settings, instance_id="w-split", loaded=tiny).runtime
+    assert split.pool is not None and not split.one_kv_memory
+    whole = split.memory_budget_bytes + split.pool.capacity_bytes  # the instance's budget
+    assert runtime.memory_budget_bytes == whole * layers // (layers + 2)  # was whole / 2
+    prompts = ["Kept and continued.", "Kept, then preempted by its scheduler."]
+    kept, preempted = (submit(store, codec.encode(p), max_tokens=10, ignore_eos=True)
+                       for p in prompts)
+    sched.cycle()
+    worker.serve(burst=True)
+    assert set(runtime.pool.request_ids()) == {kept, preempted}
+    assert store.get_request(preempted).kv_instance == "w0"
+    batch_id = "b-only-one"
+    store.claim_batch(batch_id, "w0", [kept], s.slice_length, now() + 60,
+                      extra={"drop_finished": 1})
+    assert runtime.run_batch(batch_id)["status"] == "committed"
+    assert runtime.pool.request_ids() == [kept]  # resumed, stored again; the other gone
+    assert store.get_request(preempted).kv_instance == ""
+    drive(store, sched, [worker], [kept, preempted])
+    for prompt, rid in zip(prompts, (kept, preempted), strict=True):
+        assert store.get_request(rid).generated_ids == greedy_reference(
+            tiny, codec.encode(prompt), 10)
+    stats = store.stats()
+    assert stats["kv_hits"] > 0 and stats["recomputed_tokens"] > 0  # the preempted one
+
+
 def test_running_sets_continue_kept_rows_with_fresh_ones_and_keep_greedy_output(
     settings: Settings, tiny: LoadedModel, store: Store
 ) -> None:

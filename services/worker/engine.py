@@ -3,8 +3,9 @@
 A slice batch is one left-padded ``StaticCache``. Each row enters it one of two ways:
 
 * **resumed**: the instance's KV pool (:mod:`services.worker.kv_pool`) holds the row's
-  K/V from its previous slice, for exactly its context but the last token. It is copied
-  in and the row feeds only that last token: no prefill.
+  K/V from its previous slice, for exactly its context but the last token. It is moved
+  in (layer by layer, each layer let go once copied) and the row feeds only that last
+  token: no prefill.
 * **prefilled**: everything else (a new request, or one whose cache was evicted, lives on
   another instance or is stale). Prefilled rows are grouped into passes of similar length
   (:func:`shared.policy.prefill.prefill_groups`), so padding is computed only where a
@@ -13,7 +14,8 @@ A slice batch is one left-padded ``StaticCache``. Each row enters it one of two 
 Then up to ``slice_len`` decode steps run with an explicit attention mask (zeros over the
 padding) and explicit position ids (each row's true length + step): omitting either gives
 wrong logits for left-padded rows. Finished rows leave the batch at once. Every unfinished
-row's K/V goes back to the pool at exact length, for its next slice. Without a pool
+row's K/V moves back to the pool at exact length (layer by layer again, the cache's layer
+released after each), for its next slice. Without a pool
 (retention off) every slice re-prefills every row's whole context.
 """
 
@@ -162,6 +164,8 @@ class SliceEngine:
         self.pass_tokens = pass_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._on_tokens: TokenSink | None = None  # the running slice's (run_slice sets it)
+        # Called after each cache layer moves in or out (tests measure what is held then).
+        self.on_layer: kv_cache.LayerHook | None = None
         config = self.model.config.get_text_config(decoder=True)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None)
                           or config.num_attention_heads)
@@ -258,7 +262,7 @@ class SliceEngine:
             [r.spec.context[-1] if r.entry is not None else r.new_ids[-1] if r.new_ids else 0
              for r in batch.rows], dtype=torch.long, device=self.device)
         for row in resumed:
-            row.entry = None  # copied into the batch: let the pool's tensors go
+            row.entry = None  # moved into the batch (its layers are already gone)
         invalid, decode_rows = 0, []
         while any(not r.done for r in batch.rows):
             batch, pending = self._shrink(batch, pending)
@@ -267,7 +271,7 @@ class SliceEngine:
             logits = self._decode(batch, pending)
             pending = self._select(batch.rows, logits)
             self._accept(batch.rows, pending, logits)
-        evicted = self._retain(batch, batch.rows)
+        evicted = self._retain(batch, batch.rows, keep=None)  # the cache is done
         self._sync()
         contexts = [len(r.spec.context) for r in live]
         return SliceStats(
@@ -320,8 +324,16 @@ class SliceEngine:
         if not kv_cache.supports_assembly(cache):
             raise RuntimeError("this model's cache layers cannot be assembled by hand: run "
                                "it with SCLS_KV_RETENTION=false")
-        kv_cache.allocate(cache, len(rows), self.kv_heads, self.head_dim, self.dtype,
-                          self.device, width)
+        first = sum(len(p) for p in passes)
+        # The resumed rows move in before any prefill pass: no activation is allocated
+        # while a layer is held twice.
+        incoming = []
+        for i in range(first, len(rows)):
+            entry = rows[i].entry
+            assert entry is not None
+            incoming.append((i, entry.keys, entry.values))
+        kv_cache.allocate_with_rows(cache, len(rows), self.kv_heads, self.head_dim,
+                                    self.dtype, self.device, width, incoming, self.on_layer)
         shapes, first = [], 0
         for pass_rows in passes:
             padded = max(r.cached for r in pass_rows)
@@ -330,10 +342,6 @@ class SliceEngine:
             self._prefill(pass_rows, padded, window)
             shapes.append((len(pass_rows), padded))
             first += len(pass_rows)
-        for i in range(first, len(rows)):
-            entry = rows[i].entry
-            assert entry is not None
-            kv_cache.write_row(cache, i, entry.keys, entry.values, width)
         return batch, shapes
 
     def _prefill(self, rows: list[_Row], width: int, cache: StaticCache) -> int:
@@ -443,37 +451,47 @@ class SliceEngine:
 
     def _shrink(self, batch: _Batch, tokens: torch.Tensor) -> tuple[_Batch, torch.Tensor]:
         """Drop done rows from the batch (cache, mask, positions, tokens) if configured to;
-        the unfinished ones among them leave their K/V in the pool first."""
+        the unfinished ones among them move their K/V to the pool on the way out."""
         keep = [i for i, r in enumerate(batch.rows) if not r.done]
         if not self.drop_finished_rows or len(keep) == len(batch.rows):
             return batch, tokens
-        self._retain(batch, [r for r in batch.rows if r.done])
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        kv_cache.select_rows(batch.cache, index)
+        self._retain(batch, [r for r in batch.rows if r.done], keep=index)
         batch.rows = [batch.rows[i] for i in keep]
         batch.mask = batch.mask.index_select(0, index)
         batch.positions = batch.positions.index_select(0, index)
         return batch, tokens.index_select(0, index)
 
-    def _retain(self, batch: _Batch, rows: list[_Row]) -> list[str]:
-        """Store the K/V of the unfinished ones of ``rows`` in the pool; returns the ids
-        evicted to make room."""
-        if self.pool is None:
+    def _retain(self, batch: _Batch, rows: list[_Row], keep: torch.Tensor | None) -> list[str]:
+        """Move the K/V of the unfinished ones of ``rows`` into the pool, and reduce the
+        batch cache to its rows ``keep`` (None: release it); returns the ids evicted from
+        the pool to make room. Room is made before anything is copied, so the pool never
+        holds more than its capacity, and the move goes layer by layer
+        (:func:`kv_cache.move_out`)."""
+        taken: list[tuple[_Row, list[int]]] = []
+        if self.pool is not None:
+            reserved = 0
+            for row in rows:
+                if row.finish is not None or row.retained or not row.new_ids:
+                    continue
+                tokens = row.spec.context + row.new_ids[:-1]  # the last drawn token is unfed
+                need = len(tokens) * self.loaded.info.kv_bytes_per_token
+                if reserved + need > self.pool.capacity_bytes:
+                    self.pool.counters.rejected += 1
+                    continue  # no room even with the pool emptied: it will re-prefill
+                reserved += need
+                taken.append((row, tokens))
+        if not taken and keep is None:
             return []
-        evicted: list[str] = []
-        for row in rows:
-            if row.finish is not None or row.retained or not row.new_ids:
-                continue
-            i = batch.rows.index(row)
+        evicted = (self.pool.make_room(reserved) or []) if taken and self.pool else []
+        spans = []
+        for row, tokens in taken:
             start, end = batch.width - row.cached, batch.width + batch.fed
-            tokens = row.spec.context + row.new_ids[:-1]  # the last drawn token is unfed
             assert end - start == len(tokens), "cache columns and tokens disagree"
-            # Evict before copying, so the pool never holds more than its capacity.
-            room = self.pool.make_room(len(tokens) * self.loaded.info.kv_bytes_per_token)
-            if room is None:
-                continue  # larger than the whole pool: it will re-prefill
-            evicted += room
-            keys, values = kv_cache.read_row(batch.cache, i, start, end)
+            spans.append((batch.rows.index(row), start, end))
+        moved = kv_cache.move_out(batch.cache, spans, keep, self.on_layer)
+        for (row, tokens), (keys, values) in zip(taken, moved, strict=True):
+            assert self.pool is not None
             evicted += self.pool.put(row.spec.request_id,
                                      KvEntry(keys, values, tokens, row.spec.fence))
             row.retained = True  # if it is still there at the end (run_slice checks)

@@ -6,6 +6,12 @@ context of the batch and ``steps`` the decode steps fed so far (every row in the
 fed at every step). Rows come from a prefill (computed here) or from the KV pool (computed
 by an earlier slice); rows leave as exact-length copies for the pool.
 
+Rows move in and out **layer by layer**: a layer of the batch cache is allocated (or
+released) right after the rows' tensors of that layer are copied, and the copied layer
+of each row is let go at once. A row's K/V is then held twice for at most one layer's
+worth, which is what lets retained rows and the running slice share one memory budget
+(docs/design.md, memory model).
+
 Measured on transformers 5.23: a ``StaticLayer`` writes each update at its
 ``cumulative_length`` (shared by all rows), so a cache assembled by hand must set that to
 ``width``; attention masks and position ids then come from the caller, per row.
@@ -13,6 +19,7 @@ Measured on transformers 5.23: a ``StaticLayer`` writes each update at its
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,11 +44,71 @@ def allocate(
         layer.cumulative_length.fill_(width)
 
 
-def write_row(
-    cache: StaticCache, row: int, keys: torch.Tensor, values: torch.Tensor, width: int
+#: Called after each layer is moved, with the layer's index and the cache (tests check
+#: what is held at that moment).
+LayerHook = Callable[[int, StaticCache], None]
+
+
+def allocate_with_rows(
+    cache: StaticCache, rows: int, heads: int, head_dim: int, dtype: torch.dtype,
+    device: torch.device, width: int,
+    incoming: Sequence[tuple[int, list[torch.Tensor | None], list[torch.Tensor | None]]],
+    on_layer: LayerHook | None = None,
 ) -> None:
-    """Put one request's ``[layers, heads, n, dim]`` K/V right-aligned at column ``width``."""
-    n = keys.shape[2]
+    """Allocate every layer for ``rows`` (``width`` columns filled) and write each
+    ``(row, keys, values)`` of ``incoming`` right-aligned at column ``width``, one layer at
+    a time: a layer is allocated, every incoming row's tensors of that layer are copied in
+    and then dropped from the given per-layer lists (set to None), so the memory of a row
+    moves into the cache instead of being held twice."""
+    probe = torch.empty((rows, heads, 1, head_dim), dtype=dtype, device=device)
+    for i, layer in enumerate(cache.layers):
+        layer.lazy_initialization(probe, probe)
+        layer.cumulative_length.fill_(width)
+        for row, keys, values in incoming:
+            k, v = keys[i], values[i]
+            assert k is not None and v is not None, "a layer was moved twice"
+            n = k.shape[1]
+            layer.keys[row, :, width - n:width] = k
+            layer.values[row, :, width - n:width] = v
+            keys[i] = values[i] = None
+        if on_layer is not None:
+            on_layer(i, cache)
+
+
+def move_out(
+    cache: StaticCache, rows: Sequence[tuple[int, int, int]], keep: torch.Tensor | None,
+    on_layer: LayerHook | None = None,
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Exact-length copies of each ``(row, start, end)`` of ``rows``, per layer, and then
+    each layer reduced to the batch rows ``keep`` (None: the layer is released, the cache
+    is done), one layer at a time, so at most one layer is held twice. Returns one
+    ``(keys, values)`` list pair per row, in order."""
+    out: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in rows]
+    for i, layer in enumerate(cache.layers):
+        if not getattr(layer, "is_initialized", False):
+            continue  # never filled (a cache no step used): nothing to move or release
+        for (row, start, end), (keys, values) in zip(rows, out, strict=True):
+            keys.append(layer.keys[row, :, start:end].clone())
+            values.append(layer.values[row, :, start:end].clone())
+        if keep is None:
+            layer.keys = layer.values = torch.empty(0, dtype=layer.keys.dtype,
+                                                    device=layer.keys.device)
+        else:
+            layer.keys = layer.keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
+            layer.batch_size = int(keep.numel())
+        if on_layer is not None:
+            on_layer(i, cache)
+    return out
+
+
+def write_row(
+    cache: StaticCache, row: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+    width: int,
+) -> None:
+    """Put one request's K/V (per layer ``[heads, n, dim]``, or one stacked tensor)
+    right-aligned at column ``width``."""
+    n = keys[0].shape[1]
     for i, layer in enumerate(cache.layers):
         layer.keys[row, :, width - n:width] = keys[i]
         layer.values[row, :, width - n:width] = values[i]

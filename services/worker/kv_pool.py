@@ -27,29 +27,31 @@ import torch
 
 @dataclass
 class KvEntry:
-    """One request's retained cache."""
+    """One request's retained cache, one tensor per layer: a slice copies rows in and out
+    of its batch cache layer by layer and lets each layer's tensors go once copied, so a
+    row is never held twice for more than one layer (:mod:`services.worker.kv_cache`)."""
 
-    keys: torch.Tensor  # [layers, kv_heads, length, head_dim]
-    values: torch.Tensor  # same shape
+    keys: list[torch.Tensor]  # per layer [kv_heads, length, head_dim] (a stacked tensor
+    values: list[torch.Tensor]  # [layers, ...] is accepted and split into its layers)
     tokens: list[int]  # the ``length`` token ids the cache was computed from, in order
     fence: int  # fence of the slice that wrote it (recorded in Redis at its commit)
+    nbytes: int = field(init=False)  # bytes the entry's tensors hold
 
     def __post_init__(self) -> None:
-        if self.keys.shape != self.values.shape or self.keys.shape[2] != len(self.tokens):
+        self.keys, self.values = list(self.keys), list(self.values)
+        shapes = {tuple(t.shape) for t in self.keys + self.values}
+        if len(self.keys) != len(self.values) or len(shapes) != 1 or any(
+                len(shape) != 3 or shape[1] != len(self.tokens) for shape in shapes):
             raise ValueError(
-                f"KV entry shapes {tuple(self.keys.shape)}/{tuple(self.values.shape)} do not "
-                f"hold {len(self.tokens)} tokens"
+                f"KV entry shapes {sorted(shapes)} over {len(self.keys)}/{len(self.values)} "
+                f"layers do not hold {len(self.tokens)} tokens"
             )
+        self.nbytes = sum(t.nbytes for t in self.keys + self.values)
 
     @property
     def length(self) -> int:
         """Tokens cached."""
         return len(self.tokens)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the entry's tensors hold."""
-        return self.keys.nbytes + self.values.nbytes
 
 
 @dataclass
@@ -88,6 +90,10 @@ class KvPool:
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._entries
+
+    def request_ids(self) -> list[str]:
+        """The requests whose K/V the pool holds, least recently stored first."""
+        return list(self._entries)
 
     def take(self, request_id: str, fence: int | None, tokens: Sequence[int]) -> KvEntry | None:
         """Remove and return the request's entry if it is valid for ``tokens``.

@@ -89,6 +89,9 @@ class WorkerRuntime:
         self.cost = cost
         self.memory_budget_bytes = memory_budget_bytes
         self.pool = KvPool(kv_pool_bytes) if kv_pool_bytes > 0 else None
+        # One KV memory (running sets): between slices the pool holds only the running
+        # set, and what a slice does not continue is dropped before it runs.
+        self.one_kv_memory = settings.running_set and self.pool is not None
         pass_tokens = pass_tokens_of(cost.prefill_features, cost.prefill_coef)
         # SCLS drops finished rows at once and keeps unfinished rows' K/V; SLS batches
         # (drop_finished=0) run whole generations, keep computing finished rows as static
@@ -212,6 +215,7 @@ class WorkerRuntime:
         if not records:
             return {"status": "empty"}
         records, handed_back = self._shed_misses(records, batch)
+        self._drop_discontinued_kv(records)
         rows = [to_slice_input(rec, batch.fences[rec.id], self._kv_fence(rec))
                 for rec in records]
         started = time.perf_counter()
@@ -297,6 +301,20 @@ class WorkerRuntime:
         if self.pool is None or rec.kv_instance != self.instance_id or rec.kv_boot != self.boot:
             return None
         return rec.kv_fence
+
+    def _drop_discontinued_kv(self, records: list[RequestRecord]) -> None:
+        """With one KV memory, drop the pool's entries of requests this slice does not
+        run: the scheduler priced the slice against the whole batch budget, so nothing
+        else may stay beside it (those requests were preempted: they re-prefill wherever
+        they go next). Their locations are forgotten in Redis first, so no later plan
+        counts on them."""
+        if not self.one_kv_memory or self.pool is None:
+            return
+        running = {rec.id for rec in records}
+        gone = [rid for rid in self.pool.request_ids() if rid not in running]
+        if gone:
+            self.store.forget_kv(self.instance_id, gone)
+            self.pool.discard_all(gone)
 
     def _drop_released_kv(self) -> None:
         """Drop the K/V of requests that ended or moved since the last slice."""

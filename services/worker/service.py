@@ -476,11 +476,14 @@ def create_worker(
     if is_continuous(settings.policy):
         runtime: WorkerRuntime = IlsRuntime(settings, store, loaded, iid, cost, budget)
     else:
-        # The KV pool comes out of the instance's budget: batches get the rest, so the
-        # memory model still bounds everything the instance holds (docs/design.md §2).
-        pool = settings.kv_pool_capacity(budget) if retains_kv(
-            settings.policy, settings.batching) else 0
-        runtime = WorkerRuntime(settings, store, loaded, iid, cost, budget - pool, pool)
+        # The KV pool comes out of the instance's budget, or shares it with the running
+        # set's slices: either way the memory model bounds everything the instance holds
+        # (docs/design.md §2).
+        batch_budget, pool = budget, 0
+        if retains_kv(settings.policy, settings.batching):
+            config = loaded.model.config.get_text_config(decoder=True)
+            batch_budget, pool = settings.kv_memory_split(budget, config.num_hidden_layers)
+        runtime = WorkerRuntime(settings, store, loaded, iid, cost, batch_budget, pool)
     # RQ's own connection, bounded to a poll plus 1 s (redis-py's default is 5 s; RQ only
     # ever raises a connection's timeout to SliceWorker.connection_timeout).
     rq_connection = bound_timeouts(open_rq_connection(url), RQ_POLL_S + 1)

@@ -277,7 +277,7 @@ class InstanceInfo:
     profile: str  # the instance's CostModel as JSON (shared.policy.costmodel)
     mode: str = "slice"  # slice, or the ILS preset it runs (ils, ils-vllm, ils-hf)
     state: str = "ready"  # ready | draining
-    kv_pool_bytes: int = 0  # capacity of its KV pool (outside memory_budget_bytes)
+    kv_pool_bytes: int = 0  # its KV pool: beside memory_budget_bytes, or (running sets) sharing it
     kv_pool_used_bytes: int = 0  # held by retained K/V at the last heartbeat
 
     @property
