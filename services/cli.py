@@ -185,6 +185,7 @@ def _register_tools() -> None:
     from services.simulator.command import simulate_command
     from services.simulator.fidelity import fidelity_command
     from services.status import status_command
+    from services.worker.grammar_bench import grammar_bench_command
     from services.worker.kv_memory_cmd import kv_memory_command
     from services.worker.profile_cmd import profile_command
     from services.worker.stream_bench_cmd import stream_overhead_command
@@ -198,6 +199,7 @@ def _register_tools() -> None:
     app.command("kv-memory")(kv_memory_command)
     app.command("chaos")(chaos_command)
     app.command("stream-overhead")(stream_overhead_command)
+    app.command("grammar-bench")(grammar_bench_command)
 
 
 _register_tools()
