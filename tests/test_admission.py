@@ -3,10 +3,12 @@ layout (shared.policy.kvlayout): table-driven, no model, no Redis."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from shared.policy.admission import admissible, admit, continuation_cycle
+from shared.policy.admission import admissible, admit, continuation_cycle, fair_share
 from shared.policy.costmodel import PREFILL_BASE, CostModel
 from shared.policy.kvlayout import PADDED, RAGGED, cache_width
 from shared.policy.types import Candidate, CandidatePool, InstanceView
@@ -130,12 +132,40 @@ def slices_of(spec: list[tuple[int, str]], views: list[InstanceView], open_ids: 
      {"a": (["0", "1"], [])}),
     # nothing open: nothing dispatched
     ([(10, "")], [view("a")], set(), 256, {}),
+    # a burst while a is busy with 2 rows: b fills to the fleet's fair share, 8 rows / 2
+    # instances = 4, and leaves the rest for a (its set would otherwise take all 6)
+    ([(10, "")] * 6, [replace(view("a"), queued_requests=2), view("b")], {"b"}, 256,
+     {"b": ([], ["0", "1", "2", "3"])}),
+    # kept rows count in the share: a keeps 3, b is empty, 3 fresh -> 6 / 2 = 3 each
+    ([(10, "a"), (10, "a"), (10, "a"), (10, ""), (10, ""), (10, "")],
+     [view("a"), view("b")], {"a", "b"}, 256,
+     {"a": (["0", "1", "2"], []), "b": ([], ["3", "4", "5"])}),
 ])
 def test_continuation_cycle_continues_kept_rows_and_admits_fresh_ones(
     spec: list[tuple[int, str]], views: list[InstanceView], open_ids: set[str],
     max_rows: int, expected: dict[str, tuple[list[str], list[str]]],
 ) -> None:
     assert slices_of(spec, views, open_ids, max_rows) == expected
+
+
+@pytest.mark.parametrize(("views", "open_rows", "fresh", "share"), [
+    ([view("a"), view("b")], {"a": 0, "b": 0}, 0, 1),  # never below one row
+    ([view("a"), view("b")], {"a": 0, "b": 0}, 9, 5),  # rounded up: nobody is left out
+    ([view("a", rows=7), view("b")], {"b": 0}, 1, 4),  # a busy set counts its rows
+    ([replace(view("a"), queued_requests=5), view("b")], {"b": 2}, 3, 5),  # and in flight
+    ([view("a", rows=9)], {"a": 3}, 0, 3),  # an open set counts what it keeps
+])
+def test_fair_share(views: list[InstanceView], open_rows: dict[str, int], fresh: int,
+                    share: int) -> None:
+    assert fair_share(views, open_rows, fresh) == share
+
+
+def test_the_share_does_not_bind_a_deep_queue() -> None:
+    """Memory fills the sets long before a deep queue's share does: 4 rows of 20 + S + 1
+    = 25 bytes fit in 100; the share of 200 rows over 2 instances is 100."""
+    got = slices_of([(20, "")] * 200, [view("a", budget=100), view("b", budget=100)],
+                    {"a", "b"})
+    assert {k: len(v[1]) for k, v in got.items()} == {"a": 4, "b": 4}
 
 
 def test_a_kept_set_is_priced_at_its_width_now_not_a_slice_later() -> None:

@@ -231,16 +231,34 @@ def _poly(c: _Poly, b: float, x: float, bx: float) -> float:
     return c[0] + c[1] * b + c[2] * x + bx * (c[3] + c[4] * x) + (c[5] if b >= 2 else 0.0)
 
 
+def fair_share(instances: Sequence[InstanceView], open_rows: dict[str, int],
+               fresh: int) -> int:
+    """Rows per instance if the rows the fleet holds and ``fresh`` more were spread evenly:
+    an open instance's set (``open_rows``, its id -> rows it keeps) and each busy one's
+    rows (running, and queued or in flight).
+
+    Admission fills a set no further than this. With one KV memory a single set can hold
+    most of a short queue: the first instance to open after a burst took 59 of 64 rows
+    while the other, still running its first slice, got 5 (measured, BENCHMARKS.md), and
+    running sets never rebalance. Under a deep queue the share exceeds what memory admits
+    and changes nothing."""
+    held = sum(open_rows[v.id] if v.id in open_rows else v.running_rows + v.queued_requests
+               for v in instances)
+    return max(1, -(-(held + fresh) // max(1, len(instances))))
+
+
 def admission_cycle(
     candidates: Sequence[Candidate], instances: Sequence[InstanceView], open_ids: set[str],
     slice_length: int, max_rows: int, layout: str = PADDED,
 ) -> tuple[CandidatePool, list[Admission], list[Candidate]]:
     """One running-set cycle: ``(runnable pool, admissions into it, never-fitting)``.
     Requests that fit no instance even alone (any instance, open or not) are returned for
-    the caller to fail; the rest are admitted into the ``open_ids`` instances."""
+    the caller to fail; the rest are admitted into the ``open_ids`` instances, each set
+    filled up to the fleet's :func:`fair_share` of rows."""
     runnable, never = split_never_fit(CandidatePool.of(candidates), instances, slice_length)
     open_views = [v for v in instances if v.id in open_ids]
-    admitted = admit(runnable, open_views, slice_length, max_rows, layout)
+    share = fair_share(instances, {v.id: v.running_rows for v in open_views}, len(runnable))
+    admitted = admit(runnable, open_views, slice_length, min(max_rows, share), layout)
     return runnable, admitted, never.candidates
 
 
@@ -277,7 +295,7 @@ def continuation_cycle(
        ``max_rows``. The rest are *preempted*: they become fresh candidates (their K/V
        will be re-prefilled wherever they go);
     2. **fresh** rows admitted by :func:`admit`, oldest first, best fit across the open
-       instances, beside those sets.
+       instances, beside those sets, none filled past the fleet's :func:`fair_share`.
 
     A row whose K/V is on an instance that is not open waits for it (its instance's slice
     is committing or queued): moving it would re-prefill what is kept.
@@ -303,8 +321,10 @@ def continuation_cycle(
                           if not c.kv_instance], dtype=np.int64)  # kept nowhere
     if preempted:
         fresh_pos = np.sort(np.concatenate([fresh_pos, *preempted]))
+    share = fair_share(instances, {v.id: v.running_rows for v in views}, len(fresh_pos))
     admitted = {a.instance_id: fresh_pos[a.rows] for a in admit(
-        runnable.take(fresh_pos), views, slice_length, max_rows, layout, sets_grow=False)}
+        runnable.take(fresh_pos), views, slice_length, min(max_rows, share), layout,
+        sets_grow=False)}
     empty = np.zeros(0, dtype=np.int64)
     slices = [Continuation(v.id, kept.get(v.id, empty), admitted.get(v.id, empty))
               for v in open_views]
