@@ -185,6 +185,7 @@ def _register_tools() -> None:
     from services.simulator.command import simulate_command
     from services.simulator.fidelity import fidelity_command
     from services.status import status_command
+    from services.worker.constrained_bench import constrained_bench_command
     from services.worker.grammar_bench import grammar_bench_command
     from services.worker.kv_memory_cmd import kv_memory_command
     from services.worker.profile_cmd import profile_command
@@ -200,6 +201,7 @@ def _register_tools() -> None:
     app.command("chaos")(chaos_command)
     app.command("stream-overhead")(stream_overhead_command)
     app.command("grammar-bench")(grammar_bench_command)
+    app.command("constrained-bench")(constrained_bench_command)
 
 
 _register_tools()

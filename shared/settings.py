@@ -119,6 +119,17 @@ class Settings(BaseSettings):
         "kv_pool_bytes is unset",
     )
 
+    # --- structured outputs -----------------------------------------------------
+    grammar_max_bytes: int = Field(
+        65536, ge=64, description="largest grammar a request may give (response_format's "
+        "schema, a structured_outputs regex or grammar, a forced tool call's schema), in "
+        "bytes of its canonical text: a larger one gets a 400",
+    )
+    grammar_cache_size: int = Field(
+        256, ge=0, description="compiled grammars kept per process (ingest and each worker), "
+        "least recently used dropped first",
+    )
+
     # --- liveness and recovery --------------------------------------------------
     heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
     instance_ttl_s: float = Field(10.0, gt=0, description="instance is dead after this silence")

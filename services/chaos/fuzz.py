@@ -184,6 +184,38 @@ def nasty_bodies() -> list[tuple[str, str, str, bytes, dict[str, str]]]:
             ),
         ),
         ("chat: content null", chat, body({"messages": [{"role": "user", "content": None}]})),
+        # structured outputs and tools (docs/structured-outputs.md): a 400, never a 5xx
+        ("response_format a string", comp, body({"prompt": "a", "response_format": "json"})),
+        ("json_schema not a schema", comp, body({"prompt": "a", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": [1, 2]}}})),
+        ("json_schema with $ref loop", comp, body({"prompt": "a", "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}}})),
+        ("json_schema 10k-deep", comp, b'{"prompt": "a", "response_format": {"type": '
+            b'"json_schema", "json_schema": {"name": "x", "schema": '
+            + b'{"items": ' * 10_000 + b"{}" + b"}" * 10_000 + b"}}}"),
+        ("json_schema 1 MB", comp, body({"prompt": "a", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "object", "properties": {f"p{i}": {"type": "string"}
+                                                 for i in range(50_000)}}}}})),
+        ("regex catastrophic", comp, body({"prompt": "a", "max_tokens": 4,
+            "structured_outputs": {"regex": "(a+)+" * 200}})),
+        ("regex invalid", comp, body({"prompt": "a", "structured_outputs": {"regex": "(["}})),
+        ("grammar garbage", comp, body({"prompt": "a", "structured_outputs": {
+            "grammar": "::= ::= start"}})),
+        ("choice of numbers", comp, body({"prompt": "a", "structured_outputs": {"choice": [1]}})),
+        ("two structured kinds", comp, body({"prompt": "a", "structured_outputs": {
+            "regex": "a", "json": {}}})),
+        ("tools not a list", chat, body({"messages": [{"role": "user", "content": "x"}],
+                                          "tools": "all", "tool_choice": "required"})),
+        ("tool_choice auto", chat, body({"messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}]})),
+        ("tool_choice unknown name", chat, body({"messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}}})),
+        ("tool parameters not a schema", chat, body({
+            "messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": 7}}]})),
         (
             "chat: 10k messages",
             chat,

@@ -34,6 +34,16 @@ PROMPTS = (
     "Les sanglots longs des violons de l'automne",
     "1, 2, 3, 5, 8, 13,",
 )
+#: Constraints a third of the requests run under (docs/structured-outputs.md): their
+#: grammar's state must survive kills, restarts and moves like the tokens do.
+GRAMMARS: tuple[dict[str, Any], ...] = (
+    {"regex": "[a-z0-9 ,.]{8,160}"},
+    {"json": {"type": "object", "properties": {
+        "words": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                  "maxItems": 8},
+        "count": {"type": "integer", "minimum": 0, "maximum": 999}},
+        "required": ["words", "count"], "additionalProperties": False}},
+)
 #: A stream waits as long as its request takes (bounded by the run's deadline).
 _STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 #: Statuses a request ends in.
@@ -48,10 +58,11 @@ class Spec:
     prompt: str
     max_tokens: int
     seed: int
+    grammar: dict[str, Any] | None = None  # ``structured_outputs``, if constrained
 
     def body(self) -> dict[str, Any]:
         """The ``/v1/completions`` body (greedy, EOS ignored so every request needs
-        ``max_tokens / slice_length`` slices)."""
+        ``max_tokens / slice_length`` slices, unless its grammar ends it sooner)."""
         return {
             "prompt": self.prompt,
             "max_tokens": self.max_tokens,
@@ -59,13 +70,17 @@ class Spec:
             "seed": self.seed,
             "ignore_eos": True,
             "stream": True,
+            **({"structured_outputs": self.grammar} if self.grammar else {}),
         }
 
 
 def make_specs(count: int, max_tokens: int) -> list[Spec]:
-    """``count`` fixed requests: the prompts in turn, each with its own suffix and seed."""
+    """``count`` fixed requests: the prompts in turn, each with its own suffix and seed;
+    every third one constrained by one of :data:`GRAMMARS` in turn."""
     return [
-        Spec(i, f"{PROMPTS[i % len(PROMPTS)]} #{i}", max_tokens, 1000 + i) for i in range(count)
+        Spec(i, f"{PROMPTS[i % len(PROMPTS)]} #{i}", max_tokens, 1000 + i,
+             GRAMMARS[(i // 3) % len(GRAMMARS)] if i % 3 == 2 else None)
+        for i in range(count)
     ]
 
 

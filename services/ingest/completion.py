@@ -27,11 +27,15 @@ from starlette.concurrency import run_in_threadpool
 
 from services.ingest.readiness import reject_when_unready
 from services.ingest.schemas import (
+    AssistantMessage,
+    ChatCompletionRequest,
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
     GenerationParams,
     SclsInfo,
+    ToolCall,
+    ToolCallFunction,
     TopLogprob,
     Usage,
 )
@@ -41,8 +45,10 @@ from services.ingest.streaming import (
     Finished,
     StopHoldback,
     TokenText,
+    ToolCallStream,
     stream_chunks,
 )
+from services.ingest.structured import Constraint, StructuredOutputs, ToolCallFormat
 from services.ingest.validation import APIError, ClientDisconnected, RequestChecks, error_type
 from shared.core.async_store import AsyncStore
 from shared.core.keys import Keys
@@ -56,6 +62,7 @@ from shared.core.records import (
 from shared.core.states import FinishReason, RequestStatus
 from shared.core.store import CancelOutcome
 from shared.core.waiter import EventWaiter
+from shared.grammar.spec import GrammarError
 from shared.modeling.registry import TextCodec
 from shared.obs.logging import bound, get_logger
 from shared.obs.prometheus import IngestMetrics
@@ -82,6 +89,22 @@ class Ingest(RequestChecks):
     waiter: EventWaiter | None = None  # one connection waits for every request's final event
     background: set[asyncio.Task[None]] = field(default_factory=set)  # fire-and-forget work
     metrics: IngestMetrics = field(default_factory=IngestMetrics)  # this app's own registry
+    structured: StructuredOutputs | None = None  # built on the first grammar
+
+    def constraint_of(self, body: GenerationParams) -> Constraint | None:
+        """The grammar ``body`` asks its output to match (None: free text), parsed and
+        compiled; a 400 naming the field otherwise (docs/structured-outputs.md)."""
+        if self.structured is None:
+            self.structured = StructuredOutputs(self.codec, self.info,
+                                                self.settings.grammar_max_bytes,
+                                                self.settings.grammar_cache_size)
+        chat = isinstance(body, ChatCompletionRequest)
+        try:
+            return self.structured.constraint(
+                body.response_format, body.structured_outputs,
+                body.tools if chat else None, body.tool_choice if chat else None, chat)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param=exc.field) from None
 
     @property
     def store(self) -> AsyncStore:
@@ -251,11 +274,13 @@ async def accept(
     prompt_param: str,
     logprobs: int | None = None,
     copies: int = 1,
+    constraint: Constraint | None = None,
 ) -> list[RequestRecord]:
     """Tokenise, check and submit the requests of one HTTP request (both endpoints,
     streaming or not): ``copies`` requests per prompt (``n``, or ``best_of``), in choice
-    order (prompt p's copy i at ``p * copies + i``). All or none: if one is refused (429),
-    those already submitted are cancelled."""
+    order (prompt p's copy i at ``p * copies + i``); ``constraint``: the grammar their
+    output must match (:meth:`Ingest.constraint_of`). All or none: if one is refused
+    (429), those already submitted are cancelled."""
     ingest = ingest_of(request)
     ingest.check_model(body.model)
     ingest.check_supported(body, logprobs, len(encoders))
@@ -265,7 +290,8 @@ async def accept(
         prompt_ids = await run_in_threadpool(encode)
         if not prompt_ids:
             raise APIError(400, f"{prompt_param}: must not be empty", param=prompt_param)
-        params = ingest.build_params(body, max_tokens, len(prompt_ids), prompt_param, logprobs)
+        params = ingest.build_params(body, max_tokens, len(prompt_ids), prompt_param, logprobs,
+                                     constraint.spec.key if constraint else "")
         planned += [(prompt_ids, choice_params(params, body.seed, i)) for i in range(copies)]
     await reject_when_unready(request)  # 503 while no scheduler/worker could serve it
     records: list[RequestRecord] = []
@@ -428,6 +454,7 @@ class Shape:
     copies: int  # requests per prompt
     logprobs: bool  # the client asked for logprobs (best_of alone asks internally)
     echo: tuple[str, ...] = ()  # per prompt: text prepended to its choices (completions)
+    tools: ToolCallFormat | None = None  # a forced tool call: answered as tool_calls
 
     def logprobs_of(self, strings: TokenStrings, record: RequestRecord) -> Any:
         """The choice's ``logprobs`` block, or None when the client did not ask."""
@@ -442,6 +469,26 @@ class Shape:
     def echoed(self, index: int) -> str:
         """Text choice ``index`` starts with (its prompt, with ``echo``)."""
         return self.echo[index // self.copies] if self.echo else ""
+
+
+def tool_call_id(request_id: str) -> str:
+    """The id of the tool call a request made (one per request: its id names it)."""
+    return f"call_{request_id}"
+
+
+def assistant_message(record: RequestRecord, tools: ToolCallFormat | None
+                      ) -> tuple[AssistantMessage, str | None]:
+    """A chat choice's message and finish reason: the text, or, for a forced tool call
+    that completed, OpenAI's ``tool_calls`` (a call cut by ``max_tokens`` stays text,
+    finish reason ``length``)."""
+    reason = finish_reason(record)
+    call = tools.parse(record.text) if tools is not None and reason == "stop" else None
+    if call is None or tools is None:
+        return AssistantMessage(content=record.text), reason
+    name, arguments = call
+    message = AssistantMessage(content=None, tool_calls=[ToolCall(
+        id=tool_call_id(record.id), function=ToolCallFunction(name=name, arguments=arguments))])
+    return message, tools.finish_reason
 
 
 def stream(request: Request, records: list[RequestRecord], body: GenerationParams,
@@ -486,6 +533,8 @@ def stream(request: Request, records: list[RequestRecord], body: GenerationParam
                 finish=finisher(r), timeout_error=partial(_timeout, r.id, timeout_s),
                 echo=shape.echoed(i), prompt_tokens=len(r.prompt_ids),
                 logprobs=shape.streamed_logprobs(strings),
+                tool_call=(ToolCallStream(shape.tools, tool_call_id(r.id))
+                           if shape.tools is not None else None),
             )
             for i, (r, key) in enumerate(zip(records, keys, strict=True))
         ]

@@ -13,11 +13,13 @@ import structlog
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
 
 from services.ingest.completion import (
     Shape,
     TokenStrings,
     accept,
+    assistant_message,
     best_of,
     finish_reason,
     ingest_of,
@@ -28,7 +30,6 @@ from services.ingest.completion import (
     total_usage,
 )
 from services.ingest.schemas import (
-    AssistantMessage,
     CancelResponse,
     ChatChoice,
     ChatCompletionRequest,
@@ -87,8 +88,9 @@ async def completions(request: Request, response: Response) -> Any:
     copies = max(n, body.best_of or 1)
     ranked = copies > n  # best_of: rank by summed logprob, which every request then needs
     logprobs = body.logprobs if body.logprobs is not None or not ranked else 0
+    constraint = await run_in_threadpool(ingest.constraint_of, body)  # compiles: CPU work
     accepted = await accept(request, body, [encoder(p) for p in prompts], body.max_tokens,
-                            "prompt", logprobs, copies)
+                            "prompt", logprobs, copies, constraint)
     echo = tuple(p if isinstance(p, str) else ingest.codec.decode(p) for p in prompts) \
         if body.echo else ()
     shape = Shape(chat=False, copies=copies, logprobs=body.logprobs is not None, echo=echo)
@@ -130,8 +132,11 @@ async def chat_completions(request: Request, response: Response) -> Any:
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     n = body.choices
-    accepted = await accept(request, body, [encode], max_tokens, "messages", logprobs, n)
-    shape = Shape(chat=True, copies=n, logprobs=logprobs is not None)
+    constraint = await run_in_threadpool(ingest.constraint_of, body)  # compiles: CPU work
+    accepted = await accept(request, body, [encode], max_tokens, "messages", logprobs, n,
+                            constraint)
+    shape = Shape(chat=True, copies=n, logprobs=logprobs is not None,
+                  tools=constraint.tools if constraint else None)
     if body.stream:
         return stream(request, accepted, body, shape)
     records = await serve(request, response, accepted)
@@ -140,10 +145,10 @@ async def chat_completions(request: Request, response: Response) -> Any:
         id=f"chatcmpl-{records[0].id}",
         created=int(records[0].arrival),
         model=ingest.info.name,
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text),
-                            finish_reason=finish_reason(r),
+        choices=[ChatChoice(index=i, message=message, finish_reason=reason,
                             logprobs=shape.logprobs_of(strings, r))
-                 for i, r in enumerate(records)],
+                 for i, r in enumerate(records)
+                 for message, reason in [assistant_message(r, shape.tools)]],
         usage=total_usage(records, n),
         scls=scls_info(records[0], records),
     )

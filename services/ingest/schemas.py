@@ -18,7 +18,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 #: OpenAI's limit on stop sequences.
 MAX_STOP_STRINGS = 4
@@ -32,16 +39,19 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parall
 
 #: Known OpenAI (and vLLM) fields this server does not implement: 400 with the reason.
 UNSUPPORTED_FIELDS: dict[str, str] = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
+    "functions": "the deprecated functions field is not supported: use tools with "
+                 "tool_choice",
+    "function_call": "the deprecated function_call field is not supported: use tool_choice",
     "suffix": "insertion after a suffix is not supported",
     "prompt_logprobs": "log-probabilities of prompt tokens are not supported",
-    "guided_json": "guided decoding is not supported",
-    "guided_regex": "guided decoding is not supported",
-    "guided_choice": "guided decoding is not supported",
-    "guided_grammar": "guided decoding is not supported",
+    "guided_json": 'vLLM\'s removed guided_* fields are not supported: send '
+                   '"structured_outputs": {"json": ...}',
+    "guided_regex": 'vLLM\'s removed guided_* fields are not supported: send '
+                    '"structured_outputs": {"regex": ...}',
+    "guided_choice": 'vLLM\'s removed guided_* fields are not supported: send '
+                     '"structured_outputs": {"choice": [...]}',
+    "guided_grammar": 'vLLM\'s removed guided_* fields are not supported: send '
+                      '"structured_outputs": {"grammar": ...}',
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -123,7 +133,9 @@ class GenerationParams(_StrictBody):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     logit_bias: Any = None
+    # Checked (and compiled) by services.ingest.structured, which knows the vocabulary.
     response_format: Any = None
+    structured_outputs: Any = None  # vLLM's extra: json, regex, choice, grammar
 
     @field_validator("stop")
     @classmethod
@@ -160,15 +172,6 @@ class GenerationParams(_StrictBody):
                 raise ValueError(f"the bias of token {key} must be between -100 and 100")
             pairs.append((int(key), float(bias)))
         return tuple(sorted(pairs))
-
-    @field_validator("response_format")
-    @classmethod
-    def _check_response_format(cls, value: Any) -> None:
-        """Only plain text: JSON mode and structured outputs are not implemented."""
-        if value is None or value == {"type": "text"}:
-            return None
-        raise ValueError('only {"type": "text"} is supported (no JSON mode or structured '
-                         "outputs)")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -258,6 +261,9 @@ class ChatCompletionRequest(GenerationParams):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Forced tool calls (services.ingest.structured checks them).
+    tools: Any = None
+    tool_choice: Any = None
 
     def as_dicts(self) -> list[dict[str, str]]:
         """Messages in the shape :meth:`TextCodec.encode_chat` takes."""
@@ -338,11 +344,35 @@ class CompletionResponse(BaseModel):
     scls: SclsInfo
 
 
+class ToolCallFunction(BaseModel):
+    """The function a tool call names and its arguments (a JSON text, as OpenAI sends)."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One call of a declared function."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
-    """The generated chat message."""
+    """The generated chat message: text, or (forced tool call) ``tool_calls``."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``tool_calls`` only when there are some (OpenAI leaves the key out)."""
+        out: dict[str, Any] = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):

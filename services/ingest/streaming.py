@@ -31,6 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.ingest.structured import ToolCallFormat
 from shared.core.records import TokenLogprob
 
 DONE = "data: [DONE]\n\n"
@@ -237,6 +238,18 @@ class ChunkFormat:
             out["usage"] = usage
         return out
 
+    def tool_chunk(self, deltas: list[dict[str, Any]], finish_reason: str | None = None,
+                   index: int = 0, logprobs: dict[str, Any] | None = None,
+                   usage: dict[str, int] | None = None) -> dict[str, Any]:
+        """A chat chunk of choice ``index`` carrying ``delta.tool_calls`` (OpenAI's
+        streamed tool call: the id, type and name first, then pieces of the arguments)."""
+        delta: dict[str, Any] = {"tool_calls": deltas} if deltas else {}
+        out = self._envelope([{"index": index, "delta": delta, "logprobs": logprobs,
+                               "finish_reason": finish_reason}])
+        if self.continuous_usage and usage is not None:
+            out["usage"] = usage
+        return out
+
     def usage(self, usage: dict[str, int]) -> dict[str, Any]:
         """The extra last chunk of ``stream_options.include_usage``: no choices, usage."""
         return {**self._envelope([]), "usage": usage}
@@ -262,6 +275,53 @@ class Finished:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated id, if asked
 
 
+@dataclass
+class ToolCallStream:
+    """Turns a forced tool call's text, as it is released, into ``delta.tool_calls``: the
+    call's id and function name once the ``{"name": ..., "arguments": `` head is complete,
+    then the arguments' JSON as it comes, holding back the last character (the call's
+    closing brace) until the request ends. A call cut short (``max_tokens``) before its
+    head is complete was never one: its text goes out as content."""
+
+    tools: ToolCallFormat
+    call_id: str
+    text: str = ""  # released so far
+    head: int | None = None  # length of the complete head, once it is
+    sent: int = 0  # characters of the arguments sent
+
+    def feed(self, released: str) -> list[dict[str, Any]]:
+        """The deltas the newly ``released`` text allows (maybe none yet)."""
+        self.text += released
+        return self._deltas(len(self.text) - 1)
+
+    def finish(self, rest: str, reason: str | None
+               ) -> tuple[list[dict[str, Any]], str | None, str]:
+        """``(deltas, finish reason, content)`` of the choice's last chunk."""
+        self.text += rest
+        call = self.tools.parse(self.text) if reason == "stop" else None
+        if call is None and self.head is None:
+            return [], reason, self.text  # never became a call: plain text
+        deltas = self._deltas(len(self.text) - 1 if call is not None else len(self.text))
+        return deltas, self.tools.finish_reason if call is not None else reason, ""
+
+    def _deltas(self, upto: int) -> list[dict[str, Any]]:
+        """Deltas for the head (once) and the arguments up to ``upto`` characters."""
+        out: list[dict[str, Any]] = []
+        if self.head is None:
+            self.head = self.tools.prefix_length(self.text)
+            if self.head is None:
+                return out
+            name = next(n for n in self.tools.names
+                        if self.text[:self.head].startswith(f'{{"name": {json.dumps(n)}'))
+            out.append({"index": 0, "id": self.call_id, "type": "function",
+                        "function": {"name": name, "arguments": ""}})
+        start = self.head + self.sent
+        if upto > start:
+            out.append({"index": 0, "function": {"arguments": self.text[start:upto]}})
+            self.sent = upto - self.head
+        return out
+
+
 #: A choice's ``logprobs`` block for some of its tokens (ids and their logprobs), in the
 #: endpoint's shape; called on consecutive runs of tokens, in order.
 LogprobsBlock = Callable[[list[int], list[TokenLogprob]], dict[str, Any]]
@@ -280,6 +340,7 @@ class ChoiceStream:
     echo: str = ""  # completions' ``echo``: the prompt, sent first
     prompt_tokens: int = 0  # for ``continuous_usage_stats``
     logprobs: LogprobsBlock | None = None  # the client asked for logprobs
+    tool_call: ToolCallStream | None = None  # a forced tool call: text -> delta.tool_calls
     done: bool = False  # its last chunk was produced
     logprobs_sent: int = 0  # tokens whose logprobs a chunk carried
     by_text: bool = True  # the text is the ids' (no entry fed its own delta)
@@ -307,7 +368,9 @@ class ChoiceStream:
                 if kind == "final":
                     released += self.holdback.feed(self.text.flush())
                     if released:  # what the entries before it released: a chunk of its own
-                        yield self._text_chunk(fmt, released)
+                        chunk = self._text_chunk(fmt, released)
+                        if chunk is not None:
+                            yield chunk
                     yield await self._last_chunk(fmt)
                     return
                 if not self.text.add(entry):  # no pos: the entry's own text delta
@@ -318,10 +381,20 @@ class ChoiceStream:
             # behind sends fewer, larger chunks (and, without logprobs, decodes once).
             released += self.holdback.feed(self.text.flush())
             if released:
-                yield self._text_chunk(fmt, released)
+                chunk = self._text_chunk(fmt, released)
+                if chunk is not None:
+                    yield chunk
 
-    def _text_chunk(self, fmt: ChunkFormat, released: str) -> dict[str, Any]:
-        """A chunk of released text, with the logprobs of the tokens it completes."""
+    def _text_chunk(self, fmt: ChunkFormat, released: str) -> dict[str, Any] | None:
+        """A chunk of released text (a tool call's deltas), with the logprobs of the
+        tokens it completes; None when a tool call's text releases no delta yet."""
+        if self.tool_call is not None:
+            deltas = self.tool_call.feed(released)
+            if not deltas:
+                return None
+            return fmt.tool_chunk(deltas, index=self.index,
+                                  logprobs=self._released_logprobs(),
+                                  usage=self.usage_so_far())
         return fmt.chunk(released, index=self.index, logprobs=self._released_logprobs(),
                          usage=self.usage_so_far())
 
@@ -365,8 +438,14 @@ class ChoiceStream:
         if self.logprobs is not None and (start < len(done.logprobs) or start == 0):
             logprobs = self.logprobs(done.generated_ids[start:len(done.logprobs)],
                                      done.logprobs[start:])
-        last = fmt.chunk(self.holdback.finish(done.text), done.finish_reason, self.index,
-                         logprobs, done.usage)
+        rest = self.holdback.finish(done.text)
+        if self.tool_call is not None:
+            deltas, reason, content = self.tool_call.finish(rest, done.finish_reason)
+            last = (fmt.tool_chunk(deltas, reason, self.index, logprobs, done.usage)
+                    if not content else
+                    fmt.chunk(content, reason, self.index, logprobs, done.usage))
+        else:
+            last = fmt.chunk(rest, done.finish_reason, self.index, logprobs, done.usage)
         if done.scls:  # our extension, as in the non-streamed body; clients ignore it
             last["scls"] = done.scls
         self.done = True

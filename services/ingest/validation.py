@@ -263,9 +263,10 @@ class RequestChecks:
 
     def build_params(
         self, body: GenerationParams, max_tokens: int | None, prompt_len: int, prompt_param: str,
-        logprobs: int | None = None,
+        logprobs: int | None = None, grammar: str = "",
     ) -> RequestParams:
-        """Generation parameters with defaults applied and the length limits checked."""
+        """Generation parameters with defaults applied and the length limits checked;
+        ``grammar`` is the key of the checked grammar the output must match ("": none)."""
         max_tokens = self._checked_max_tokens(max_tokens, prompt_len, prompt_param)
         min_tokens = body.min_tokens or 0
         if min_tokens > max_tokens:
@@ -288,6 +289,7 @@ class RequestChecks:
             logit_bias=body.bias_pairs,
             logprobs=logprobs,
             stream=bool(body.stream),
+            grammar=grammar,
         )
         self.check_policy_supports(params)
         if params.temperature > 0 and params.seed is None:
@@ -333,6 +335,10 @@ class RequestChecks:
         """
         if ils_engine(self.settings.policy) != HF_ENGINE:
             return
+        if params.grammar:
+            raise APIError(400, "response_format: the ils-hf policy (transformers' continuous "
+                           "batching) cannot constrain its output: structured outputs and "
+                           "forced tool calls need another policy", param="response_format")
         if params.temperature > 0:
             raise APIError(400, "temperature: the ils-hf policy (transformers' continuous "
                            "batching) decodes greedily; send temperature 0",

@@ -48,6 +48,10 @@ class RequestParams:
     # model's raw distribution) plus the k most likely alternatives.
     logprobs: int | None = None
     stream: bool = False  # the worker publishes tokens to the event stream per decode step
+    # The grammar the output must match (``GrammarSpec.key``: "<kind>:<canonical text>",
+    # docs/structured-outputs.md); "" for free text. Each slice rebuilds the grammar's
+    # state from the generated tokens, so the output does not depend on the slicing.
+    grammar: str = ""
 
     def to_json(self) -> str:
         """Compact JSON for the request hash (fields at their default are left out)."""

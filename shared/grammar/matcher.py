@@ -180,18 +180,19 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Set the disallowed tokens' logits to -inf, in place.
 
     ``logits``: [rows, width] (any float dtype, any device); ``bitmask``: [rows, words]
-    int32 (moved to the logits' device). Ids at or past ``32 * words`` (logits wider than
-    the grammar's vocabulary) are disallowed too.
+    int32 on the CPU (as :func:`allocate_bitmask` makes it). Ids at or past ``32 * words``
+    (logits wider than the grammar's vocabulary) are disallowed too. The bits are unpacked
+    by numpy on the CPU (one C pass, little-endian words: bit ``i % 32`` of word
+    ``i // 32`` is byte ``i // 8``'s bit ``i % 8``), then one ``masked_fill_``.
     """
     if logits.dim() != 2 or bitmask.dim() != 2 or logits.shape[0] != bitmask.shape[0]:
         raise ValueError(f"logits {tuple(logits.shape)} and bitmask {tuple(bitmask.shape)} "
                          "must be [rows, vocab] and [rows, words]")
     width = logits.shape[1]
-    words = bitmask.to(logits.device, non_blocking=True)
-    covered = min(width, 32 * words.shape[1])
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    # [rows, words, 32] bits -> [rows, 32 * words] allowed flags, in token order
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :covered]
-    logits[:, :covered].masked_fill_(~allowed, float("-inf"))
+    packed = bitmask.cpu().contiguous().numpy().view(np.uint8)
+    covered = min(width, 8 * packed.shape[1])
+    allowed = np.unpackbits(packed, axis=1, count=covered, bitorder="little")
+    forbidden = torch.from_numpy(allowed == 0).to(logits.device, non_blocking=True)
+    logits[:, :covered].masked_fill_(forbidden, float("-inf"))
     if width > covered:
         logits[:, covered:] = float("-inf")

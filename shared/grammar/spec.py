@@ -13,10 +13,14 @@ so two schemas that differ only there are different grammars.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+GRAMMAR_KINDS: frozenset[str] = frozenset(GrammarKind.__args__)  # type: ignore[attr-defined]
+#: OpenAI's rule for function names; it also keeps a call's JSON head free of escapes.
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 #: Default bound on a spec's canonical text: large enough for real schemas (OpenAI allows
 #: about 15k characters of property names and enum values), small enough that one request
@@ -31,6 +35,37 @@ _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitio
                           "dependentSchemas"})
 #: Keywords whose value is data (enum members, defaults): never treated as schemas.
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+#: Deepest JSON value a schema may be: the canonical form and the library's compiler both
+#: recurse on it, and a native stack overflow would take the process down, not one request.
+MAX_SCHEMA_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return deepest
+
+
+def _bracket_depth(text: str) -> int:
+    """Deepest nesting of ``(``/``[``/``{`` in a regex or grammar text (escapes and quotes
+    are not parsed: an upper bound is what the limit needs)."""
+    deepest = depth = 0
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 class GrammarError(ValueError):
@@ -95,8 +130,20 @@ class GrammarSpec:
 
     @property
     def key(self) -> str:
-        """The cache key: kind and canonical text."""
+        """The cache key: kind and canonical text (what a request record stores)."""
         return f"{self.kind}:{self.text}"
+
+    @classmethod
+    def from_key(cls, key: str, field: str = "grammar") -> GrammarSpec:
+        """The spec whose :attr:`key` is ``key`` (a worker reads it from the request).
+
+        Raises:
+            GrammarError: ``key`` is not a spec's key.
+        """
+        kind, sep, text = key.partition(":")
+        if not sep or kind not in GRAMMAR_KINDS or not text:
+            raise GrammarError(field, f"{key[:40]!r} is not a grammar key (<kind>:<text>)")
+        return cls(kind, text, field)  # type: ignore[arg-type]
 
     # -- constructors ---------------------------------------------------------------------
 
@@ -113,6 +160,10 @@ class GrammarSpec:
         if not isinstance(schema, dict):
             raise GrammarError(field, "must be a JSON schema object, such as "
                                       '{"type": "object", "properties": {...}}')
+        depth = _depth(schema)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise GrammarError(field, f"is nested {depth} levels deep, over the limit of "
+                                      f"{MAX_SCHEMA_DEPTH}; flatten it or use $defs")
         try:
             text = canonical_json(schema)
         except ValueError as exc:  # NaN or infinity: not JSON
@@ -153,6 +204,9 @@ class GrammarSpec:
         if size > max_bytes:
             raise GrammarError(field, f"is {size} bytes (canonical form), over the limit of "
                                       f"{max_bytes}; send a smaller one")
+        if kind in ("regex", "grammar") and _bracket_depth(text) > MAX_SCHEMA_DEPTH:
+            raise GrammarError(field, f"nests brackets more than {MAX_SCHEMA_DEPTH} deep; "
+                                      "send a flatter one")
         return cls(kind, text, field)
 
     @classmethod
@@ -264,8 +318,9 @@ class GrammarSpec:
             if not isinstance(fn, dict):
                 raise GrammarError(f"{where}.function", "must be an object with a name")
             name = fn.get("name")
-            if not isinstance(name, str) or not name:
-                raise GrammarError(f"{where}.function.name", "is required: a non-empty string")
+            if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+                raise GrammarError(f"{where}.function.name", "is required: 1 to 64 letters, "
+                                   "digits, underscores or dashes (OpenAI's rule)")
             if name in functions:
                 raise GrammarError(f"{where}.function.name",
                                    f"{name!r} is declared twice; names must be unique")
