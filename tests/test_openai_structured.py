@@ -161,3 +161,38 @@ def test_bad_grammars_are_a_400_naming_the_field(system: System, kwargs: dict[st
     error = info.value.body
     assert error["param"] == param, error
     assert error["message"].startswith(param), error
+
+
+def test_a_tool_round_trip_goes_back_to_the_model(system: System, tiny: LoadedModel) -> None:
+    """An agent's loop: a forced call, then the conversation with the assistant's call and
+    the tool's result sent back. The template shows the call as the text the model wrote
+    under the call's grammar, and the result as a ``tool`` turn."""
+    first = chat(system, content="Weather in Paris?", tools=[WEATHER],
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = first.choices[0].message.tool_calls
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    second = system.call(lambda: system.client.chat.completions.create(
+        model=MODEL, messages=messages, **{**BASE, "max_tokens": 4}))
+    shown = [messages[0],
+             {"role": "assistant", "content": '{"name": "get_weather", "arguments": '
+                                              f"{call.function.arguments}}}"},
+             {"role": "tool", "content": '{"temp": 21}'}]
+    assert second.usage.prompt_tokens == len(tiny.codec.encode_chat(shown))
+    assert first.usage.completion_tokens == len(tiny.codec.encode(
+        shown[1]["content"]))  # the call, exactly as generated
+
+
+@pytest.mark.parametrize(("message", "fragment"), [
+    ({"role": "tool", "content": "42"}, "tool_call_id"),
+    ({"role": "assistant", "content": None}, "content: required"),
+    ({"role": "user", "content": "x", "tool_call_id": "c"}, "only a tool message"),
+    ({"role": "user", "content": "x", "tool_calls": []}, "only an assistant message"),
+])
+def test_malformed_tool_turns_are_a_400(system: System, message: dict[str, Any],
+                                        fragment: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        system.call(lambda: system.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}, message], **BASE))
+    assert fragment in info.value.body["message"], info.value.body

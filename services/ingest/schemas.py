@@ -15,6 +15,7 @@ Fields that accept several shapes (``prompt``, ``stop``, message ``content``) ar
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 #: OpenAI's limit on stop sequences.
@@ -235,22 +237,68 @@ def _is_text_part(part: Any) -> bool:
     )
 
 
-class ChatMessage(_StrictBody):
-    """One chat message."""
+class MessageToolCallFunction(_StrictBody):
+    """The function of a tool call an earlier assistant turn made."""
 
-    role: Literal["system", "user", "assistant"]
-    content: Any = Field(..., description="a string, or a list of text parts")
+    name: str
+    arguments: str  # its arguments' JSON, as the call gave them
+
+
+class MessageToolCall(_StrictBody):
+    """A tool call of an earlier assistant turn, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: MessageToolCallFunction
+
+    def as_text(self) -> str:
+        """The call as the model wrote it under a forced tool call's grammar
+        (docs/structured-outputs.md): what the chat template shows it."""
+        return f'{{"name": {json.dumps(self.function.name)}, "arguments": ' \
+               f"{self.function.arguments}}}"
+
+
+class ChatMessage(_StrictBody):
+    """One chat message: a turn of a role, an assistant's tool calls, or a tool's result."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Any = Field(None, description="a string, or a list of text parts")
     name: str | None = None  # OpenAI's participant name: accepted, not shown to the model
+    tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
     @field_validator("content")
     @classmethod
-    def _check_content(cls, value: Any) -> str:
+    def _check_content(cls, value: Any) -> str | None:
         """Content as one string; a list of ``{"type": "text", "text": ...}`` is joined."""
+        if value is None:
+            return None  # allowed only beside tool calls (checked below)
         if isinstance(value, str):
             return _check_unicode(value)
         if isinstance(value, list) and all(_is_text_part(part) for part in value):
             return _check_unicode("".join(part["text"] for part in value))
         raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts')
+
+    @model_validator(mode="after")
+    def _check_turn(self) -> ChatMessage:
+        """Tool calls only on an assistant turn, a result only on a tool's; content is
+        required except beside tool calls."""
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message makes tool calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id: only a tool message answers a tool call")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: required (it may be null only beside tool_calls)")
+        return self
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as a chat template takes it: an assistant's tool calls are shown as
+        the text the model generated for them, after its content if any."""
+        parts = [self.content] if self.content else []
+        parts += [call.as_text() for call in self.tool_calls or ()]
+        return {"role": self.role, "content": "\n".join(parts)}
 
 
 class ChatCompletionRequest(GenerationParams):
@@ -267,7 +315,7 @@ class ChatCompletionRequest(GenerationParams):
 
     def as_dicts(self) -> list[dict[str, str]]:
         """Messages in the shape :meth:`TextCodec.encode_chat` takes."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [m.as_dict() for m in self.messages]
 
 
 # --- responses --------------------------------------------------------------------------
