@@ -132,7 +132,7 @@ BAD_INPUTS = [
     ("chat-empty-messages", CHAT, {"messages": []}, 400,
      ["messages: List should have at least 1 item"], "messages"),
     ("chat-bad-role", CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400,
-     ["messages.0.role: Input should be 'system', 'user' or 'assistant'"], "messages.0.role"),
+     ["messages.0.role: Input should be 'system', 'user', 'assistant' or 'tool'"], "messages.0.role"),
     ("chat-content-number", CHAT, {"messages": [{"role": "user", "content": 3}]}, 400,
      ["messages.0.content: must be a string"], "messages.0.content"),
     ("chat-stream-bad-prompt", CHAT, {"messages": [], "stream": True}, 400,

@@ -161,3 +161,21 @@ def test_smollm2_outputs_match_and_slicing_changes_nothing(
             finished += 1
     assert finished >= 0.9 * len(specs), finished
     assert run(SliceEngine(smollm2, pool=KvPool(BIG)), rows, 7) == unsliced
+
+
+@pytest.mark.parametrize("memory_bounded", [False, True], ids=["ils", "ils-vllm"])
+def test_the_ils_engines_give_the_same_constrained_output(
+    tiny: LoadedModel, memory_bounded: bool
+) -> None:
+    """Our iteration-level engines run the same grammar code: constrained rows admitted at
+    staggered steps, capped at 3 running (and, memory-bounded, preempted by recompute on a
+    tight budget), give the slice engine's unsliced tokens."""
+    from tests.test_iteration_engine import drain, engine_for
+
+    specs = specs_of_every_kind()[::6]
+    rows = rows_for(tiny, specs, GREEDY)
+    expected = run(SliceEngine(tiny), rows, 10_000)
+    budget = 6 * 200 * tiny.info.kv_bytes_per_token if memory_bounded else 1 << 40
+    engine = engine_for(tiny, cap=3, memory_bounded=memory_bounded, budget=budget)
+    got = drain(engine, {2 * k: [row] for k, row in enumerate(rows)}, max_iterations=6000)
+    assert got == expected

@@ -91,6 +91,14 @@ class Ingest(RequestChecks):
     metrics: IngestMetrics = field(default_factory=IngestMetrics)  # this app's own registry
     structured: StructuredOutputs | None = None  # built on the first grammar
 
+    @staticmethod
+    def asks_for_grammar(body: GenerationParams) -> bool:
+        """Whether ``body`` has any field :meth:`constraint_of` reads (most do not: they
+        skip the thread hop of compiling)."""
+        chat = isinstance(body, ChatCompletionRequest)
+        return (body.response_format is not None or body.structured_outputs is not None
+                or (chat and (body.tools is not None or body.tool_choice is not None)))
+
     def constraint_of(self, body: GenerationParams) -> Constraint | None:
         """The grammar ``body`` asks its output to match (None: free text), parsed and
         compiled; a 400 naming the field otherwise (docs/structured-outputs.md)."""

@@ -88,7 +88,8 @@ async def completions(request: Request, response: Response) -> Any:
     copies = max(n, body.best_of or 1)
     ranked = copies > n  # best_of: rank by summed logprob, which every request then needs
     logprobs = body.logprobs if body.logprobs is not None or not ranked else 0
-    constraint = await run_in_threadpool(ingest.constraint_of, body)  # compiles: CPU work
+    constraint = (await run_in_threadpool(ingest.constraint_of, body)  # compiles: CPU work
+                  if ingest.asks_for_grammar(body) else None)
     accepted = await accept(request, body, [encoder(p) for p in prompts], body.max_tokens,
                             "prompt", logprobs, copies, constraint)
     echo = tuple(p if isinstance(p, str) else ingest.codec.decode(p) for p in prompts) \
@@ -132,7 +133,8 @@ async def chat_completions(request: Request, response: Response) -> Any:
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     n = body.choices
-    constraint = await run_in_threadpool(ingest.constraint_of, body)  # compiles: CPU work
+    constraint = (await run_in_threadpool(ingest.constraint_of, body)  # compiles: CPU work
+                  if ingest.asks_for_grammar(body) else None)
     accepted = await accept(request, body, [encode], max_tokens, "messages", logprobs, n,
                             constraint)
     shape = Shape(chat=True, copies=n, logprobs=logprobs is not None,
