@@ -69,7 +69,7 @@ class IlsRuntime(WorkerRuntime):
             self.ils = IterationEngine(
                 loaded, IterationLimits(cap, memory), cost, memory_budget_bytes,
                 pass_tokens_of(cost.prefill_features, cost.prefill_coef),
-                cost.prefill_chunk_tokens)
+                cost.prefill_chunk_tokens, settings.grammar_cache_size)
             self.ils.on_work = self._price_work
             self.ils.on_stream = self._publish
         self._admitted: dict[str, _Admitted] = {}

@@ -146,9 +146,11 @@ class IterationEngine(SliceEngine):
         memory_budget_bytes: int,
         pass_tokens: float = DEFAULT_PASS_TOKENS,
         prefill_chunk_tokens: int = 0,
+        grammar_cache_size: int = 256,
     ) -> None:
         super().__init__(loaded, drop_finished_rows=True, pool=None, pass_tokens=pass_tokens,
-                         prefill_chunk_tokens=prefill_chunk_tokens)
+                         prefill_chunk_tokens=prefill_chunk_tokens,
+                         grammar_cache_size=grammar_cache_size)
         self.limits = limits
         self.cost = cost
         self.memory_budget_bytes = memory_budget_bytes

@@ -97,10 +97,13 @@ class WorkerRuntime:
         # (drop_finished=0) run whole generations, keep computing finished rows as static
         # batching does (counted as invalid tokens) and have nothing to retain.
         chunk = cost.prefill_chunk_tokens
+        grammars = settings.grammar_cache_size
         self.engines = {True: SliceEngine(loaded, pool=self.pool, pass_tokens=pass_tokens,
-                                          prefill_chunk_tokens=chunk),
+                                          prefill_chunk_tokens=chunk,
+                                          grammar_cache_size=grammars),
                         False: SliceEngine(loaded, False, pass_tokens=pass_tokens,
-                                           prefill_chunk_tokens=chunk)}
+                                           prefill_chunk_tokens=chunk,
+                                           grammar_cache_size=grammars)}
         self.started_at = now()
         self.publisher = TokenPublisher(store)
         # batch id -> (batch, reason): failed slices whose hand-back Redis refused
