@@ -203,6 +203,21 @@ def _ms(seconds: Sequence[float]) -> dict[str, float]:
             "total_ms": round(sum(ordered) * 1e3, 1)}
 
 
+def _time_apply(apply: Callable[[Any, Any], Any], rows: int, model_vocab: int, bitmask: Any,
+                steps: int) -> dict[str, float]:
+    """Timings of ``apply(logits, bitmask)`` on fresh random float32 logits, ``steps`` times."""
+    import torch  # the CLI imports this module: torch only when the command runs
+
+    logits = torch.randn(rows, model_vocab)
+    times = []
+    for _ in range(steps):
+        x = logits.clone()
+        t0 = time.perf_counter()
+        apply(x, bitmask)
+        times.append(time.perf_counter() - t0)
+    return _ms(times)
+
+
 def _midway(length: int, step: int, steps: int) -> int:
     """Tokens consumed at measurement ``step``: from 25% to 75% of a ``length``-token walk
     (always leaving one token to advance by)."""
@@ -240,7 +255,6 @@ def _walks(codec: Any, vocab: Any, rows: int, seed: int) -> list[list[int]]:
 def bench_llguidance(codec: Any, model_vocab: int, walks: list[list[int]],
                      steps: int) -> dict[str, Any]:
     """Compile, mask and apply times of llguidance through shared/grammar."""
-    import torch
 
     from shared.grammar.compiler import compile_spec
     from shared.grammar.matcher import RowGrammar, allocate_bitmask, apply_bitmask, fill_bitmask
@@ -289,14 +303,7 @@ def bench_llguidance(codec: Any, model_vocab: int, walks: list[list[int]],
     out["mask16_parallel"] = _ms(par)
     out["mask16_sequential"] = _ms(seq)
     out["advance16"] = _ms(adv)
-    logits = torch.randn(len(walks), model_vocab)
-    apply_times = []
-    for _ in range(steps):
-        x = logits.clone()
-        t0 = time.perf_counter()
-        apply_bitmask(x, bitmask)
-        apply_times.append(time.perf_counter() - t0)
-    out["apply16_torch"] = _ms(apply_times)
+    out["apply16_torch"] = _time_apply(apply_bitmask, len(walks), model_vocab, bitmask, steps)
     return out
 
 
@@ -325,7 +332,6 @@ def _xgr_info(codec: Any, model_vocab: int) -> Any:
 def bench_xgrammar(codec: Any, model_vocab: int, walks: list[list[int]],
                    steps: int) -> dict[str, Any]:
     """The same measurements with xgrammar (its own compiler, matcher and CPU kernel)."""
-    import torch
     import xgrammar as xgr
 
     start = time.perf_counter()
@@ -373,14 +379,8 @@ def bench_xgrammar(codec: Any, model_vocab: int, walks: list[list[int]],
     out["rows_refusing_llguidance_walk"] = len(refused)
     out["mask16_sequential"] = _ms(seq)
     out["advance16"] = _ms(adv)
-    logits = torch.randn(len(walks), model_vocab)
-    apply_times = []
-    for _ in range(steps):
-        x = logits.clone()
-        t0 = time.perf_counter()
-        xgr.apply_token_bitmask_inplace(x, bitmask)
-        apply_times.append(time.perf_counter() - t0)
-    out["apply16_kernel"] = _ms(apply_times)
+    out["apply16_kernel"] = _time_apply(xgr.apply_token_bitmask_inplace, len(walks),
+                                        model_vocab, bitmask, steps)
     return out
 
 
