@@ -15,7 +15,6 @@ Fields that accept several shapes (``prompt``, ``stop``, message ``content``) ar
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Literal
 
@@ -28,6 +27,8 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from shared.grammar.spec import tool_call_text
 
 #: OpenAI's limit on stop sequences.
 MAX_STOP_STRINGS = 4
@@ -254,8 +255,7 @@ class MessageToolCall(_StrictBody):
     def as_text(self) -> str:
         """The call as the model wrote it under a forced tool call's grammar
         (docs/structured-outputs.md): what the chat template shows it."""
-        return f'{{"name": {json.dumps(self.function.name)}, "arguments": ' \
-               f"{self.function.arguments}}}"
+        return tool_call_text(self.function.name, self.function.arguments)
 
 
 class ChatMessage(_StrictBody):

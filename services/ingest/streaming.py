@@ -308,11 +308,10 @@ class ToolCallStream:
         """Deltas for the head (once) and the arguments up to ``upto`` characters."""
         out: list[dict[str, Any]] = []
         if self.head is None:
-            self.head = self.tools.prefix_length(self.text)
-            if self.head is None:
+            found = self.tools.head(self.text)
+            if found is None:
                 return out
-            name = next(n for n in self.tools.names
-                        if self.text[:self.head].startswith(f'{{"name": {json.dumps(n)}'))
+            name, self.head = found
             out.append({"index": 0, "id": self.call_id, "type": "function",
                         "function": {"name": name, "arguments": ""}})
         start = self.head + self.sent

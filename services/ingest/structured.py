@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.grammar.compiler import GrammarCompiler
-from shared.grammar.spec import GrammarError, GrammarSpec
+from shared.grammar.spec import GrammarError, GrammarSpec, tool_call_head
 from shared.grammar.vocab import vocab_from_codec
 from shared.modeling.registry import ModelInfo, TextCodec
 
@@ -51,20 +51,21 @@ class ToolCallFormat:
         ``"required"``, ``stop`` for a named function (OpenAI's forced-call shape)."""
         return "tool_calls" if self.required else "stop"
 
-    def prefix_length(self, text: str) -> int | None:
-        """Length of the ``{"name": "<name>", "arguments": `` head of ``text`` once it is
-        complete (None before): what follows is the arguments' JSON, then ``}``."""
+    def head(self, text: str) -> tuple[str, int] | None:
+        """``(function name, length)`` of the ``{"name": "<name>", "arguments": `` head of
+        ``text`` once it is complete (None before): the arguments' JSON follows, then
+        ``}``."""
         for name in self.names:
-            head = f'{{"name": {json.dumps(name)}, "arguments": '
+            head = tool_call_head(name)
             if text.startswith(head):
-                return len(head)
+                return name, len(head)
         return None
 
     def parse(self, text: str) -> tuple[str, str] | None:
         """``(name, arguments JSON text)`` of a complete call, exactly as generated (the
         arguments are not re-serialised); None when ``text`` is not one (cut by
         ``max_tokens``)."""
-        head = self.prefix_length(text)
+        head = self.head(text)
         if head is None or not text.endswith("}"):
             return None
         try:
@@ -73,7 +74,7 @@ class ToolCallFormat:
             return None
         if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
             return None
-        return str(call["name"]), text[head:-1]
+        return head[0], text[head[1]:-1]
 
 
 @dataclass(frozen=True)

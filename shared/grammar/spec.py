@@ -68,6 +68,19 @@ def _bracket_depth(text: str) -> int:
     return deepest
 
 
+def tool_call_head(name: str) -> str:
+    """The text a forced call of function ``name`` starts with, up to its arguments' JSON:
+    :meth:`GrammarSpec.for_tool_call` fixes the key order and the compiler's JSON layout
+    (``compiler.JSON_OPTIONS``) the separators. Function names match
+    :data:`FUNCTION_NAME`, so the name needs no escape."""
+    return f'{{"name": {json.dumps(name)}, "arguments": '
+
+
+def tool_call_text(name: str, arguments: str) -> str:
+    """A whole forced call's text, ``arguments`` being its arguments' JSON text."""
+    return f"{tool_call_head(name)}{arguments}}}"
+
+
 class GrammarError(ValueError):
     """A request's grammar fields are unusable; ``field`` names the offending one.
 
