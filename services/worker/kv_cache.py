@@ -82,7 +82,11 @@ def move_out(
     """Exact-length copies of each ``(row, start, end)`` of ``rows``, per layer, and then
     each layer reduced to the batch rows ``keep`` (None: the layer is released, the cache
     is done), one layer at a time, so at most one layer is held twice. Returns one
-    ``(keys, values)`` list pair per row, in order."""
+    ``(keys, values)`` list pair per row, in order.
+
+    The rows are kept by hand: ``StaticCache.batch_select_indices`` does not work in
+    transformers 5.23 (its StaticLayer does not implement it). The fill level
+    (``cumulative_length``) is shared by all rows, so it stays as it is."""
     out: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in rows]
     for i, layer in enumerate(cache.layers):
         if not getattr(layer, "is_initialized", False):
@@ -138,17 +142,3 @@ def read_row(cache: StaticCache, row: int, start: int, end: int) -> tuple[torch.
     keys = torch.stack([layer.keys[row, :, start:end] for layer in cache.layers])
     values = torch.stack([layer.values[row, :, start:end] for layer in cache.layers])
     return keys, values
-
-
-def select_rows(cache: StaticCache, index: torch.Tensor) -> None:
-    """Keep only batch rows ``index`` of every cache layer.
-
-    ``StaticCache.batch_select_indices`` does not work in transformers 5.23: its StaticLayer
-    does not implement it (only the dynamic layers do). The fill level (``cumulative_length``)
-    is shared by all rows, so it stays as it is.
-    """
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-            layer.batch_size = int(index.numel())
