@@ -60,7 +60,12 @@ def ingest(model: ModelOpt = None, port: PortOpt = None,
     settings = build_settings(model=model, port=port, host=host)
     _check_model(settings)
     configure_logging(settings.log_format, settings.log_level, service="ingest")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # SCLS_CHAT_TEMPLATE names no template
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(app, host=settings.host, port=settings.port,
                 log_level="warning", access_log=False,
                 log_config=None,  # uvicorn's loggers reach our root handler (JSON lines)
                 # longer than a load balancer's idle timeout (60 s on common ones), so

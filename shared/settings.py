@@ -130,6 +130,18 @@ class Settings(BaseSettings):
         "least recently used dropped first",
     )
 
+    # --- chat template and tools ------------------------------------------------
+    chat_template: str | None = Field(
+        None, description="the ingest's chat template in place of the model's own (vLLM's "
+        "--chat-template): a Jinja file's path or a built-in name (smollm2-tools: SmolLM2's "
+        "template that also shows tools); tool_choice auto needs one that shows tools",
+    )
+    tool_call_parser: Literal["none", "hermes"] = Field(
+        "none", description="reads tool calls back from free text for tool_choice auto "
+        "(vLLM's --tool-call-parser): hermes = <tool_call>{...}</tool_call> blocks; none = "
+        "auto gets a 400 (forced calls need no parser)",
+    )
+
     # --- liveness and recovery --------------------------------------------------
     heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
     instance_ttl_s: float = Field(10.0, gt=0, description="instance is dead after this silence")

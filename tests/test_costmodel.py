@@ -15,6 +15,7 @@ from services.worker.fit import (
     MEM_SAFETY,
     MEM_SAFETY_EXACT,
     fit_cost_model,
+    grammar_token_s,
     heldout_mask,
 )
 from services.worker.samples import PointSample, ProfileSamples
@@ -198,9 +199,39 @@ def test_json_has_no_nan_and_rejects_unknown_versions() -> None:
 
 
 def test_profile_samples_round_trip() -> None:
-    samples = synthetic_samples(make_model(s=4))
+    samples = replace(synthetic_samples(make_model(s=4)), grammar=((1, 0.1, 0.12),))
     back = ProfileSamples.from_dict(json.loads(json.dumps(samples.to_dict())))
     assert back == samples
+    older = samples.to_dict()
+    del older["grammar"]  # a profile cached before the masking cost was measured
+    assert ProfileSamples.from_dict(older).grammar == ()
+
+
+def test_grammar_time_is_per_constrained_row_and_token() -> None:
+    model = replace(make_model(s=8), grammar_token_s=0.002)
+    assert float(model.grammar_time(3)) == pytest.approx(3 * 8 * 0.002)  # profiled S
+    assert float(model.grammar_time(3, 5)) == pytest.approx(3 * 5 * 0.002)
+    assert float(model.grammar_time(0, 5)) == 0.0
+    assert model.time_scaled(2.0).grammar_token_s == pytest.approx(0.004)
+    assert CostModel.from_json(model.to_json()) == model
+    older = model.to_dict()
+    del older["grammar_token_s"]  # a model published before the field existed
+    assert CostModel.from_dict(older).grammar_token_s == 0.0
+
+
+@pytest.mark.parametrize(("runs", "s", "expected"), [
+    ((), 8, 0.0),  # not measured
+    (((1, 0.10, 0.108), (16, 0.30, 0.428)), 8, 0.001),  # exactly 1 ms a token
+    (((1, 0.10, 0.104), (16, 0.30, 0.364)), 4, 0.001),  # the same at S = 4
+    (((1, 0.10, 0.11), (4, 0.20, 0.23)), 10, (10 * 0.01 + 40 * 0.03) / (100 + 1600)),
+    (((1, 0.10, 0.09), (16, 0.30, 0.29)), 8, 0.0),  # faster with masks: noise, not a gain
+])
+def test_grammar_token_cost_is_the_slope_over_constrained_tokens(
+    runs: tuple[tuple[int, float, float], ...], s: int, expected: float
+) -> None:
+    assert grammar_token_s(runs, s) == pytest.approx(expected)
+    samples = replace(synthetic_samples(make_model(s=s)), grammar=runs)
+    assert fit_cost_model(samples)[0].grammar_token_s == pytest.approx(expected)
 
 
 # --------------------------------------------------------------------------------------------

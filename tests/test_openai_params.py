@@ -409,10 +409,13 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 REFUSED = [
     # (id, endpoint, extra arguments, the param named, a fragment of the message)
     # tools are served when a call is forced (tests/test_openai_structured.py); "auto",
-    # the default with tools, needs what no served model has
+    # the default with tools, needs a tool-call parser this deployment was started without
+    # (tests/test_openai_tools_auto.py serves it)
     ("tools", "chat", {"tools": [TOOL]}, "tool_choice", '"auto"'),
     ("tool_choice", "chat", {"tools": [TOOL], "tool_choice": "auto"}, "tool_choice",
-     "forces calls only"),
+     "SCLS_TOOL_CALL_PARSER"),
+    ("parallel_tool_calls", "chat", {"parallel_tool_calls": "sometimes"},
+     "parallel_tool_calls", "boolean"),
     ("functions", "chat", {"functions": [TOOL["function"]]}, "functions", "not supported"),
     ("function_call", "chat", {"function_call": "none"}, "function_call", "not supported"),
     ("response_format", "chat", {"response_format": {"type": "xml"}},

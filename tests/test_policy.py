@@ -618,3 +618,57 @@ def test_joined_guests_are_priced_with_every_guests_prefill() -> None:
     assert joined.request_ids == ("h1", "h2", "g1", "g2")
     assert joined.estimated_bytes == 620
     assert joined.estimated_bytes == int(cost.mixed_memory(4, 100, 4, 2, 100))
+
+
+# --- masking cost: constrained rows are priced per row --------------------------------------
+
+MASK_S = 0.002  # seconds a constrained row adds per sampled token
+
+
+@pytest.mark.parametrize(("constrained", "per_token", "added"), [
+    (0, MASK_S, 0.0),  # free rows pay nothing
+    (1, MASK_S, 1 * 32 * MASK_S),  # a row samples S = 32 tokens, each masked
+    (4, MASK_S, 4 * 32 * MASK_S),
+    (4, 0.0, 0.0),  # an instance whose profile did not measure it
+])
+def test_constrained_rows_add_their_masks_to_the_estimate(constrained: int, per_token: float,
+                                                          added: float) -> None:
+    cands = [replace(cand(i, 400 + i), constrained=i < constrained) for i in range(4)]
+    config = PolicyConfig(max_batch=4, horizon_s=1e9)
+    (batch,) = plan_cycle(cands, [replace(inst("a"), grammar_token_s=per_token)],
+                          config).batches
+    assert batch.constrained_rows == constrained
+    assert batch.estimated_s == pytest.approx(float(COST.slice_time(4, 403, 32)) + added)
+
+
+def test_constrained_batches_go_where_masks_cost_least() -> None:
+    """Two instances alike but for what a mask costs them (a worker whose CPU is slower, or
+    busier): a constrained batch goes to the cheaper one, a free batch to the first."""
+    config = PolicyConfig(max_batch=4, horizon_s=1e9)
+    views = [replace(inst("a"), grammar_token_s=0.01), replace(inst("b"), grammar_token_s=0.0)]
+    free = [cand(i, 400) for i in range(4)]
+    constrained = [replace(c, constrained=True) for c in free]
+    assert plan_cycle(free, views, config).batches[0].instance_id == "a"
+    (batch,) = plan_cycle(constrained, views, config).batches
+    assert batch.instance_id == "b"
+    assert batch.estimated_s == pytest.approx(float(COST.slice_time(4, 400, 32)))
+
+
+def test_joined_guests_bring_their_masks() -> None:
+    """A constrained guest joining a resuming batch adds its prefill, the shared steps and
+    its own masks (S tokens x 2 rows); the joined plan counts its constrained rows."""
+    cost = CostModel(
+        slice_length=4, prefill_features=PREFILL_BASE, prefill_coef=(1.0, 0.0, 0.001, 0.0),
+        decode_coef=(0.1, 0.0, 0.0, 0.0), kv_bytes_per_token=1, act_features=ACT_FEATURES,
+        act_coef=(0.0, 0.0, 1.0, 0.0), resume_act_coef=(0.0, 0.0, 0.0, 0.0), mem_margin=1.0,
+        source="test", grammar_token_s=0.01,
+    )
+    host = BatchPlan("a", ("h1",), 100, 4, 0.4 + 4 * 0.01, 210, resumed_rows=1,
+                     constrained_rows=1)
+    guest = FormedBatch(("g1", "g2"), 100, 4, 1.0, constrained_rows=2)
+    view = InstanceView("a", cost, 10**6, 4096, grammar_token_s=cost.grammar_token_s)
+    plans, left = planning.join_resumed([host], [guest], [view], max_batch=4)
+    assert left == [] and plans[0].constrained_rows == 3
+    expected = (float(cost.resume_time(3, 100, 4)) + float(cost.prefill_time(2, 100))
+                + float(cost.grammar_time(3, 4)))
+    assert plans[0].estimated_s == pytest.approx(expected)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from services.worker import profile_cache, profiler
 from services.worker.engine import SliceEngine
+from services.worker.fit import grammar_token_s
 from services.worker.profile_cmd import profile_command
 from services.worker.samples import ProfileSamples
 from shared.core.store import Store
@@ -149,6 +150,17 @@ def test_quick_profile_fits_allocator_peaks_and_bounds_the_process_growth(
     budget = profile_cache.instance_memory_budget(tiny, settings, model)
     assert budget == int(3 * 2**30 / model.heap_overhead)
     assert "heap overhead" in quick_run["stdout"]
+
+
+def test_quick_profile_measures_what_a_mask_costs(quick_run: dict[str, Any]) -> None:
+    """One row and the grid's largest batch, free and under a JSON schema: constrained
+    slices take longer, and the fitted per-token cost is that difference's slope."""
+    samples = ProfileSamples.from_dict(quick_run["samples"])
+    model = CostModel.from_dict(quick_run["cost_model"])
+    assert [rows for rows, _, _ in samples.grammar] == [1, 8]
+    assert all(constrained > free > 0 for _, free, constrained in samples.grammar)
+    assert model.grammar_token_s > 0
+    assert model.grammar_token_s == grammar_token_s(samples.grammar, samples.slice_length)
 
 
 def test_cost_model_round_trips_through_redis(

@@ -172,6 +172,17 @@ def test_candidate_lengths_follow_commits_without_reading_token_lists(store: Sto
     assert [c.id for c in store.candidate_lengths(10)] == ["r0"]
 
 
+def test_candidate_lengths_say_which_requests_decode_under_a_grammar(store: Store) -> None:
+    """The scheduler prices a constrained row's masks (docs/design.md §3): the flag is
+    written with the request and read in the same small HMGET."""
+    grammar = RequestParams(max_tokens=8, grammar='regex:"[a-z]+"')
+    for rid, params in (("free", RequestParams(max_tokens=8)), ("json", grammar)):
+        store.submit(RequestRecord(id=rid, prompt_ids=[1, 2, 3], params=params,
+                                   arrival=1000.0))
+    assert {c.id: c.constrained for c in store.candidate_lengths(10)} == {
+        "free": False, "json": True}
+
+
 def _final_events(store: Store, rid: str) -> list[dict[str, str]]:
     return [e for e in store.events(rid) if e["kind"] == "final"]
 

@@ -33,6 +33,7 @@ from shared.core.async_store import AsyncStore
 from shared.core.keys import Keys
 from shared.core.readiness import Readiness
 from shared.core.waiter import EventWaiter, Unready
+from shared.modeling.codec import chat_template_source
 from shared.modeling.registry import ModelInfo, TextCodec, load_codec, model_info
 from shared.obs.logging import get_logger
 from shared.obs.prometheus import IngestMetrics
@@ -112,7 +113,9 @@ def create_app(
     if not settings.redis_url:
         raise ValueError("settings.redis_url must be set to create the ingest app")
     if codec is None:
-        codec = load_codec(settings.model, settings.cache_dir)
+        template = (chat_template_source(settings.chat_template)
+                    if settings.chat_template else None)
+        codec = load_codec(settings.model, settings.cache_dir, template)
     if info is None:
         info = model_info(settings.model, settings.cache_dir, settings.device)
     ingest = Ingest(settings=settings, codec=codec, info=info, keys=Keys(settings.key_prefix),

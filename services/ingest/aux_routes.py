@@ -160,7 +160,7 @@ async def tokenize(request: Request) -> TokenizeResponse:
     ingest.check_model(body.model)
     codec = ingest.codec
     if isinstance(body, TokenizeChat):
-        messages = [m.as_dict() for m in body.messages]
+        messages = [m.as_dict(codec.renders_tools) for m in body.messages]
         try:
             ids = await run_in_threadpool(
                 codec.encode_chat, messages, add_generation_prompt=body.add_generation_prompt)

@@ -45,10 +45,11 @@ from services.ingest.streaming import (
     Finished,
     StopHoldback,
     TokenText,
-    ToolCallStream,
     stream_chunks,
+    tool_stream,
 )
-from services.ingest.structured import Constraint, StructuredOutputs, ToolCallFormat
+from services.ingest.structured import Constraint, StructuredOutputs, ToolFormat
+from services.ingest.tool_parsers import tool_call_parser
 from services.ingest.validation import APIError, ClientDisconnected, RequestChecks, error_type
 from shared.core.async_store import AsyncStore
 from shared.core.keys import Keys
@@ -103,14 +104,16 @@ class Ingest(RequestChecks):
         """The grammar ``body`` asks its output to match (None: free text), parsed and
         compiled; a 400 naming the field otherwise (docs/structured-outputs.md)."""
         if self.structured is None:
-            self.structured = StructuredOutputs(self.codec, self.info,
-                                                self.settings.grammar_max_bytes,
-                                                self.settings.grammar_cache_size)
+            self.structured = StructuredOutputs(
+                self.codec, self.info, self.settings.grammar_max_bytes,
+                self.settings.grammar_cache_size, tool_call_parser(self.settings.tool_call_parser))
         chat = isinstance(body, ChatCompletionRequest)
         try:
+            if not chat:
+                return self.structured.constraint(body.response_format, body.structured_outputs)
             return self.structured.constraint(
-                body.response_format, body.structured_outputs,
-                body.tools if chat else None, body.tool_choice if chat else None, chat)
+                body.response_format, body.structured_outputs, body.tools, body.tool_choice,
+                True, body.parallel_tool_calls)
         except GrammarError as exc:
             raise APIError(400, str(exc), param=exc.field) from None
 
@@ -299,7 +302,7 @@ async def accept(
         if not prompt_ids:
             raise APIError(400, f"{prompt_param}: must not be empty", param=prompt_param)
         params = ingest.build_params(body, max_tokens, len(prompt_ids), prompt_param, logprobs,
-                                     constraint.spec.key if constraint else "")
+                                     constraint.spec.key if constraint and constraint.spec else "")
         planned += [(prompt_ids, choice_params(params, body.seed, i)) for i in range(copies)]
     await reject_when_unready(request)  # 503 while no scheduler/worker could serve it
     records: list[RequestRecord] = []
@@ -462,7 +465,7 @@ class Shape:
     copies: int  # requests per prompt
     logprobs: bool  # the client asked for logprobs (best_of alone asks internally)
     echo: tuple[str, ...] = ()  # per prompt: text prepended to its choices (completions)
-    tools: ToolCallFormat | None = None  # a forced tool call: answered as tool_calls
+    tools: ToolFormat | None = None  # tools: a forced call, or calls parsed ("auto")
 
     def logprobs_of(self, strings: TokenStrings, record: RequestRecord) -> Any:
         """The choice's ``logprobs`` block, or None when the client did not ask."""
@@ -479,24 +482,27 @@ class Shape:
         return self.echo[index // self.copies] if self.echo else ""
 
 
-def tool_call_id(request_id: str) -> str:
-    """The id of the tool call a request made (one per request: its id names it)."""
-    return f"call_{request_id}"
+def tool_call_id(request_id: str, index: int = 0) -> str:
+    """The id of a request's tool call ``index`` (its request id names it)."""
+    return f"call_{request_id}" if index == 0 else f"call_{request_id}_{index}"
 
 
-def assistant_message(record: RequestRecord, tools: ToolCallFormat | None
+def assistant_message(record: RequestRecord, tools: ToolFormat | None
                       ) -> tuple[AssistantMessage, str | None]:
-    """A chat choice's message and finish reason: the text, or, for a forced tool call
-    that completed, OpenAI's ``tool_calls`` (a call cut by ``max_tokens`` stays text,
-    finish reason ``length``)."""
+    """A chat choice's message and finish reason: the text, or, with tools, OpenAI's
+    ``tool_calls`` for the calls the output made (a forced call cut by ``max_tokens`` stays
+    text, finish reason ``length``) beside the content before them."""
     reason = finish_reason(record)
-    call = tools.parse(record.text) if tools is not None and reason == "stop" else None
-    if call is None or tools is None:
+    if tools is None:
         return AssistantMessage(content=record.text), reason
-    name, arguments = call
-    message = AssistantMessage(content=None, tool_calls=[ToolCall(
-        id=tool_call_id(record.id), function=ToolCallFunction(name=name, arguments=arguments))])
-    return message, tools.finish_reason
+    answer = tools.answer(record.text, reason)
+    if not answer.calls:
+        return AssistantMessage(content=answer.content), answer.finish_reason
+    message = AssistantMessage(content=answer.content, tool_calls=[
+        ToolCall(id=tool_call_id(record.id, i),
+                 function=ToolCallFunction(name=name, arguments=arguments))
+        for i, (name, arguments) in enumerate(answer.calls)])
+    return message, answer.finish_reason
 
 
 def stream(request: Request, records: list[RequestRecord], body: GenerationParams,
@@ -541,8 +547,7 @@ def stream(request: Request, records: list[RequestRecord], body: GenerationParam
                 finish=finisher(r), timeout_error=partial(_timeout, r.id, timeout_s),
                 echo=shape.echoed(i), prompt_tokens=len(r.prompt_ids),
                 logprobs=shape.streamed_logprobs(strings),
-                tool_call=(ToolCallStream(shape.tools, tool_call_id(r.id))
-                           if shape.tools is not None else None),
+                tool_call=tool_stream(shape.tools, partial(tool_call_id, r.id)),
             )
             for i, (r, key) in enumerate(zip(records, keys, strict=True))
         ]

@@ -42,6 +42,7 @@ from services.ingest.schemas import (
     ModelList,
     RequestStatusResponse,
 )
+from services.ingest.structured import shows_tools
 from services.ingest.validation import APIError, parse_body
 from shared.core.states import RequestStatus
 from shared.core.store import CancelOutcome
@@ -121,11 +122,14 @@ async def chat_completions(request: Request, response: Response) -> Any:
     (``stream: true``: server-sent events as tokens come)."""
     body = await parse_body(request, ChatCompletionRequest)
     ingest = ingest_of(request)
-    messages = body.as_dicts()
+    codec = ingest.codec
+    messages = body.as_dicts(structured_calls=codec.renders_tools)
+    tools = body.tools if codec.renders_tools and shows_tools(body.tools, body.tool_choice) \
+        else None
 
     def encode() -> list[int]:
         try:
-            return ingest.codec.encode_chat(messages)
+            return codec.encode_chat(messages, tools=tools)
         except Exception as exc:  # a template may reject a conversation (e.g. role order)
             raise APIError(400, f"messages: the chat template rejected them: {exc}",
                            param="messages") from None

@@ -15,6 +15,7 @@ Fields that accept several shapes (``prompt``, ``stop``, message ``content``) ar
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 MAX_LOGIT_BIAS = 100.0
 
 #: Top-level OpenAI fields accepted and ignored: they do not change what is generated.
-IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
 
 #: Known OpenAI (and vLLM) fields this server does not implement: 400 with the reason.
 UNSUPPORTED_FIELDS: dict[str, str] = {
@@ -254,8 +255,18 @@ class MessageToolCall(_StrictBody):
 
     def as_text(self) -> str:
         """The call as the model wrote it under a forced tool call's grammar
-        (docs/structured-outputs.md): what the chat template shows it."""
+        (docs/structured-outputs.md): what a chat template without tools shows it."""
         return tool_call_text(self.function.name, self.function.arguments)
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """The call as a template that renders tools takes it (transformers' shape: the
+        arguments as an object when they parse as one, else the text as sent)."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": arguments}}
 
 
 class ChatMessage(_StrictBody):
@@ -293,9 +304,19 @@ class ChatMessage(_StrictBody):
             raise ValueError("content: required (it may be null only beside tool_calls)")
         return self
 
-    def as_dict(self) -> dict[str, str]:
-        """The message as a chat template takes it: an assistant's tool calls are shown as
-        the text the model generated for them, after its content if any."""
+    def as_dict(self, structured_calls: bool = False) -> dict[str, Any]:
+        """The message as a chat template takes it. An assistant's tool calls are shown as
+        the text a forced call generates, after its content if any; or, with
+        ``structured_calls`` (a template that renders tools, hence their calls too), given
+        as transformers' ``tool_calls`` (arguments as an object where they are JSON), with
+        a tool result's ``tool_call_id``."""
+        if structured_calls:
+            out: dict[str, Any] = {"role": self.role, "content": self.content}
+            if self.tool_calls:
+                out["tool_calls"] = [call.as_template_dict() for call in self.tool_calls]
+            if self.tool_call_id is not None:
+                out["tool_call_id"] = self.tool_call_id
+            return out
         parts = [self.content] if self.content else []
         parts += [call.as_text() for call in self.tool_calls or ()]
         return {"role": self.role, "content": "\n".join(parts)}
@@ -309,13 +330,16 @@ class ChatCompletionRequest(GenerationParams):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Forced tool calls (services.ingest.structured checks them).
+    # Tool calls (services.ingest.structured checks them).
     tools: Any = None
     tool_choice: Any = None
+    # false: at most one call per answer (tool_choice "auto"; a forced call is one anyway)
+    parallel_tool_calls: bool | None = None
 
-    def as_dicts(self) -> list[dict[str, str]]:
-        """Messages in the shape :meth:`TextCodec.encode_chat` takes."""
-        return [m.as_dict() for m in self.messages]
+    def as_dicts(self, structured_calls: bool = False) -> list[dict[str, Any]]:
+        """Messages in the shape :meth:`TextCodec.encode_chat` takes (see
+        :meth:`ChatMessage.as_dict`)."""
+        return [m.as_dict(structured_calls) for m in self.messages]
 
 
 # --- responses --------------------------------------------------------------------------

@@ -29,9 +29,9 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from services.ingest.structured import ToolCallFormat
+from services.ingest.structured import AutoToolFormat, ToolCallFormat, ToolFormat
 from shared.core.records import TokenLogprob
 
 DONE = "data: [DONE]\n\n"
@@ -240,10 +240,13 @@ class ChunkFormat:
 
     def tool_chunk(self, deltas: list[dict[str, Any]], finish_reason: str | None = None,
                    index: int = 0, logprobs: dict[str, Any] | None = None,
-                   usage: dict[str, int] | None = None) -> dict[str, Any]:
+                   usage: dict[str, int] | None = None, content: str = "") -> dict[str, Any]:
         """A chat chunk of choice ``index`` carrying ``delta.tool_calls`` (OpenAI's
-        streamed tool call: the id, type and name first, then pieces of the arguments)."""
-        delta: dict[str, Any] = {"tool_calls": deltas} if deltas else {}
+        streamed tool call: the id, type and name first, then pieces of the arguments),
+        after the ``content`` it releases, if any."""
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if deltas:
+            delta["tool_calls"] = deltas
         out = self._envelope([{"index": index, "delta": delta, "logprobs": logprobs,
                                "finish_reason": finish_reason}])
         if self.continuous_usage and usage is not None:
@@ -275,13 +278,46 @@ class Finished:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated id, if asked
 
 
+class ToolStream(Protocol):
+    """Turns a chat choice's text with tools, as it is released, into content and
+    ``delta.tool_calls``; joined, its chunks are the non-streamed message."""
+
+    def feed(self, released: str) -> tuple[str, list[dict[str, Any]]]:
+        """``(content, tool-call deltas)`` the newly ``released`` text allows (maybe
+        neither yet)."""
+        ...
+
+    def finish(self, rest: str, reason: str | None
+               ) -> tuple[str, list[dict[str, Any]], str | None]:
+        """``(content, deltas, finish reason)`` of the choice's last chunk, given the
+        request's own finish reason."""
+        ...
+
+
+def tool_stream(tools: ToolFormat | None, call_id: Callable[[int], str]
+                ) -> ToolStream | None:
+    """The stream of a choice answered with ``tools`` (None without); ``call_id(i)`` names
+    its call ``i``."""
+    if isinstance(tools, ToolCallFormat):
+        return ToolCallStream(tools, call_id(0))
+    if isinstance(tools, AutoToolFormat):
+        return AutoToolStream(tools, call_id)
+    return None
+
+
+def _call_delta(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """The first delta of a streamed call: its id, type, name (and arguments so far)."""
+    return {"index": index, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
 @dataclass
 class ToolCallStream:
-    """Turns a forced tool call's text, as it is released, into ``delta.tool_calls``: the
-    call's id and function name once the ``{"name": ..., "arguments": `` head is complete,
-    then the arguments' JSON as it comes, holding back the last character (the call's
-    closing brace) until the request ends. A call cut short (``max_tokens``) before its
-    head is complete was never one: its text goes out as content."""
+    """A forced tool call's text, as it is released, as ``delta.tool_calls``: the call's
+    id and function name once the ``{"name": ..., "arguments": `` head is complete, then
+    the arguments' JSON as it comes, holding back the last character (the call's closing
+    brace) until the request ends. A call cut short (``max_tokens``) before its head is
+    complete was never one: its text goes out as content."""
 
     tools: ToolCallFormat
     call_id: str
@@ -289,20 +325,20 @@ class ToolCallStream:
     head: int | None = None  # length of the complete head, once it is
     sent: int = 0  # characters of the arguments sent
 
-    def feed(self, released: str) -> list[dict[str, Any]]:
-        """The deltas the newly ``released`` text allows (maybe none yet)."""
+    def feed(self, released: str) -> tuple[str, list[dict[str, Any]]]:
+        """See :class:`ToolStream`: never content."""
         self.text += released
-        return self._deltas(len(self.text) - 1)
+        return "", self._deltas(len(self.text) - 1)
 
     def finish(self, rest: str, reason: str | None
-               ) -> tuple[list[dict[str, Any]], str | None, str]:
-        """``(deltas, finish reason, content)`` of the choice's last chunk."""
+               ) -> tuple[str, list[dict[str, Any]], str | None]:
+        """See :class:`ToolStream`."""
         self.text += rest
         call = self.tools.parse(self.text) if reason == "stop" else None
         if call is None and self.head is None:
-            return [], reason, self.text  # never became a call: plain text
+            return self.text, [], reason  # never became a call: plain text
         deltas = self._deltas(len(self.text) - 1 if call is not None else len(self.text))
-        return deltas, self.tools.finish_reason if call is not None else reason, ""
+        return "", deltas, self.tools.finish_reason if call is not None else reason
 
     def _deltas(self, upto: int) -> list[dict[str, Any]]:
         """Deltas for the head (once) and the arguments up to ``upto`` characters."""
@@ -312,13 +348,62 @@ class ToolCallStream:
             if found is None:
                 return out
             name, self.head = found
-            out.append({"index": 0, "id": self.call_id, "type": "function",
-                        "function": {"name": name, "arguments": ""}})
+            out.append(_call_delta(0, self.call_id, name, ""))
         start = self.head + self.sent
         if upto > start:
             out.append({"index": 0, "function": {"arguments": self.text[start:upto]}})
             self.sent = upto - self.head
         return out
+
+
+@dataclass
+class AutoToolStream:
+    """``tool_choice: "auto"``: content streams as it comes until the text could be
+    opening a call (the parser's start tag, or trailing whitespace before it); from the
+    tag on the text is held, and at the end the calls go out whole, one delta each (their
+    arguments are re-serialised, so they cannot stream before the block parses). Output
+    that made no well-formed call sends what it held as content."""
+
+    tools: AutoToolFormat
+    call_id: Callable[[int], str]
+    text: str = ""  # released so far
+    sent: int = 0  # characters of content sent
+    in_call: bool = False  # the start tag has been seen
+
+    def feed(self, released: str) -> tuple[str, list[dict[str, Any]]]:
+        """See :class:`ToolStream`: content only, up to what cannot start a call."""
+        self.text += released
+        if self.in_call:
+            return "", []
+        start = self.tools.parser.start
+        at = self.text.find(start)
+        if at >= 0:
+            self.in_call = True
+            safe = len(self.text[:at].rstrip())
+        else:
+            safe = len(self.text) - _partial_suffix(self.text, start)
+            safe = len(self.text[:safe].rstrip())
+        out = self.text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return out, []
+
+    def finish(self, rest: str, reason: str | None
+               ) -> tuple[str, list[dict[str, Any]], str | None]:
+        """See :class:`ToolStream`."""
+        self.text += rest
+        answer = self.tools.answer(self.text, reason)
+        content = (answer.content or "")[self.sent:]
+        deltas = [_call_delta(i, self.call_id(i), name, arguments)
+                  for i, (name, arguments) in enumerate(answer.calls)]
+        return content, deltas, answer.finish_reason
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is a beginning of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
 
 
 #: A choice's ``logprobs`` block for some of its tokens (ids and their logprobs), in the
@@ -339,7 +424,7 @@ class ChoiceStream:
     echo: str = ""  # completions' ``echo``: the prompt, sent first
     prompt_tokens: int = 0  # for ``continuous_usage_stats``
     logprobs: LogprobsBlock | None = None  # the client asked for logprobs
-    tool_call: ToolCallStream | None = None  # a forced tool call: text -> delta.tool_calls
+    tool_call: ToolStream | None = None  # tools: text -> content and delta.tool_calls
     done: bool = False  # its last chunk was produced
     logprobs_sent: int = 0  # tokens whose logprobs a chunk carried
     by_text: bool = True  # the text is the ids' (no entry fed its own delta)
@@ -388,12 +473,12 @@ class ChoiceStream:
         """A chunk of released text (a tool call's deltas), with the logprobs of the
         tokens it completes; None when a tool call's text releases no delta yet."""
         if self.tool_call is not None:
-            deltas = self.tool_call.feed(released)
-            if not deltas:
+            content, deltas = self.tool_call.feed(released)
+            if not deltas and not content:
                 return None
             return fmt.tool_chunk(deltas, index=self.index,
                                   logprobs=self._released_logprobs(),
-                                  usage=self.usage_so_far())
+                                  usage=self.usage_so_far(), content=content)
         return fmt.chunk(released, index=self.index, logprobs=self._released_logprobs(),
                          usage=self.usage_so_far())
 
@@ -439,10 +524,8 @@ class ChoiceStream:
                                      done.logprobs[start:])
         rest = self.holdback.finish(done.text)
         if self.tool_call is not None:
-            deltas, reason, content = self.tool_call.finish(rest, done.finish_reason)
-            last = (fmt.tool_chunk(deltas, reason, self.index, logprobs, done.usage)
-                    if not content else
-                    fmt.chunk(content, reason, self.index, logprobs, done.usage))
+            content, deltas, reason = self.tool_call.finish(rest, done.finish_reason)
+            last = fmt.tool_chunk(deltas, reason, self.index, logprobs, done.usage, content)
         else:
             last = fmt.chunk(rest, done.finish_reason, self.index, logprobs, done.usage)
         if done.scls:  # our extension, as in the non-streamed body; clients ignore it

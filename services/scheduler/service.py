@@ -145,15 +145,16 @@ class Scheduler:
             fresh = pool.lens[nxt.fresh]
             b, width = len(lens), int(lens.max())
             fresh_len = int(fresh.max()) if len(fresh) else 0
-            estimate = float(cost.resume_time(b, width, s))
+            rows = [pool.candidates[i] for i in nxt.rows.tolist()]
+            constrained = sum(c.constrained for c in rows)
+            estimate = float(cost.resume_time(b, width, s) + cost.grammar_time(constrained, s))
             if len(fresh):
                 estimate += float(cost.prefill_time(len(fresh), fresh_len))
             plans.append(BatchPlan(
-                instance_id=nxt.instance_id,
-                request_ids=tuple(pool.candidates[i].id for i in nxt.rows.tolist()),
+                instance_id=nxt.instance_id, request_ids=tuple(c.id for c in rows),
                 padded_len=width, slice_length=s, estimated_s=estimate,
                 estimated_bytes=int(cost.mixed_memory(b, width, s, len(fresh), fresh_len)),
-                resumed_rows=len(nxt.continuing)))
+                resumed_rows=len(nxt.continuing), constrained_rows=constrained))
         return plans, never
 
     def _cost_of(self, inst: InstanceInfo) -> CostModel | None:
@@ -185,6 +186,7 @@ class Scheduler:
                 expected_busy_s=self._busy_estimate(loads[inst.id]),
                 queued_requests=loads[inst.id].requests,
                 queued_batches=loads[inst.id].batches,
+                grammar_token_s=self._costs[inst.id][1].grammar_token_s,  # type: ignore[union-attr]
             )
             for inst in ready
         ]
@@ -212,7 +214,8 @@ class Scheduler:
         instance is ready and still the run of the worker that kept it (``boots``)."""
         return [
             Candidate(c.id, c.context_len, c.remaining_tokens, c.arrival,
-                      c.kv_instance if boots.get(c.kv_instance) == c.kv_boot else "")
+                      c.kv_instance if boots.get(c.kv_instance) == c.kv_boot else "",
+                      c.constrained)
             for c in self.store.candidate_lengths(self.settings.candidate_limit)
         ]
 

@@ -303,6 +303,7 @@ def _model_from(
         mem_margin=float(margin),
         resume_act_coef=resume_act,
         resume_margin=resume_margin,
+        grammar_token_s=grammar_token_s(samples.grammar, samples.slice_length),
         model=samples.model,
         device=samples.device,
         dtype=samples.dtype,
@@ -311,6 +312,18 @@ def _model_from(
         meta=dict(samples.meta),
     )
     return replace(model, heap_overhead=_heap_overhead(model, points))
+
+
+def grammar_token_s(runs: Sequence[tuple[int, float, float]], slice_length: int) -> float:
+    """Seconds a constrained row adds per sampled token: the least-squares slope, through
+    the origin, of the added time (constrained minus free) over the constrained tokens
+    (rows x slice length) of each measured batch; 0 when unmeasured, never negative (a
+    mask cannot make a step faster: a negative slope is noise)."""
+    tokens = np.array([rows * slice_length for rows, _, _ in runs], dtype=float)
+    added = np.array([constrained - free for _, free, constrained in runs], dtype=float)
+    if not len(tokens):
+        return 0.0
+    return max(0.0, float(tokens @ added / (tokens @ tokens)))
 
 
 def _heap_overhead(model: CostModel, points: Sequence[PointSample]) -> float:

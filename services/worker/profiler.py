@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -71,6 +72,7 @@ from services.worker.peaks import (
 )
 from services.worker.samples import PointSample, ProfileSamples
 from shared.core.records import RequestParams
+from shared.grammar.spec import GrammarSpec
 from shared.modeling.loading import LoadedModel
 from shared.modeling.registry import TINY_RANDOM
 from shared.obs.logging import get_logger
@@ -78,7 +80,7 @@ from shared.policy.costmodel import CostModel, analytic_cost_model
 
 log = get_logger(__name__)
 
-PROFILER_VERSION = 5  # bump when measurement changes: cached profiles then become stale
+PROFILER_VERSION = 6  # bump when measurement changes: cached profiles then become stale
 #: Process growth per byte of the analytic memory bound, assumed when deciding which grid
 #: points fit in memory (on CPU glibc's heap grows the process beyond what torch allocates:
 #: ``CostModel.heap_overhead``; smollm2-135m's quick grid measured 1.89 with its slack).
@@ -330,7 +332,8 @@ def run_profile(
     # were then priced as prefills of their whole context (batches capped at ~11 rows).
     resumable = [p for p in points if p[1] > 1] if exact else []
     steps = _Steps(grid.warmup + grid.repeats * len(points)
-                   + (len(points) if allocator is not None else 0) + len(resumable), progress)
+                   + (len(points) if allocator is not None else 0) + len(resumable)
+                   + 2 * (grid.repeats + 1) * len(grammar_rows(grid)), progress)
     warm = [points[0], points[-1]]
     steps.phase("warm-up")
     for i in range(grid.warmup):  # first calls allocate pools, pick kernels: not data
@@ -347,6 +350,7 @@ def run_profile(
             steps.step(f"b={b}, l={x}")
     peaks = _allocator_peaks(engine, points, slice_length, vocab, rng, allocator, steps)
     resumed = _resumed_peaks(loaded, resumable, slice_length, rng, steps)
+    grammar = _grammar_runs(loaded, grammar_rows(grid), slice_length, grid.repeats, rng, steps)
     steps.phase("done")
     release_free_heap()  # the run's freed heap goes back to the OS before the worker serves
     return ProfileSamples(
@@ -361,6 +365,7 @@ def run_profile(
         device=str(loaded.device),
         dtype=dtype_name(loaded),
         grid=grid.name,
+        grammar=grammar,
         meta={
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -374,6 +379,42 @@ def run_profile(
             "skipped_points": [list(p) for p in skipped],
         },
     )
+
+
+def grammar_rows(grid: ProfileGrid) -> tuple[int, ...]:
+    """Batch sizes whose masking cost is measured: one row and the grid's largest batch."""
+    return tuple(sorted({1, max(grid.batch_sizes)}))
+
+
+def _grammar_runs(loaded: LoadedModel, sizes: Sequence[int], slice_length: int, repeats: int,
+                  rng: np.random.Generator, steps: _Steps
+                  ) -> tuple[tuple[int, float, float], ...]:
+    """``(rows, free s, constrained s)`` per batch size: the same 16-token prompts run a
+    slice free and with every row under a JSON schema that cannot end within it
+    (``constrained_bench.LONG_SCHEMA``), alternated ``repeats`` times after one warm-up
+    each (the first compiles the schema); medians. What it adds per token is fitted by
+    :func:`services.worker.fit.grammar_token_s`."""
+    from services.worker.constrained_bench import LONG_SCHEMA
+
+    engine = SliceEngine(loaded)
+    key = GrammarSpec.json_schema(LONG_SCHEMA, "schema").key
+    out = []
+    for b in sizes:
+        steps.phase(f"masking cost, {b} rows")
+        prompts = [rng.integers(3, loaded.info.vocab_size, size=16).tolist() for _ in range(b)]
+        times: dict[str, list[float]] = {"": [], key: []}
+        for rep in range(repeats + 1):
+            for grammar in times:
+                params = RequestParams(max_tokens=slice_length, ignore_eos=True,
+                                       grammar=grammar)
+                rows = [SliceInput(f"g{i}", p, [], params) for i, p in enumerate(prompts)]
+                start = time.perf_counter()
+                engine.run_slice(rows, slice_length)
+                if rep:  # the first of each is warm-up
+                    times[grammar].append(time.perf_counter() - start)
+                steps.step(f"b={b}, {'constrained' if grammar else 'free'}")
+        out.append((b, statistics.median(times[""]), statistics.median(times[key])))
+    return tuple(out)
 
 
 def _allocator_meter(device: torch.device) -> AllocatorPeak | None:

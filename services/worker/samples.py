@@ -46,6 +46,9 @@ class ProfileSamples:
     dtype: str = ""
     grid: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # Slices of ``slice_length`` tokens per row run free and with every row under a JSON
+    # schema: (rows, median free seconds, median constrained seconds); () = not measured.
+    grammar: tuple[tuple[int, float, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
@@ -55,10 +58,11 @@ class ProfileSamples:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProfileSamples:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (a profile cached before ``grammar`` has none)."""
         points = tuple(
             PointSample(**{**p, "step_s": tuple(p["step_s"])}) for p in d["points"]
         )
-        return cls(**{**d, "points": points})
+        grammar = tuple((int(b), float(f), float(c)) for b, f, c in d.get("grammar", ()))
+        return cls(**{**d, "points": points, "grammar": grammar})
 
 

@@ -165,6 +165,7 @@ class RequestRecord:
             "completion_tokens": len(self.generated_ids),
             # Duplicated out of ``params`` so the scheduler's per-cycle read is a small HMGET.
             "max_tokens": self.params.max_tokens,
+            "constrained": int(bool(self.params.grammar)),
         }
 
     @classmethod

@@ -80,7 +80,7 @@ def cancel_outcome(reply: Sequence[Any]) -> tuple[CancelOutcome, str]:
 
 
 _LENGTH_FIELDS = ("prompt_tokens", "completion_tokens", "max_tokens", "arrival",
-                  "kv_instance", "kv_boot")
+                  "kv_instance", "kv_boot", "constrained")
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class CandidateLengths:
     arrival: float
     kv_instance: str = ""  # where its K/V is retained ("" = nowhere), as last committed
     kv_boot: str = ""  # the boot of that instance's worker when it kept it
+    constrained: bool = False  # decodes under a grammar (priced per row by the scheduler)
 
 
 @dataclass(frozen=True)
@@ -177,12 +178,12 @@ class Store:
             pipe.hmget(self.keys.request(rid), _LENGTH_FIELDS)
         out = []
         for rid, row in zip(ids, pipe.execute(), strict=True):
-            prompt, done, max_tokens, arrival, kv_instance, kv_boot = row
+            prompt, done, max_tokens, arrival, kv_instance, kv_boot, constrained = row
             if arrival is None:  # expired between ZRANGE and HMGET
                 continue
             out.append(CandidateLengths(
                 rid, int(prompt) + int(done), int(max_tokens) - int(done), float(arrival),
-                kv_instance or "", kv_boot or "",
+                kv_instance or "", kv_boot or "", constrained == "1",
             ))
         return out
 

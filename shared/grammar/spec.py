@@ -123,6 +123,42 @@ def canonical_json(value: Any) -> str:
                       allow_nan=False)
 
 
+def declared_functions(tools: Any) -> dict[str, tuple[dict[str, Any], str]]:
+    """The functions ``tools`` declares: name -> (parameters schema, its field), in order.
+    A function without ``parameters`` takes none.
+
+    Raises:
+        GrammarError: not a non-empty list of ``{"type": "function", "function": {...}}``
+            with unique, valid names and object parameters, naming the field.
+    """
+    if not isinstance(tools, list) or not tools:
+        raise GrammarError("tools", "must be a non-empty list of "
+                                    '{"type": "function", "function": {...}}')
+    functions: dict[str, Any] = {}
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise GrammarError(f"{where}.type", 'must be "function"')
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise GrammarError(f"{where}.function", "must be an object with a name")
+        name = fn.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise GrammarError(f"{where}.function.name", "is required: 1 to 64 letters, "
+                               "digits, underscores or dashes (OpenAI's rule)")
+        if name in functions:
+            raise GrammarError(f"{where}.function.name",
+                               f"{name!r} is declared twice; names must be unique")
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}, "additionalProperties": False}
+        if not isinstance(params, dict):
+            raise GrammarError(f"{where}.function.parameters",
+                               "must be a JSON schema object")
+        functions[name] = (params, f"{where}.function.parameters")
+    return functions
+
+
 @dataclass(frozen=True)
 class GrammarSpec:
     """One grammar: its ``kind`` and canonical ``text``; equal specs compile to one grammar.
@@ -318,32 +354,7 @@ class GrammarSpec:
         """
         if tool_choice in (None, "auto", "none"):
             return None
-        if not isinstance(tools, list) or not tools:
-            raise GrammarError("tools", "must be a non-empty list of "
-                                        '{"type": "function", "function": {...}} when '
-                                        "tool_choice forces a call")
-        functions: dict[str, Any] = {}
-        for i, tool in enumerate(tools):
-            where = f"tools[{i}]"
-            if not isinstance(tool, dict) or tool.get("type") != "function":
-                raise GrammarError(f"{where}.type", 'must be "function"')
-            fn = tool.get("function")
-            if not isinstance(fn, dict):
-                raise GrammarError(f"{where}.function", "must be an object with a name")
-            name = fn.get("name")
-            if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
-                raise GrammarError(f"{where}.function.name", "is required: 1 to 64 letters, "
-                                   "digits, underscores or dashes (OpenAI's rule)")
-            if name in functions:
-                raise GrammarError(f"{where}.function.name",
-                                   f"{name!r} is declared twice; names must be unique")
-            params = fn.get("parameters")
-            if params is None:
-                params = {"type": "object", "properties": {}, "additionalProperties": False}
-            if not isinstance(params, dict):
-                raise GrammarError(f"{where}.function.parameters",
-                                   "must be a JSON schema object")
-            functions[name] = (params, f"{where}.function.parameters")
+        functions = declared_functions(tools)
         if tool_choice == "required":
             chosen = list(functions)
             field = "tools"

@@ -17,10 +17,10 @@ rather than loading ``tokenizer.json`` as it is (then the two could differ).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,10 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _compile_template(source: str) -> Any:
-    """The chat template compiled as transformers compiles it (same sandbox and helpers)."""
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> Any:
+    """The chat template compiled as transformers compiles it (same sandbox and helpers);
+    cached by its text (a compiled template renders from any thread)."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -59,6 +61,50 @@ def _compile_template(source: str) -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+#: Chat templates shipped with scls, by name (``SCLS_CHAT_TEMPLATE=<name>``).
+BUILTIN_TEMPLATES = {"smollm2-tools": "smollm2-tools.jinja"}
+#: A function no real request declares: a template that shows it renders tools.
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "scls_probe_function_4f1c", "description": "probe",
+    "parameters": {"type": "object", "properties": {}}}}
+
+
+def chat_template_source(value: str) -> str:
+    """The text of ``SCLS_CHAT_TEMPLATE``: a built-in template's name or a Jinja file's
+    path (as vLLM's ``--chat-template``), checked to compile.
+
+    Raises:
+        ValueError: neither a built-in name nor a readable file, or not valid Jinja.
+    """
+    import jinja2
+
+    if value in BUILTIN_TEMPLATES:
+        source = (Path(__file__).parent / "chat_templates" / BUILTIN_TEMPLATES[value]
+                  ).read_text(encoding="utf-8")
+    elif Path(value).expanduser().is_file():
+        source = Path(value).expanduser().read_text(encoding="utf-8")
+    else:
+        names = ", ".join(BUILTIN_TEMPLATES)
+        raise ValueError(f"SCLS_CHAT_TEMPLATE={value!r} is neither a file nor a built-in "
+                         f"template ({names}): give the path of a Jinja chat template")
+    try:
+        compile_template(source)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"SCLS_CHAT_TEMPLATE={value!r} is not a valid Jinja template: "
+                         f"{exc}") from None
+    return source
+
+
+def renders_tools(render: Callable[[list[dict[str, Any]], list[dict[str, Any]]], str]) -> bool:
+    """Whether a chat template shows the model the tools it is given: ``render`` (messages,
+    tools) of a one-turn chat with a probe function names it."""
+    try:
+        text = render([{"role": "user", "content": "hi"}], [_PROBE_TOOL])
+    except Exception:  # a template that raises on tools does not render them
+        return False
+    return str(_PROBE_TOOL["function"]["name"]) in text  # type: ignore[index]
 
 
 def _clean_up_spaces(text: str) -> str:
@@ -95,26 +141,40 @@ class FastCodec:
         if self.chat_template is None:
             raise ValueError("this model's tokenizer has no chat template: send a prompt to "
                              "/v1/completions instead")
-        return _compile_template(self.chat_template)
+        return compile_template(self.chat_template)
 
     def render_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """The chat as the model reads it (the template's text, special tokens included)."""
-        if not messages:
-            raise ValueError("cannot apply the chat template to an empty conversation")
-        # As transformers does: keys whose value is None are dropped (templates test for a
-        # missing key), and the special tokens are variables that messages cannot override.
-        chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        return str(self._template.render(messages=chat, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **self.specials))
+        return render_template(self._template, messages, add_generation_prompt, tools,
+                               self.specials)
 
     def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Apply the chat template (with the generation prompt) and tokenize it."""
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools))
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template shows the model its tools (:func:`renders_tools`)."""
+        return (self.chat_template is not None
+                and renders_tools(lambda chat, tools: self.render_chat(chat, True, tools)))
+
+
+def render_template(template: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None, specials: dict[str, str]) -> str:
+    """A compiled chat template rendered as transformers renders it."""
+    if not messages:
+        raise ValueError("cannot apply the chat template to an empty conversation")
+    # As transformers does: keys whose value is None are dropped (templates test for a
+    # missing key), and the special tokens are variables that messages cannot override.
+    chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    return str(template.render(messages=chat, tools=tools or None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **specials))
 
 
 def _chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:

@@ -32,11 +32,19 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.modeling.codec import fast_codec, why_not_fast
+from shared.modeling.codec import (
+    FastCodec,
+    compile_template,
+    fast_codec,
+    render_template,
+    renders_tools,
+    why_not_fast,
+)
 from shared.modeling.weights import llama_param_count, safetensors_param_count
 from shared.obs.logging import get_logger
 
@@ -71,10 +79,17 @@ class TextCodec(Protocol):
         ...
 
     def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of a chat (``role``/``content`` dicts), ending with the generation
-        prompt unless ``add_generation_prompt`` is False."""
+        prompt unless ``add_generation_prompt`` is False; ``tools`` (OpenAI's shape) go to
+        the template, which may show them (:attr:`renders_tools`)."""
+        ...
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template shows the model the tools it is given."""
         ...
 
 
@@ -106,6 +121,7 @@ class ByteCodec:
 
     eos_ids: frozenset[int] = frozenset({2})
     pad_id: int = 0
+    chat_template: str | None = None  # SCLS_CHAT_TEMPLATE's text: rendered, then bytes
 
     def encode(self, text: str) -> list[int]:
         """UTF-8 bytes of ``text`` shifted by 3; no special tokens."""
@@ -119,11 +135,22 @@ class ByteCodec:
         return data.decode("utf-8", errors="replace")
 
     def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """``role: content`` lines followed by ``assistant: `` as the generation prompt."""
+        """``role: content`` lines followed by ``assistant: `` as the generation prompt, or
+        the ``chat_template`` when one is set."""
+        if self.chat_template is not None:
+            return self.encode(render_template(compile_template(self.chat_template), messages,
+                                               add_generation_prompt, tools, {}))
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+
+    @property
+    def renders_tools(self) -> bool:
+        """Only a ``chat_template`` can show tools; the plain lines do not."""
+        return self.chat_template is not None and renders_tools(
+            lambda chat, tools: self.decode(self.encode_chat(chat, True, tools)))
 
 
 @dataclass
@@ -143,15 +170,24 @@ class HFCodec:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Apply the chat template (with the generation prompt) and tokenize it."""
+        return self.encode(self._render(messages, add_generation_prompt, tools))
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None) -> str:
         # Render to text first: in transformers 5 tokenize=True returns a dict by default, and
         # the template already contains every special token it needs.
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return self.encode(text)
+        return str(self.tokenizer.apply_chat_template(
+            messages, tools=tools or None, tokenize=False,
+            add_generation_prompt=add_generation_prompt))
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template shows the model its tools."""
+        return renders_tools(lambda chat, tools: self._render(chat, True, tools))
 
 
 def _eos_ids_of(tokenizer: Any, model_dir: Path | None) -> frozenset[int]:
@@ -469,12 +505,27 @@ def _model_dir_no_convert(canonical: str, cache_dir: Path) -> Path:
     return _smollm2_cache(cache_dir) if canonical == SMOLLM2 else Path(canonical)
 
 
-def load_codec(name: str, cache_dir: Path) -> TextCodec:
-    """The tokenizer of ``name`` only (fast path for services that never run the model).
+def load_codec(name: str, cache_dir: Path, chat_template: str | None = None) -> TextCodec:
+    """The tokenizer of ``name`` only (fast path for services that never run the model),
+    with ``chat_template`` (a template's text, :func:`chat_template_source`) in place of the
+    model's own when given.
 
     For smollm2-135m it reads the cache, or the GGUF file when the cache does not exist yet
     (nothing is written).
     """
+    codec = _load_codec(name, cache_dir)
+    if chat_template is None:
+        return codec
+    if isinstance(codec, ByteCodec):
+        return replace(codec, chat_template=chat_template)
+    if isinstance(codec, FastCodec):
+        codec.chat_template = chat_template
+    elif isinstance(codec, HFCodec):
+        codec.tokenizer.chat_template = chat_template
+    return codec
+
+
+def _load_codec(name: str, cache_dir: Path) -> TextCodec:
     canonical = resolve_model_name(name)
     if canonical == TINY_RANDOM:
         return ByteCodec()

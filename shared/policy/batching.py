@@ -198,9 +198,13 @@ def cut_batches(pool: CandidatePool, sizes: list[int], slice_length: int) -> lis
     padded = np.maximum.reduceat(pool.lens, starts).tolist()
     oldest = np.minimum.reduceat(pool.arrivals, starts).tolist()
     ids = [c.id for c in pool.candidates]
+    constrained = np.add.reduceat([int(c.constrained) for c in pool.candidates],
+                                  starts).tolist()
     return [
-        FormedBatch(tuple(ids[start:start + size]), pad, slice_length, old)
-        for start, size, pad, old in zip(starts.tolist(), sizes, padded, oldest, strict=True)
+        FormedBatch(tuple(ids[start:start + size]), pad, slice_length, old,
+                    constrained_rows=k)
+        for start, size, pad, old, k in zip(starts.tolist(), sizes, padded, oldest,
+                                            constrained, strict=True)
     ]
 
 

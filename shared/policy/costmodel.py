@@ -158,6 +158,11 @@ class CostModel:
     # from SCLS_PREFILL_CHUNK_TOKENS before publishing, so the scheduler prices the passes
     # the engine will run (see prefill_activation).
     prefill_chunk_tokens: int = 0
+    # Seconds each token a row samples under a grammar adds (the mask's fill and apply,
+    # docs/structured-outputs.md), per row: profiled by decoding batches with and without
+    # a JSON schema (services/worker/profiler.py). 0 = not measured. Additive per row, so
+    # it changes no batch's partition, only its price: where it runs and when.
+    grammar_token_s: float = 0.0
     model: str = ""
     device: str = ""
     dtype: str = ""
@@ -219,6 +224,12 @@ class CostModel:
         per_step = d0 + d1 * b_ + self.decode_batched_extra * (b_ >= 2)
         return n * per_step + (d2 + d3 * b_) * (n * l_ + n * (n - 1.0) / 2.0)
 
+    def grammar_time(self, rows: ArrayLike, s: ArrayLike | None = None) -> np.ndarray:
+        """Seconds ``rows`` constrained rows add to a slice of ``s`` sampled tokens each
+        (a slice samples ``s`` tokens per row, the first after its prefill)."""
+        n = np.asarray(self.slice_length if s is None else s, dtype=float)
+        return np.asarray(rows, dtype=float) * n * self.grammar_token_s
+
     def run_time(
         self, b: int, l: int, decode_rows: Sequence[int],  # noqa: E741
         prefill_passes: Sequence[tuple[int, int]] | None = None,
@@ -268,6 +279,7 @@ class CostModel:
             prefill_coef=tuple(c * factor for c in self.prefill_coef),
             decode_coef=tuple(c * factor for c in self.decode_coef),  # type: ignore[arg-type]
             decode_batched_extra=self.decode_batched_extra * factor,
+            grammar_token_s=self.grammar_token_s * factor,
         )
 
     # --- memory -----------------------------------------------------------------------

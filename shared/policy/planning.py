@@ -155,6 +155,7 @@ def plan_cycle(
     stack = cost_stack([i.cost for i in insts])
     times, memory = _estimates(batches, insts, open_, stack)
     home = _price_at_home(batches, insts, times, memory, stack)
+    times += _grammar_times(batches, insts)
     arrival = np.array([b.oldest_arrival for b in batches])
     age_limit = -np.inf if now is None else now - config.max_wait_s
     problem = Placement(
@@ -178,7 +179,8 @@ def plan_cycle(
             continue
         resumed = len(b.request_ids) if k == home[j] else 0
         plans.append(BatchPlan(insts[k].id, b.request_ids, b.padded_len, b.slice_length,
-                               float(times[j, k]), int(memory[j, k]), resumed))
+                               float(times[j, k]), int(memory[j, k]), resumed,
+                               b.constrained_rows))
     if config.kv_affinity:
         plans, unplaced = join_resumed(plans, unplaced, insts, config.max_batch)
     return CyclePlan(plans, never.candidates, cursor, unplaced)
@@ -233,12 +235,14 @@ def _join_guests(
     s = out[hosts[0]].slice_length
     rows = np.array([len(g.request_ids) for _, g in guests])
     lens = np.array([g.padded_len for _, g in guests])
+    # Each guest's constrained rows add their masks wherever it runs.
+    masks = np.array([g.constrained_rows * s * inst.grammar_token_s for _, g in guests])
     if int(rows.min()) + min(len(out[h].request_ids) for h in hosts) > max_batch:
         return []  # nothing can join: spare the model evaluations
     # Row 0: a guest's prefill (a slice of one step); row 1: its own whole slice here.
     prefill, alone = np.asarray(cost.slice_time(rows, lens, np.array([[1], [s]])), dtype=float)
     own = np.array([g.estimated_s if isinstance(g, BatchPlan) else np.nan for _, g in guests])
-    own = np.where(np.isnan(own), alone, own)  # unplaced guests: their own slice here
+    own = np.where(np.isnan(own), alone + masks, own)  # unplaced: their own slice here
     free = np.ones(len(guests), dtype=bool)
     taken: list[tuple[int, BatchPlan | FormedBatch]] = []
     # Rows each host prefills (earlier guests) and the longest of them: a new guest's
@@ -253,7 +257,11 @@ def _join_guests(
         fresh_b = fresh + rows[None, :]
         fresh_l = np.maximum(fresh_len, lens[None, :])
         memory = np.asarray(cost.mixed_memory(b, width, s, fresh_b, fresh_l), dtype=float)
-        added = prefill[None, :] + np.asarray(cost.resume_time(b, width, s), dtype=float) - base
+        # The joined slice's time anew: its steps, the guest's prefill, every row's masks.
+        host_masks = np.array([out[h].constrained_rows * s * inst.grammar_token_s
+                               for h in hosts])[:, None]
+        added = (prefill[None, :] + masks[None, :] + host_masks
+                 + np.asarray(cost.resume_time(b, width, s), dtype=float) - base)
         good = (free[None, :] & (b <= max_batch) & (width <= inst.context_limit)
                 & (memory <= inst.memory_budget_bytes) & (added < own[None, :]))
         worth = good.any(axis=0)
@@ -265,7 +273,8 @@ def _join_guests(
         out[hosts[k]] = replace(
             host, request_ids=host.request_ids + guest.request_ids,
             padded_len=int(width[k, i]), estimated_s=float(base[k, 0] + added[k, i]),
-            estimated_bytes=int(memory[k, i]))
+            estimated_bytes=int(memory[k, i]),
+            constrained_rows=host.constrained_rows + guest.constrained_rows)
         fresh[k, 0] = fresh_b[k, i]
         fresh_len[k, 0] = fresh_l[k, i]
         free[i] = False
@@ -315,6 +324,15 @@ def _affine_batches(
     starts = np.concatenate([[0], np.cumsum(parts)[:-1]]).tolist()
     return [replace(b, home=insts[home[i]].id) if home[i] < none else b
             for b, i in zip(cut_batches(ordered, parts, slice_length), starts, strict=True)]
+
+
+def _grammar_times(batches: Sequence[FormedBatch], insts: Sequence[InstanceView]
+                   ) -> np.ndarray:
+    """(batches x instances) seconds the batches' constrained rows add on each instance:
+    every row samples ``S`` tokens, each masked (``InstanceView.grammar_token_s``)."""
+    rows = np.array([b.constrained_rows * b.slice_length for b in batches], dtype=float)
+    per_token = np.array([i.grammar_token_s for i in insts], dtype=float)
+    return rows[:, None] * per_token[None, :]
 
 
 def _price_at_home(

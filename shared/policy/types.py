@@ -83,6 +83,7 @@ class Candidate:
     # The live instance whose KV pool holds this request's K/V for its current context
     # ("" = none): its next slice there needs no prefill (the caller checks liveness).
     kv_instance: str = ""
+    constrained: bool = False  # decodes under a grammar: each token costs a mask more
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class InstanceView:
     # continue into its next one, and the longest context among them at the slice's start
     running_rows: int = 0
     running_width: int = 0
+    # Seconds a constrained row adds per sampled token (CostModel.grammar_token_s)
+    grammar_token_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class FormedBatch:
     slice_length: int
     oldest_arrival: float
     home: str = ""  # instance holding every row's K/V ("" = none: rows prefill anywhere)
+    constrained_rows: int = 0  # rows decoding under a grammar
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class BatchPlan:
     estimated_s: float
     estimated_bytes: int
     resumed_rows: int = 0  # rows expected to resume from the instance's KV pool
+    constrained_rows: int = 0  # rows decoding under a grammar (priced in estimated_s)
 
 
 @dataclass(frozen=True)
