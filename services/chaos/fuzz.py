@@ -210,6 +210,12 @@ def nasty_bodies() -> list[tuple[str, str, str, bytes, dict[str, str]]]:
                                           "tools": "all", "tool_choice": "required"})),
         ("tool_choice auto", chat, body({"messages": [{"role": "user", "content": "x"}],
             "tools": [{"type": "function", "function": {"name": "f"}}]})),
+        ("parallel_tool_calls not a bool", chat, body({
+            "messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": "both",
+            "tools": [{"type": "function", "function": {"name": "f"}}]})),
+        ("auto with tools not a list", chat, body({
+            "messages": [{"role": "user", "content": "x"}], "tools": {"f": 1},
+            "tool_choice": "auto"})),
         ("tool_choice unknown name", chat, body({"messages": [{"role": "user", "content": "x"}],
             "tools": [{"type": "function", "function": {"name": "f"}}],
             "tool_choice": {"type": "function", "function": {"name": "g"}}})),

@@ -41,6 +41,36 @@ MAX_LOGIT_BIAS = 100.0
 #: Top-level OpenAI fields accepted and ignored: they do not change what is generated.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
 
+#: The shapes of the grammar and tool fields, as /openapi.json documents them.
+_OBJECT: dict[str, Any] = {"type": "object"}
+RESPONSE_FORMAT_SHAPE: dict[str, Any] = {"oneOf": [
+    {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}},
+     "required": ["type"]},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {
+        "type": {"const": "json_schema"},
+        "json_schema": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"},
+            "schema": _OBJECT, "strict": {"type": "boolean"}}}}},
+]}
+STRUCTURED_OUTPUTS_SHAPE: dict[str, Any] = {
+    "type": "object", "minProperties": 1, "maxProperties": 1, "properties": {
+        "json": {"type": ["object", "string"]}, "regex": {"type": "string"},
+        "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "grammar": {"type": "string"}, "json_object": {"type": "boolean"}}}
+_FUNCTION: dict[str, Any] = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+    "description": {"type": "string"}, "parameters": _OBJECT}}
+TOOLS_SHAPE: dict[str, Any] = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["type", "function"],
+    "properties": {"type": {"const": "function"}, "function": _FUNCTION}}}
+TOOL_CHOICE_SHAPE: dict[str, Any] = {"oneOf": [
+    {"enum": ["none", "auto", "required"]},
+    {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"],
+                     "properties": {"name": {"type": "string"}}}}},
+]}
+
 #: Known OpenAI (and vLLM) fields this server does not implement: 400 with the reason.
 UNSUPPORTED_FIELDS: dict[str, str] = {
     "functions": "the deprecated functions field is not supported: use tools with "
@@ -137,9 +167,11 @@ class GenerationParams(_StrictBody):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     logit_bias: Any = None
-    # Checked (and compiled) by services.ingest.structured, which knows the vocabulary.
-    response_format: Any = None
-    structured_outputs: Any = None  # vLLM's extra: json, regex, choice, grammar
+    # Checked (and compiled) by services.ingest.structured, which knows the vocabulary: the
+    # schemas only document the shapes in /openapi.json (for clients and schemathesis).
+    response_format: Any = Field(None, json_schema_extra=RESPONSE_FORMAT_SHAPE)
+    # vLLM's extra: json, regex, choice, grammar
+    structured_outputs: Any = Field(None, json_schema_extra=STRUCTURED_OUTPUTS_SHAPE)
 
     @field_validator("stop")
     @classmethod
@@ -330,9 +362,9 @@ class ChatCompletionRequest(GenerationParams):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Tool calls (services.ingest.structured checks them).
-    tools: Any = None
-    tool_choice: Any = None
+    # Tool calls (services.ingest.structured checks them; the shapes are documentation).
+    tools: Any = Field(None, json_schema_extra=TOOLS_SHAPE)
+    tool_choice: Any = Field(None, json_schema_extra=TOOL_CHOICE_SHAPE)
     # false: at most one call per answer (tool_choice "auto"; a forced call is one anyway)
     parallel_tool_calls: bool | None = None
 
