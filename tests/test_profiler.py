@@ -153,14 +153,16 @@ def test_quick_profile_fits_allocator_peaks_and_bounds_the_process_growth(
 
 
 def test_quick_profile_measures_what_a_mask_costs(quick_run: dict[str, Any]) -> None:
-    """One row and the grid's largest batch, free and under a JSON schema: constrained
-    slices take longer, and the fitted per-token cost is that difference's slope."""
+    """One row and the grid's largest batch under a JSON schema, timed by the engine: every
+    row masks each of its S tokens in every timed slice (3 repeats), and the fitted
+    per-token cost is the slope of the seconds over the tokens."""
     samples = ProfileSamples.from_dict(quick_run["samples"])
     model = CostModel.from_dict(quick_run["cost_model"])
-    assert [rows for rows, _, _ in samples.grammar] == [1, 8]
-    assert all(constrained > free > 0 for _, free, constrained in samples.grammar)
+    assert [(rows, masked) for rows, _, masked in samples.grammar] == [
+        (1, 1 * 8 * 3), (8, 8 * 8 * 3)]
+    assert all(seconds > 0 for _, seconds, _ in samples.grammar)
     assert model.grammar_token_s > 0
-    assert model.grammar_token_s == grammar_token_s(samples.grammar, samples.slice_length)
+    assert model.grammar_token_s == grammar_token_s(samples.grammar)
 
 
 def test_cost_model_round_trips_through_redis(

@@ -182,6 +182,11 @@ class SliceEngine:
         self.vocab_size = int(config.vocab_size)  # the logits' width
         self.grammar_cache_size = grammar_cache_size
         self._grammars: GrammarCompiler | None = None
+        # What masking has cost since the engine was built: seconds in computing and
+        # applying masks and advancing grammars, and the tokens masked (the profiler fits
+        # CostModel.grammar_token_s from them).
+        self.mask_s = 0.0
+        self.masked_tokens = 0
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -434,12 +439,16 @@ class SliceEngine:
         constrained = [i for i, r in enumerate(rows) if r.grammar is not None and not r.done]
         if not constrained:
             return logits
+        start = time.perf_counter()
         bitmask = allocate_bitmask(len(constrained), self.grammars.vocab.vocab_size)
         fill_bitmask([rows[i].grammar for i in constrained], bitmask)
         index = torch.tensor(constrained, dtype=torch.long, device=logits.device)
         picked = logits.index_select(0, index)
         apply_bitmask(picked, bitmask)
-        return logits.index_copy(0, index, picked)
+        masked = logits.index_copy(0, index, picked)
+        self.mask_s += time.perf_counter() - start
+        self.masked_tokens += len(constrained)
+        return masked
 
     def _accept(self, rows: list[_Row], tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """Record each live row's token (and its log-probabilities when the row asks)."""
@@ -470,7 +479,10 @@ class SliceEngine:
         if logprob is not None:
             row.new_logprobs.append(logprob)
         if row.grammar is not None:
-            if not row.grammar.advance(token):  # the mask allowed it: a bug if refused
+            start = time.perf_counter()
+            advanced = row.grammar.advance(token)
+            self.mask_s += time.perf_counter() - start
+            if not advanced:  # the mask allowed it: a bug if refused
                 raise RuntimeError(f"request {row.spec.request_id}: token {token} was drawn "
                                    "outside its grammar")
             if row.grammar.is_finished():  # nothing but the end may follow

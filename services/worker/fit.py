@@ -303,7 +303,7 @@ def _model_from(
         mem_margin=float(margin),
         resume_act_coef=resume_act,
         resume_margin=resume_margin,
-        grammar_token_s=grammar_token_s(samples.grammar, samples.slice_length),
+        grammar_token_s=grammar_token_s(samples.grammar),
         model=samples.model,
         device=samples.device,
         dtype=samples.dtype,
@@ -314,16 +314,15 @@ def _model_from(
     return replace(model, heap_overhead=_heap_overhead(model, points))
 
 
-def grammar_token_s(runs: Sequence[tuple[int, float, float]], slice_length: int) -> float:
+def grammar_token_s(runs: Sequence[tuple[int, float, float]]) -> float:
     """Seconds a constrained row adds per sampled token: the least-squares slope, through
-    the origin, of the added time (constrained minus free) over the constrained tokens
-    (rows x slice length) of each measured batch; 0 when unmeasured, never negative (a
-    mask cannot make a step faster: a negative slope is noise)."""
-    tokens = np.array([rows * slice_length for rows, _, _ in runs], dtype=float)
-    added = np.array([constrained - free for _, free, constrained in runs], dtype=float)
-    if not len(tokens):
+    the origin, of the seconds masking over the tokens masked of each measured batch size
+    (``ProfileSamples.grammar``); 0 when unmeasured."""
+    tokens = np.array([masked for _, _, masked in runs], dtype=float)
+    seconds = np.array([spent for _, spent, _ in runs], dtype=float)
+    if not len(tokens) or not tokens.any():
         return 0.0
-    return max(0.0, float(tokens @ added / (tokens @ tokens)))
+    return max(0.0, float(tokens @ seconds / (tokens @ tokens)))
 
 
 def _heap_overhead(model: CostModel, points: Sequence[PointSample]) -> float:

@@ -46,8 +46,8 @@ class ProfileSamples:
     dtype: str = ""
     grid: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
-    # Slices of ``slice_length`` tokens per row run free and with every row under a JSON
-    # schema: (rows, median free seconds, median constrained seconds); () = not measured.
+    # Slices of ``slice_length`` tokens per row decoded under a JSON schema: (rows, seconds
+    # the engine spent masking, tokens it masked) per batch size; () = not measured.
     grammar: tuple[tuple[int, float, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
