@@ -163,6 +163,8 @@ def test_quick_profile_measures_what_a_mask_costs(quick_run: dict[str, Any]) -> 
     assert all(seconds > 0 for _, seconds, _ in samples.grammar)
     assert model.grammar_token_s > 0
     assert model.grammar_token_s == grammar_token_s(samples.grammar)
+    assert quick_run["coefficients"]["grammar_token_s"] == model.grammar_token_s
+    assert "per constrained token" in quick_run["stdout"]
 
 
 def test_cost_model_round_trips_through_redis(

@@ -158,6 +158,7 @@ def coefficients(cost: CostModel) -> dict[str, Any]:
         "kv_bytes_per_token": cost.kv_bytes_per_token,
         "mem_margin": cost.mem_margin,
         "heap_overhead": cost.heap_overhead,
+        "grammar_token_s": cost.grammar_token_s,
     }
 
 
@@ -180,6 +181,7 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
     table.add_row("memory", "kv bytes/token", str(coef["kv_bytes_per_token"]))
     table.add_row("memory", "margin", f"{coef['mem_margin']:.4f}")
     table.add_row("memory", "heap overhead", f"{coef.get('heap_overhead', 1.0):.4f}")
+    table.add_row("masks", "per constrained token", f"{coef.get('grammar_token_s', 0.0):.4g} s")
     console.print(table)
     if result["heldout"]:
         held = Table(title="held-out grid points (not used for the fit)")
