@@ -146,7 +146,7 @@ class ByteCodec:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return self.encode(text + ("assistant: " if add_generation_prompt else ""))
 
-    @property
+    @cached_property
     def renders_tools(self) -> bool:
         """Only a ``chat_template`` can show tools; the plain lines do not."""
         return self.chat_template is not None and renders_tools(
