@@ -375,16 +375,18 @@ class AutoToolStream:
         self.text += released
         if self.in_call:
             return "", []
+        # Only the held tail is looked at: what was sent ends before any tag and with a
+        # character that is not whitespace, so each chunk costs its own length, not the
+        # whole text's.
+        tail = self.text[self.sent:]
         start = self.tools.parser.start
-        at = self.text.find(start)
+        at = tail.find(start)
         if at >= 0:
             self.in_call = True
-            safe = len(self.text[:at].rstrip())
         else:
-            safe = len(self.text) - _partial_suffix(self.text, start)
-            safe = len(self.text[:safe].rstrip())
-        out = self.text[self.sent:safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
+            at = len(tail) - _partial_suffix(tail, start)
+        out = tail[:at].rstrip()
+        self.sent += len(out)
         return out, []
 
     def finish(self, rest: str, reason: str | None

@@ -160,7 +160,7 @@ class StructuredOutputs:
         found = self._grammar(response_format, structured_outputs, tools, tool_choice, chat)
         if found is not None and found.spec is not None:
             self.compiler.compile(found.spec)
-        if chat and _auto(tools, tool_choice):
+        if chat and _is_auto(tools, tool_choice):
             auto = self._auto(tools, parallel_tool_calls)
             return Constraint(found.spec if found is not None else None, auto)
         return found
@@ -197,7 +197,7 @@ class StructuredOutputs:
     def _tool_call(self, tools: Any, tool_choice: Any) -> Constraint | None:
         """The forced call's constraint; None for ``"auto"`` (see :meth:`_auto`) and
         ``"none"`` (the tools are not shown to the model either)."""
-        if _auto(tools, tool_choice):
+        if _is_auto(tools, tool_choice):
             return None
         if tool_choice == "none":
             if tools is not None and not isinstance(tools, list):
@@ -212,7 +212,7 @@ class StructuredOutputs:
         return Constraint(spec, ToolCallFormat(names, True))
 
 
-def _auto(tools: Any, tool_choice: Any) -> bool:
+def _is_auto(tools: Any, tool_choice: Any) -> bool:
     """Whether the request's tool choice is ``"auto"`` (OpenAI's default beside tools)."""
     return tool_choice == "auto" or (tool_choice is None and tools is not None)
 

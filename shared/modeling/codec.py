@@ -97,7 +97,11 @@ def chat_template_source(value: str) -> str:
     return source
 
 
-def renders_tools(render: Callable[[list[dict[str, Any]], list[dict[str, Any]]], str]) -> bool:
+#: Renders a one-turn chat (messages, tools) to text.
+ChatRender = Callable[[list[dict[str, Any]], list[dict[str, Any]]], str]
+
+
+def template_renders_tools(render: ChatRender) -> bool:
     """Whether a chat template shows the model the tools it is given: ``render`` (messages,
     tools) of a one-turn chat with a probe function names it."""
     try:
@@ -160,9 +164,10 @@ class FastCodec:
 
     @cached_property
     def renders_tools(self) -> bool:
-        """Whether the chat template shows the model its tools (:func:`renders_tools`)."""
+        """Whether the chat template shows the model its tools
+        (:func:`template_renders_tools`)."""
         return (self.chat_template is not None
-                and renders_tools(lambda chat, tools: self.render_chat(chat, True, tools)))
+                and template_renders_tools(lambda chat, tools: self.render_chat(chat, True, tools)))
 
 
 def render_template(template: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,

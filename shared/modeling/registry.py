@@ -42,7 +42,7 @@ from shared.modeling.codec import (
     compile_template,
     fast_codec,
     render_template,
-    renders_tools,
+    template_renders_tools,
     why_not_fast,
 )
 from shared.modeling.weights import llama_param_count, safetensors_param_count
@@ -149,7 +149,7 @@ class ByteCodec:
     @cached_property
     def renders_tools(self) -> bool:
         """Only a ``chat_template`` can show tools; the plain lines do not."""
-        return self.chat_template is not None and renders_tools(
+        return self.chat_template is not None and template_renders_tools(
             lambda chat, tools: self.decode(self.encode_chat(chat, True, tools)))
 
 
@@ -187,7 +187,7 @@ class HFCodec:
     @cached_property
     def renders_tools(self) -> bool:
         """Whether the chat template shows the model its tools."""
-        return renders_tools(lambda chat, tools: self._render(chat, True, tools))
+        return template_renders_tools(lambda chat, tools: self._render(chat, True, tools))
 
 
 def _eos_ids_of(tokenizer: Any, model_dir: Path | None) -> frozenset[int]:
